@@ -1,0 +1,290 @@
+"""The TurboMind-style workspace: `config.ini` `[llama]` and the fp16 weight-file table.
+
+This module owns the workspace format. `deploy` writes through it, `lite.kv_qparams` edits
+config.ini through it, and the runtime reads through it; nothing else parses config.ini or
+spells a weight-file name.
+
+Layout (REFERENCE.md §1):
+    workspace/triton_models/weights/config.ini        [llama] section, keys in upstream order
+    workspace/triton_models/weights/<name>            raw little-endian fp16 (numpy .tofile), no header
+
+Linear weights are stored (in, out); the QKV projection is fused per TP rank as
+[Q_r | K_r | V_r] and the q/k output channels of every head are in TurboMind's interleaved
+RoPE order [x0, x_{D/2}, x1, x_{D/2+1}, ...].
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+SECTION = "llama"
+KV_CACHE_DTYPES = ("fp16", "int8", "fp8_e4m3", "fp8_e5m2")
+KV_GRANULARITIES = ("tensor", "head")
+# quant_policy is the 2023 TurboMind bitmask: 4 (kCacheKVInt8) = INT8 KV cache. (LMDeploy >= 0.4
+# reused 4 for int4 and 8 for int8; this project keeps the 2023 meaning.) FP8 has no bit there:
+# an FP8 workspace keeps quant_policy 0 and says fp8_* in kv_cache_dtype.
+QUANT_POLICY_INT8 = 4
+
+
+class WorkspaceError(ValueError):
+    """A workspace file is missing, malformed or inconsistent; the message says how to fix it."""
+
+
+@dataclass
+class WorkspaceConfig:
+    """The `[llama]` section of config.ini, typed. Field order is the on-disk key order."""
+
+    model_name: str
+    head_num: int
+    kv_head_num: int
+    size_per_head: int
+    vocab_size: int
+    num_layer: int
+    rotary_embedding: int
+    rope_theta: float
+    inter_size: int
+    norm_eps: float
+    attn_bias: int
+    start_id: int
+    end_id: int
+    weight_type: str = "fp16"
+    group_size: int = 0
+    max_batch_size: int = 32
+    max_context_token_num: int = 4
+    session_len: int = 2056
+    step_length: int = 1
+    cache_max_entry_count: float = 48
+    cache_chunk_size: int = 1
+    use_context_fmha: int = 1
+    quant_policy: int = 0
+    tensor_para_size: int = 1
+    max_position_embeddings: int = 2048
+    use_dynamic_ntk: int = 0
+    use_logn_attn: int = 0
+    # Keys of this project (absent upstream).
+    kv_cache_dtype: str = "fp16"  # fp16 | int8 | fp8_e4m3 | fp8_e5m2 ; int8 <=> quant_policy 4
+    kv_granularity: str = "tensor"  # tensor (one scale per layer and TP rank) | head (one per KV head)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # coerce strings read from the ini into the declared types
+            value = getattr(self, f.name)
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            try:
+                setattr(self, f.name, kind(value))
+            except (TypeError, ValueError):
+                raise WorkspaceError(f"config.ini [{SECTION}] {f.name} = {value!r} is not a valid {f.type}") from None
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(key: str, why: str) -> WorkspaceError:
+            return WorkspaceError(f"config.ini [{SECTION}] {key} = {getattr(self, key)!r}: {why}")
+
+        if self.format_version != FORMAT_VERSION:
+            raise bad("format_version", f"this runtime reads format {FORMAT_VERSION}; re-run python -m deploy")
+        for key in ("head_num", "kv_head_num", "size_per_head", "vocab_size", "num_layer", "inter_size",
+                    "session_len", "tensor_para_size", "max_batch_size"):
+            if getattr(self, key) <= 0:
+                raise bad(key, "must be positive")
+        if self.head_num % self.kv_head_num:
+            raise bad("head_num", f"must be a multiple of kv_head_num ({self.kv_head_num})")
+        if self.size_per_head % 2:
+            raise bad("size_per_head", "RoPE needs an even head size")
+        if self.rotary_embedding != self.size_per_head:
+            raise bad("rotary_embedding", f"partial rotary is not supported; expected {self.size_per_head}")
+        tp = self.tensor_para_size
+        for key in ("head_num", "kv_head_num", "inter_size"):
+            if getattr(self, key) % tp:
+                raise bad(key, f"not divisible by tensor_para_size {tp}")
+        if self.weight_type != "fp16":
+            raise bad("weight_type", "only fp16 weights are supported")
+        if self.attn_bias not in (0, 1) or self.use_context_fmha not in (0, 1):
+            raise bad("attn_bias" if self.attn_bias not in (0, 1) else "use_context_fmha", "must be 0 or 1")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise bad("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}")
+        if self.kv_granularity not in KV_GRANULARITIES:
+            raise bad("kv_granularity", f"must be one of {', '.join(KV_GRANULARITIES)}")
+        if (self.quant_policy & QUANT_POLICY_INT8 != 0) != (self.kv_cache_dtype == "int8"):
+            raise bad("quant_policy", f"disagrees with kv_cache_dtype = {self.kv_cache_dtype} "
+                      f"(quant_policy 4 <=> int8); re-run python -m lite.kv_qparams --update-config")
+
+
+def weights_dir(path: str | os.PathLike) -> Path:
+    """Accept a workspace root, its triton_models/, or the weights directory itself."""
+    path = Path(path)
+    for candidate in (path / "triton_models" / "weights", path / "weights", path):
+        if (candidate / "config.ini").is_file():
+            return candidate
+    raise WorkspaceError(f"no config.ini under {path} (looked in triton_models/weights/ and weights/); "
+                         "create a workspace with python -m deploy MODEL_NAME HF_PATH --dst-path DIR")
+
+
+def load_config(path: str | os.PathLike) -> WorkspaceConfig:
+    """Read `[llama]` from config.ini (path: the file, a weights dir or a workspace root)."""
+    path = Path(path)
+    ini = path if path.is_file() else weights_dir(path) / "config.ini"
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(ini)
+    except configparser.Error as e:
+        raise WorkspaceError(f"{ini}: not a valid ini file ({e}); re-run python -m deploy") from None
+    if not parser.has_section(SECTION):
+        raise WorkspaceError(f"{ini}: no [{SECTION}] section; re-run python -m deploy")
+    values = dict(parser[SECTION])
+    if "format_version" not in values:
+        raise WorkspaceError(f"{ini}: no format_version key (an upstream LMDeploy workspace?); "
+                             f"re-run python -m deploy to write format {FORMAT_VERSION}")
+    known = {f.name for f in fields(WorkspaceConfig)}
+    required = {f.name for f in fields(WorkspaceConfig) if f.default is dataclasses.MISSING}
+    missing = sorted(required - values.keys())
+    if missing:
+        raise WorkspaceError(f"{ini}: [{SECTION}] is missing {', '.join(missing)}; re-run python -m deploy")
+    unknown = sorted(values.keys() - known)
+    if unknown:
+        raise WorkspaceError(f"{ini}: [{SECTION}] has unknown keys {', '.join(unknown)}; remove them or re-run python -m deploy")
+    try:
+        return WorkspaceConfig(**values)
+    except WorkspaceError as e:
+        raise WorkspaceError(f"{ini}: {e}") from None
+
+
+def save_config(cfg: WorkspaceConfig, path: str | os.PathLike) -> Path:
+    """Write config.ini atomically (temp file + rename), keys in field order."""
+    cfg.validate()
+    path = Path(path)
+    ini = path / "config.ini" if path.is_dir() else path
+    parser = configparser.ConfigParser()
+    parser[SECTION] = {f.name: _ini_value(getattr(cfg, f.name)) for f in fields(cfg)}
+    tmp = ini.with_name(ini.name + ".tmp")
+    with open(tmp, "w") as fh:
+        parser.write(fh)
+    os.replace(tmp, ini)
+    return ini
+
+
+def _ini_value(value) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight-file table. Shapes are per rank; `r` is the TP rank.
+
+def ranked(name: str, rank: int) -> str:
+    """`layers.0.attention.wo.weight` -> `layers.0.attention.wo.{rank}.weight` (rank before the extension)."""
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{rank}.{ext}"
+
+
+def weight_table(cfg: WorkspaceConfig) -> dict[str, tuple[int, ...]]:
+    """Every fp16 weight file the workspace must hold, name -> shape (per-rank shapes)."""
+    tp, D = cfg.tensor_para_size, cfg.size_per_head
+    model_dim = hidden_size(cfg)
+    vocab = padded_vocab(cfg)
+    table: dict[str, tuple[int, ...]] = {
+        "tok_embeddings.weight": (vocab, model_dim),
+        "norm.weight": (model_dim,),
+        "output.weight": (vocab, model_dim),
+    }
+    qkv_r = (cfg.head_num + 2 * cfg.kv_head_num) * D // tp
+    for i in range(cfg.num_layer):
+        p = f"layers.{i}."
+        table[p + "attention_norm.weight"] = (model_dim,)
+        table[p + "ffn_norm.weight"] = (model_dim,)
+        for r in range(tp):
+            table[ranked(p + "attention.w_qkv.weight", r)] = (model_dim, qkv_r)
+            table[ranked(p + "attention.wo.weight", r)] = (model_dim // tp, model_dim)
+            if cfg.attn_bias:
+                table[ranked(p + "attention.w_qkv.bias", r)] = (qkv_r,)
+                table[ranked(p + "attention.wo.bias", r)] = (model_dim,)
+            table[ranked(p + "feed_forward.w1.weight", r)] = (model_dim, cfg.inter_size // tp)
+            table[ranked(p + "feed_forward.w3.weight", r)] = (model_dim, cfg.inter_size // tp)
+            table[ranked(p + "feed_forward.w2.weight", r)] = (cfg.inter_size // tp, model_dim)
+    return table
+
+
+def hidden_size(cfg: WorkspaceConfig) -> int:
+    """The model (residual) width. TurboMind assumes head_num * size_per_head = hidden size."""
+    return cfg.head_num * cfg.size_per_head
+
+
+def padded_vocab(cfg: WorkspaceConfig) -> int:
+    """Embedding/output rows: vocab_size rounded up to a multiple of tp (zero rows); config keeps the real size."""
+    tp = cfg.tensor_para_size
+    return (cfg.vocab_size + tp - 1) // tp * tp
+
+
+def read_weight(wdir: str | os.PathLike, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Memory-map one fp16 weight file, checking its size against `shape` first."""
+    path = Path(wdir) / name
+    expected = int(np.prod(shape)) * 2
+    if not path.is_file():
+        raise WorkspaceError(f"missing weight file {path} (expected {expected} bytes, shape {shape}); "
+                             "re-run python -m deploy")
+    actual = path.stat().st_size
+    if actual != expected:
+        raise WorkspaceError(f"weight file {path} has {actual} bytes, expected {expected} (fp16 {shape}); "
+                             "re-run python -m deploy")
+    return np.memmap(path, dtype="<f2", mode="r", shape=shape)
+
+
+def check_weights(wdir: str | os.PathLike, cfg: WorkspaceConfig) -> None:
+    """Fail on the first missing or wrongly sized weight file."""
+    for name, shape in weight_table(cfg).items():
+        read_weight(wdir, name, shape)
+
+
+def split_qkv_rank(w: np.ndarray, cfg: WorkspaceConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split one rank's fused [Q_r | K_r | V_r] along the last axis (weight (in, out) or bias (out,))."""
+    tp, D = cfg.tensor_para_size, cfg.size_per_head
+    q = cfg.head_num * D // tp
+    k = cfg.kv_head_num * D // tp
+    return w[..., :q], w[..., q:q + k], w[..., q + k:]
+
+
+def read_joined(wdir: str | os.PathLike, cfg: WorkspaceConfig) -> dict[str, np.ndarray]:
+    """All weights with TP ranks joined back into single-rank tensors (workspace layout otherwise).
+
+    Keys are the rank-free names (`layers.{i}.attention.w_qkv.weight`, ...). The fused QKV comes
+    back as [Q | K | V] over all heads (RoPE-interleaved q/k channels, as stored); vocab padding is
+    dropped. Arrays are fp16; rank-free files stay memory-mapped.
+    """
+    table = weight_table(cfg)
+    tp = cfg.tensor_para_size
+    out: dict[str, np.ndarray] = {}
+    for name in ("tok_embeddings.weight", "norm.weight", "output.weight"):
+        w = read_weight(wdir, name, table[name])
+        out[name] = w[: cfg.vocab_size] if w.ndim == 2 else w
+    for i in range(cfg.num_layer):
+        p = f"layers.{i}."
+        for name in ("attention_norm.weight", "ffn_norm.weight"):
+            out[p + name] = read_weight(wdir, p + name, table[p + name])
+        fused = ["attention.w_qkv.weight"] + (["attention.w_qkv.bias"] if cfg.attn_bias else [])
+        for name in fused:
+            parts = [split_qkv_rank(read_weight(wdir, ranked(p + name, r), table[ranked(p + name, r)]), cfg)
+                     for r in range(tp)]
+            out[p + name] = np.concatenate([np.concatenate([part[j] for part in parts], axis=-1) for j in range(3)], axis=-1)
+        for name, axis in (("attention.wo.weight", 0), ("feed_forward.w1.weight", 1),
+                           ("feed_forward.w3.weight", 1), ("feed_forward.w2.weight", 0)):
+            ws = [read_weight(wdir, ranked(p + name, r), table[ranked(p + name, r)]) for r in range(tp)]
+            out[p + name] = ws[0] if tp == 1 else np.concatenate(ws, axis=axis)
+        if cfg.attn_bias:  # wo bias is copied to every rank; rank 0 holds it
+            name = ranked(p + "attention.wo.bias", 0)
+            out[p + "attention.wo.bias"] = read_weight(wdir, name, table[name])
+    return out
+
+
+def kv_bytes_per_token(cfg: WorkspaceConfig, bytes_per_elem: float) -> float:
+    """K and V of every layer for one token: 2 * num_layer * kv_head_num * size_per_head * bytes."""
+    return 2 * cfg.num_layer * cfg.kv_head_num * cfg.size_per_head * bytes_per_elem
+
+
+def replace(cfg: WorkspaceConfig, **changes) -> WorkspaceConfig:
+    """A validated copy with some keys changed."""
+    return dataclasses.replace(cfg, **changes)

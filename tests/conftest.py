@@ -1,0 +1,73 @@
+"""Shared fixtures: the SmolLM2 demo model (built once, cached) and tiny random HF checkpoints.
+
+Tiny checkpoints reuse the demo model's tokenizer so every path (chat templates, detokenization)
+sees a real tokenizer; their weights are random, saved in fp16 like the demo model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from make_demo_model import ensure_demo_model  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """SmolLM2-135M-Instruct as an fp16 safetensors HF directory (30 layers, 9 heads, 3 KV heads, D 64)."""
+    return ensure_demo_model()
+
+
+def make_tiny_hf(path: Path, arch: str = "llama", *, tokenizer_from: Path, seed: int = 0, **overrides) -> Path:
+    """Write a tiny randomly initialised HF checkpoint (fp16 safetensors) of `arch` to `path`."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    kinds = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_cls, model_cls = kinds[arch]
+    kw = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
+              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kw)).to(torch.float16)
+    with torch.no_grad():  # larger-than-default weights so attention is not uniform and logits differ
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_from / name).is_file():
+            shutil.copy(tokenizer_from / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory, demo_model):
+    """Factory: tiny_hf(arch, **config_overrides) -> HF directory (cached per argument set)."""
+    cache: dict = {}
+
+    def build(arch: str = "llama", **overrides) -> Path:
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"tiny_{arch}")
+            cache[key] = make_tiny_hf(path, arch, tokenizer_from=demo_model, **overrides)
+        return cache[key]
+
+    return build
