@@ -1,6 +1,21 @@
 """Package metadata for kvq: KV-cache quantization (INT8 / FP8) for LLaMA-family models."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def workspace_template_files() -> list[tuple[str, list[str]]]:
+    """workspace_template/ installed as <prefix>/share/kvq/workspace_template (deploy/tree.py looks there
+    when the package is not run from a source checkout)."""
+    root = Path(__file__).resolve().parent
+    groups: dict[str, list[str]] = {}
+    for path in sorted((root / "workspace_template").rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_file() and "__pycache__" not in rel.parts:
+            groups.setdefault(str(Path("share/kvq") / rel.parent), []).append(str(rel))
+    return sorted(groups.items())
+
 
 setup(
     name="kvq",
@@ -10,6 +25,7 @@ setup(
     packages=find_packages(include=["deploy", "deploy.*", "lite", "lite.*", "runtime", "runtime.*"]),
     package_data={"runtime": ["cuda/*.cu", "cuda/*.cuh", "cuda/*.h"]},
     include_package_data=True,
+    data_files=workspace_template_files(),
     install_requires=[
         # torch is pinned by tools/setup.sh (2.13.0 CPU build on our machines); any 2.x with
         # float8 dtypes works, so the range stays open for users with a CUDA build.

@@ -1,0 +1,1 @@
+"""HF checkpoint -> TurboMind-style workspace (`python -m deploy`); see deploy/convert.py."""

@@ -1,0 +1,125 @@
+"""Chat templates, keyed by the `model_name` that `python -m deploy` records in config.ini.
+
+A template turns one user turn into prompt text ending in the assistant prefix. The first turn
+of a session (`sequence_start=True`) carries the system block; later turns carry only the new
+turn, because the KV cache already holds the history (REFERENCE.md §5). Replies stop on the
+tokenizer's EOS or on one of `stop_words`; the stop token itself is not followed by the
+template's newline, so later ChatML turns open with "\\n" to close the previous reply's line.
+
+`add_bos` asks the caller to put the tokenizer's start_id (config.ini start_id) before the first
+turn; the text itself never spells a BOS token.
+
+The table follows the 2023 LMDeploy names (base, llama, vicuna, internlm-chat-7b, llama2,
+qwen-7b) plus ChatML entries (`chatml`, `smollm2`) matching SmolLM2-Instruct's own
+chat_template.jinja for the first turn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+LLAMA2_SYSTEM = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
+    "while being safe. Your answers should not include any harmful, unethical, racist, sexist, toxic, "
+    "dangerous, or illegal content. Please ensure that your responses are socially unbiased and positive "
+    "in nature.\n\nIf a question does not make any sense, or is not factually coherent, explain why "
+    "instead of answering something not correct. If you don't know the answer to a question, please "
+    "don't share false information."
+)
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """One chat format: how a user turn is wrapped, where replies stop, and sampling defaults."""
+
+    name: str
+    style: str = "raw"  # raw | vicuna | internlm | llama2 | chatml : which wrapping get_prompt applies
+    system: str = ""
+    session_len: int = 2048
+    stop_words: tuple[str, ...] = ()
+    add_bos: bool = True
+    temperature: float = 0.8
+    top_p: float = 0.8
+    top_k: int = 40
+    repetition_penalty: float = 1.0
+
+    def get_prompt(self, user_text: str, sequence_start: bool) -> str:
+        """Text of one user turn, ending in the assistant prefix (system block when sequence_start)."""
+        u = user_text
+        if self.style == "raw":  # plain completion: the text is the prompt
+            return u
+        if self.style == "vicuna":
+            # Upstream closes the previous reply with "</s>" as text; the reply's EOS token is
+            # already in the cache here, so later turns start straight with the new turn.
+            return f"{self.system} USER: {u} ASSISTANT: " if sequence_start else f" USER: {u} ASSISTANT: "
+        if self.style == "internlm":
+            head = "" if sequence_start else "\n"
+            return f"{head}<|User|>:{u}<eoh>\n<|Bot|>:"
+        if self.style == "llama2":
+            if sequence_start:
+                return f"[INST] <<SYS>>\n{self.system}\n<</SYS>>\n\n{u} [/INST] "
+            return f"[INST] {u} [/INST] "
+        if self.style == "chatml":
+            if sequence_start:
+                system = f"<|im_start|>system\n{self.system}<|im_end|>\n" if self.system else ""
+                return f"{system}<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n"
+            return f"\n<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n"
+        raise ValueError(f"chat template {self.name!r} has unknown style {self.style!r}")
+
+
+def _table() -> dict[str, ChatTemplate]:
+    base = ChatTemplate(name="base", style="raw")
+    internlm = ChatTemplate(name="internlm-chat-7b", style="internlm", stop_words=("<eoa>",))
+    qwen = ChatTemplate(
+        name="qwen-7b",
+        style="chatml",
+        system="You are a helpful assistant.",
+        session_len=8192,
+        stop_words=("<|im_end|>",),
+        add_bos=False,
+        temperature=1.0,
+        top_p=0.5,
+        top_k=40,
+    )
+    # SmolLM2's model card samples with temperature 0.2, top_p 0.9; its tokenizer adds no BOS.
+    smollm2 = ChatTemplate(
+        name="smollm2",
+        style="chatml",
+        system=SMOLLM2_SYSTEM,
+        session_len=2048,
+        stop_words=("<|im_end|>",),
+        add_bos=False,
+        temperature=0.2,
+        top_p=0.9,
+        top_k=40,
+    )
+    entries = [
+        base,
+        dataclasses.replace(base, name="llama"),
+        ChatTemplate(name="vicuna", style="vicuna", system=VICUNA_SYSTEM),
+        internlm,
+        dataclasses.replace(internlm, name="internlm"),
+        dataclasses.replace(internlm, name="internlm-chat-7b-8k", session_len=8192),
+        ChatTemplate(name="llama2", style="llama2", system=LLAMA2_SYSTEM, session_len=4096),
+        qwen,
+        dataclasses.replace(smollm2, name="chatml"),
+        smollm2,
+    ]
+    return {t.name: t for t in entries}
+
+
+TEMPLATES: dict[str, ChatTemplate] = _table()
+
+
+def get_template(name: str) -> ChatTemplate:
+    """The template called `name`; a ValueError lists the known names otherwise."""
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ValueError(f"unknown chat template (MODEL_NAME) {name!r}; known: {', '.join(TEMPLATES)}") from None
