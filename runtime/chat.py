@@ -1,0 +1,273 @@
+"""`python -m runtime.chat WORKSPACE`: a multi-round chat REPL on a workspace (REFERENCE.md §5).
+
+Behaviour follows the 2023 LMDeploy `turbomind.chat`:
+- input ends on an empty line (prompt "double enter to end input >>> "); `exit` quits;
+  `end` closes the session (frees its KV cache slot, resets the step) and starts a new one;
+- each turn sends only its own tokens (template.get_prompt(text, sequence_start) → tokenizer,
+  BOS on the first turn when the template asks); the KV cache keeps the history;
+- a turn that would overflow session_len (history + input + max new tokens) is refused with a
+  warning telling the user to type `end`;
+- the answer streams token by token through the incremental detokenizer (no broken UTF-8),
+  cut at the template's stop words; Ctrl-C stops the answer and returns to the prompt, keeping
+  the session; EOF on stdin quits (a last unterminated input is still answered).
+
+`ChatSession` is the REPL over any text streams (tests drive it with io.StringIO); `main` only
+parses arguments and builds the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from typing import TextIO
+
+from runtime.detokenize import IncrementalDetokenizer, StopStringChecker
+from runtime.engine import SessionLengthError
+from runtime.sampling import SamplingParams
+
+PROMPT = "double enter to end input >>> "
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+class ChatSession:
+    """The REPL state: the engine, the current session, the sampling settings and the text streams."""
+
+    def __init__(
+        self, engine, params: SamplingParams, *, stdin: TextIO, stdout: TextIO, stderr: TextIO | None = None
+    ) -> None:
+        self.engine = engine
+        self.params = params
+        self.stdin, self.stdout = stdin, stdout
+        self.stderr = stderr if stderr is not None else stdout
+        self.template = engine.template
+        self.tokenizer = engine.tokenizer
+        self.stop_ids = set(params.stop_token_ids or ()) | ({engine.config.end_id} if not params.ignore_eos else set())
+        self.session = engine.new_session()
+        self.at_eof = False
+
+    # -- input -----------------------------------------------------------------------------------
+    def read_input(self) -> str | None:
+        """Lines up to the first empty one, joined with newlines; None at EOF with nothing typed."""
+        self.stdout.write("\n" + PROMPT)
+        self.stdout.flush()
+        lines: list[str] = []
+        while True:
+            line = self.stdin.readline()
+            if line == "":  # EOF
+                self.at_eof = True
+                return "\n".join(lines) if lines else None
+            line = line.rstrip("\r\n")
+            if line == "":
+                return "\n".join(lines)
+            lines.append(line)
+
+    def encode_turn(self, text: str) -> list[int]:
+        """Token ids of one user turn; the first turn of a session gets the system block (and BOS)."""
+        sequence_start = self.session.num_tokens == 0
+        prompt = self.template.get_prompt(text, sequence_start)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if sequence_start and self.template.add_bos:
+            ids = [self.engine.config.start_id, *ids]
+        return ids
+
+    # -- commands --------------------------------------------------------------------------------
+    def end_session(self) -> None:
+        self.engine.end_session(self.session)
+        self.session = self.engine.new_session()
+        self._say("session ended: its KV cache was freed; a new session starts")
+
+    def run(self) -> int:
+        """The REPL loop; returns the exit code."""
+        while True:
+            try:
+                text = self.read_input()
+            except KeyboardInterrupt:  # Ctrl-C at the prompt drops the typed input, like Python's REPL
+                self.stdout.write("\n")
+                continue
+            if text is None:
+                self.stdout.write("\n")
+                return 0
+            command = text.strip()
+            if command == "exit":
+                return 0
+            if command == "end":
+                self.end_session()
+            elif command:
+                self.turn(text)
+            if self.at_eof:  # input piped without a final empty line: answered, then quit
+                self.stdout.write("\n")
+                return 0
+
+    # -- one turn --------------------------------------------------------------------------------
+    def turn(self, text: str) -> str:
+        """Send one user turn and stream the answer to stdout; returns the printed answer text."""
+        ids = self.encode_turn(text)
+        try:
+            tokens = self.engine.stream(self.session, ids, self.params)
+        except SessionLengthError as e:
+            self._say(
+                f"warning: this turn does not fit in the session ({e}). Type `end` to close the session "
+                "and start a new one."
+            )
+            return ""
+        detok = IncrementalDetokenizer(self.tokenizer, ids)
+        stops = StopStringChecker(self.params.stop)
+        printed: list[str] = []
+        stopped = interrupted = False
+        try:
+            with deferred_ctrl_c() as ctrl_c:
+                for token in tokens:
+                    if token in self.stop_ids:  # EOS / stop token: not part of the answer text
+                        break
+                    piece, stopped = stops.feed(detok.add(token))
+                    self._emit(piece, printed)
+                    if stopped:
+                        break
+                    if ctrl_c.requested:
+                        raise KeyboardInterrupt
+            if not stopped:
+                self._emit(stops.feed(detok.flush())[0], printed)
+                self._emit(stops.flush(), printed)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:  # stop the engine's generator; the session keeps what was yielded
+                close()
+        self.stdout.write("\n")
+        if interrupted:
+            self._say("[interrupted: answer stopped; the session is kept]")
+        self.stdout.flush()
+        return "".join(printed)
+
+    def _emit(self, piece: str, printed: list[str]) -> None:
+        if piece:
+            printed.append(piece)
+            self.stdout.write(piece)
+            self.stdout.flush()
+
+    def _say(self, line: str) -> None:
+        self.stderr.write(line + "\n")
+        self.stderr.flush()
+
+
+class _CtrlC:
+    requested = False
+
+
+@contextlib.contextmanager
+def deferred_ctrl_c() -> Iterator[_CtrlC]:
+    """During generation a first Ctrl-C only sets a flag, checked between tokens, so the interrupt never lands
+    inside the engine's forward pass (the answer stops after the current token); a second one raises at once.
+    Off the main thread (where signal handlers cannot be set) KeyboardInterrupt behaves as usual."""
+    state = _CtrlC()
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum, frame) -> None:
+        if state.requested:
+            raise KeyboardInterrupt
+        state.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def stop_token_ids(tokenizer, stop_words) -> list[int]:
+    """Stop words that are single tokens (e.g. '<|im_end|>'), as ids the engine can stop on."""
+    ids = [tokenizer.encode(w, add_special_tokens=False) for w in stop_words]
+    return sorted({t[0] for t in ids if len(t) == 1})
+
+
+def sampling_params(args: argparse.Namespace, engine) -> SamplingParams:
+    """Command-line sampling options over the chat template's defaults."""
+    t = engine.template
+
+    def pick(value, default):
+        return default if value is None else value
+
+    return SamplingParams(
+        temperature=pick(args.temperature, t.temperature),
+        top_p=pick(args.top_p, t.top_p),
+        top_k=pick(args.top_k, t.top_k),
+        repetition_penalty=pick(args.repetition_penalty, t.repetition_penalty),
+        max_tokens=args.max_new_tokens,
+        stop=list(t.stop_words) or None,
+        stop_token_ids=stop_token_ids(engine.tokenizer, t.stop_words) or None,
+        seed=args.seed,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m runtime.chat", description=__doc__.split("\n")[0])
+    p.add_argument("workspace", help="workspace directory written by python -m deploy")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp16", "int8", "fp8", "fp8_e4m3", "fp8_e5m2"],
+        help="KV cache storage (auto = config.ini kv_cache_dtype)",
+    )
+    p.add_argument("--calculate-kv-scales", action="store_true", help="FP8: per-layer scales from the first prompt")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the chat template's)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the chat template's)")
+    p.add_argument("--top-k", type=int, help="-1 or 0 = off (default: the chat template's)")
+    p.add_argument("--repetition-penalty", type=float, help="1.0 = off (default: the chat template's)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--seed", type=int, help="sampling seed for reproducible answers (each turn restarts it)")
+    p.add_argument("--session-len", type=int, help="tokens per session (default: config.ini session_len)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--use-context-fmha",
+        type=int,
+        choices=[0, 1],
+        help="1 = prefill attends over unquantized K/V, 0 = over the just-quantized cache (default: config.ini)",
+    )
+    return p.parse_args(argv)
+
+
+def main(
+    argv: list[str] | None = None,
+    *,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    args = parse_args(argv)
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    from runtime.engine import Engine
+
+    try:
+        engine = Engine(
+            args.workspace,
+            kv_cache_dtype=args.kv_cache_dtype,
+            calculate_kv_scales=args.calculate_kv_scales,
+            dtype=args.dtype,
+            device=args.device,
+            max_batch_size=1,
+            session_len=args.session_len,
+            use_context_fmha=args.use_context_fmha,
+        )
+        params = sampling_params(args, engine)
+    except (ValueError, FileNotFoundError) as e:  # WorkspaceError is a ValueError: one line, no traceback
+        stderr.write(f"error: {e}\n")
+        return 2
+    stdout.write(engine.banner() + "\n")
+    stdout.write(
+        f"chat template {engine.template.name}; temperature {params.temperature}, top_p {params.top_p}, "
+        f"top_k {params.top_k}, repetition_penalty {params.repetition_penalty}, "
+        f"max_new_tokens {params.max_tokens}, session_len {getattr(engine, 'session_len', '?')}\n"
+    )
+    return ChatSession(engine, params, stdin=stdin, stdout=stdout, stderr=stderr).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
