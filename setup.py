@@ -38,7 +38,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "gpu": ["cupy-cuda12x"],
+        "gpu": ["cupy-cuda12x", "nvidia-cuda-runtime-cu12"],  # runtime wheel: cuda_fp16.h / cuda_fp8.h for NVRTC
         "dev": [
             "pytest",
             "ruff",

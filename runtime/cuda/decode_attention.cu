@@ -1,0 +1,197 @@
+// decode_attention.cu: one decode step of attention over a (quantized) KV cache, dequantizing in registers.
+//
+// Computes, for every sequence b and query head h (GQA: KV head kvh = h / (H / H_kv)):
+//     out[b, h] = softmax(softmax_scale * q[b, h] . K^[slot_b, kvh, :L_b]) @ V^[slot_b, kvh, :L_b]
+// with L_b = lengths[b], slot_b = slots[b], and K^, V^ the dequantized cache (kvq_common.cuh: int8
+// x^ = q*scale + zp, fp8 x^ = f*scale, per KV head). No dequantized copy is written anywhere: the
+// K scale is folded into q (and the INT8 zero point into one per-query constant zp * sum(q)), the V scale
+// and zero point are applied once to the output, so the inner loop only converts stored bytes to floats.
+// Online softmax in fp32, in the log2 domain (exp2f); a sequence with L_b = 0 gets a zero output.
+//
+// Layout (contiguous, row-major):
+//   q, out              (B, H, D)          Tq = float | __half | __nv_bfloat16
+//   k_cache, v_cache    (S_B, H_kv, S, D)  KvStore<MODE>::T; rows are 16-byte aligned (D*bytes % 16 == 0)
+//   slots, lengths      (B,) int32         L_b is clamped to [0, S]; a slot outside [0, S_B) gives L_b = 0
+//   k_scale ... v_zp    (H_kv,) fp32       not read in fp16 mode; zero points not read in fp8 modes
+//   part_o              (B, H, splits, D)  fp32, split-K partial outputs (normalised), splits > 1 only
+//   part_ml             (B, H, splits, 2)  fp32, each split's running max (log2 domain) and softmax sum
+//
+// Launch (flash-decoding):
+//   decode_attention<Tq, MODE, D>: grid (H, B, splits), block 128 threads = 4 warps. Block (h, b, z) reads
+//     keys [z*chunk, min(L_b, (z+1)*chunk)). Lanes work in groups of TPK = D / (16 / sizeof(elem)) lanes
+//     per key: each lane loads 16 bytes of a K row and of a V row, so a warp reads 32/TPK whole consecutive
+//     rows per load (fully coalesced). The block's 128/TPK groups take consecutive keys, UNROLL keys per
+//     group per iteration with all loads issued before the math; q.k is reduced across the group with
+//     __shfl_xor_sync. The groups' (max, sum, acc) are merged through shared memory at the end.
+//     splits == 1: the block writes out directly; splits > 1: it writes part_o / part_ml (empty splits
+//     write nothing).
+//   decode_attention_combine<Tq, D>: grid (H, B), block D threads; merges the non-empty splits.
+// The launcher (kernels.py plan_splits) picks splits so that small batches with long contexts still fill
+// the GPU; with many sequences it uses one split and no second pass.
+#include "kvq_common.cuh"
+
+#define KVQ_ATTN_THREADS 128
+#define KVQ_ATTN_UNROLL 4
+#define KVQ_LOG2E 1.4426950408889634f
+#define KVQ_NEG_INF (-__int_as_float(0x7f800000))
+
+// Keys to read for sequence b: lengths[b] clamped to [0, S]; 0 for an out-of-range slot (nothing is read).
+__device__ __forceinline__ int sequence_length(const int* slots, const int* lengths, int b, int num_slots,
+                                               int max_seq) {
+    const int slot = slots[b];
+    return slot < 0 || slot >= num_slots ? 0 : max(0, min(lengths[b], max_seq));
+}
+
+template <typename Tq, int MODE, int D>
+__global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
+    const Tq* __restrict__ q, const typename KvStore<MODE>::T* __restrict__ k_cache,
+    const typename KvStore<MODE>::T* __restrict__ v_cache, const int* __restrict__ slots,
+    const int* __restrict__ lengths, const float* __restrict__ k_scale, const float* __restrict__ k_zp,
+    const float* __restrict__ v_scale, const float* __restrict__ v_zp, float softmax_scale, int num_heads,
+    int num_kv_heads, int num_slots, int max_seq, int chunk, Tq* __restrict__ out, float* __restrict__ part_o,
+    float* __restrict__ part_ml) {
+    constexpr int EPV = KvVec<MODE>::N;  // cache elements per 16-byte load: 8 (fp16) or 16 (int8/fp8)
+    constexpr int TPK = D / EPV;         // lanes per key
+    constexpr int NG = KVQ_ATTN_THREADS / TPK;  // key groups per block
+    constexpr int U = KVQ_ATTN_UNROLL;
+    static_assert(D % EPV == 0 && 32 % TPK == 0, "head_dim must split into 16-byte loads within a warp");
+
+    const int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
+    const int kvh = h / (num_heads / num_kv_heads);
+    const int len = sequence_length(slots, lengths, b, num_slots, max_seq);
+    const int start = split * chunk;
+    const int end = min(len, start + chunk);
+    if (num_splits > 1 && start >= end) return;  // block-uniform exit; the combine pass skips empty splits
+    const int group = threadIdx.x / TPK, lane = threadIdx.x % TPK;
+    const int c0 = lane * EPV;  // this lane's channels [c0, c0 + EPV)
+
+    const float k_mul = MODE == KVQ_MODE_FP16 ? 1.0f : k_scale[kvh];
+    const float k_add = MODE == KVQ_MODE_INT8 ? k_zp[kvh] : 0.0f;
+    const float v_mul = MODE == KVQ_MODE_FP16 ? 1.0f : v_scale[kvh];
+    const float v_add = MODE == KVQ_MODE_INT8 ? v_zp[kvh] : 0.0f;
+
+    // q . k^ = sum_d q_d (k_d * k_mul + k_add) = k_mul * (q . k) + k_add * sum(q); log2 domain for exp2f.
+    const float q_mul = softmax_scale * KVQ_LOG2E;
+    const Tq* q_row = q + ((long long)b * num_heads + h) * D + c0;
+    float qf[EPV];
+    float q_sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < EPV; ++i) {
+        const float x = to_float(q_row[i]);
+        qf[i] = x * q_mul * k_mul;
+        q_sum += x;
+    }
+    if constexpr (MODE == KVQ_MODE_INT8) {
+#pragma unroll
+        for (int off = TPK / 2; off > 0; off /= 2) q_sum += __shfl_xor_sync(0xffffffffu, q_sum, off);
+    }
+    const float z_term = q_mul * k_add * q_sum;
+
+    // 64-bit offsets: a (64, 32, 8192, 128) cache has 2^31 elements.
+    const long long base = ((long long)slots[b] * num_kv_heads + kvh) * max_seq * D + c0;
+    float m = KVQ_NEG_INF, l = 0.0f, acc[EPV];
+#pragma unroll
+    for (int i = 0; i < EPV; ++i) acc[i] = 0.0f;
+
+    // Trip count is the same for every thread of the block, so the shuffles below see the full warp.
+    for (int t0 = start; t0 < end; t0 += NG * U) {
+        uint4 k_raw[U], v_raw[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = t0 + u * NG + group;
+            if (t < end) {
+                k_raw[u] = *reinterpret_cast<const uint4*>(k_cache + base + (long long)t * D);
+                v_raw[u] = *reinterpret_cast<const uint4*>(v_cache + base + (long long)t * D);
+            } else {
+                k_raw[u] = make_uint4(0u, 0u, 0u, 0u);
+                v_raw[u] = make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+        float s[U];
+        float tile_max = KVQ_NEG_INF;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            float kf[EPV];
+            unpack16<MODE>(k_raw[u], kf);
+            float dot = 0.0f;
+#pragma unroll
+            for (int i = 0; i < EPV; ++i) dot += qf[i] * kf[i];
+#pragma unroll
+            for (int off = TPK / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+            s[u] = t0 + u * NG + group < end ? dot + z_term : KVQ_NEG_INF;
+            tile_max = fmaxf(tile_max, s[u]);
+        }
+        const float m_new = fmaxf(m, tile_max);
+        if (m_new == KVQ_NEG_INF) continue;  // no valid key for this group in this tile yet
+        const float corr = exp2f(m - m_new);  // 0 on the first valid tile (m = -inf)
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < EPV; ++i) acc[i] *= corr;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const float p = exp2f(s[u] - m_new);  // 0 for masked keys
+            float vf[EPV];
+            unpack16<MODE>(v_raw[u], vf);
+            l += p;
+#pragma unroll
+            for (int i = 0; i < EPV; ++i) acc[i] += p * vf[i];
+        }
+        m = m_new;
+    }
+
+    // Merge the NG groups: shared (max, sum) per group and the group's D accumulators.
+    __shared__ float s_m[NG], s_l[NG];
+    __shared__ float s_acc[NG * D];  // NG * D = 128 * EPV floats: 4 KiB (fp16) or 8 KiB (8-bit)
+    if (lane == 0) {
+        s_m[group] = m;
+        s_l[group] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < EPV; ++i) s_acc[group * D + c0 + i] = acc[i];
+    __syncthreads();
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float m_all = KVQ_NEG_INF;
+        for (int g = 0; g < NG; ++g) m_all = fmaxf(m_all, s_m[g]);
+        float l_all = 0.0f, o = 0.0f;
+        if (m_all != KVQ_NEG_INF) {
+            for (int g = 0; g < NG; ++g) {
+                const float w = exp2f(s_m[g] - m_all);
+                l_all += w * s_l[g];
+                o += w * s_acc[g * D + d];
+            }
+        }
+        // Back from stored units: sum_t p_t (v_t * v_mul + v_add) / sum_t p_t.
+        o = l_all > 0.0f ? o / l_all * v_mul + v_add : 0.0f;
+        const long long row = (long long)b * num_heads + h;
+        if (num_splits == 1) {
+            out[row * D + d] = from_float<Tq>(o);
+        } else {
+            part_o[(row * num_splits + split) * D + d] = o;
+            if (d == 0) {
+                part_ml[(row * num_splits + split) * 2] = m_all;
+                part_ml[(row * num_splits + split) * 2 + 1] = l_all;
+            }
+        }
+    }
+}
+
+template <typename Tq, int D>
+__global__ void __launch_bounds__(D) decode_attention_combine(
+    const float* __restrict__ part_o, const float* __restrict__ part_ml, const int* __restrict__ slots,
+    const int* __restrict__ lengths, int num_heads, int num_slots, int max_seq, int chunk, int num_splits,
+    Tq* __restrict__ out) {
+    const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+    const int len = sequence_length(slots, lengths, b, num_slots, max_seq);
+    const int used = min(num_splits, (len + chunk - 1) / chunk);  // the non-empty splits
+    const long long row = (long long)b * num_heads + h;
+    const float* ml = part_ml + row * num_splits * 2;
+    float m_all = KVQ_NEG_INF;
+    for (int z = 0; z < used; ++z) m_all = fmaxf(m_all, ml[2 * z]);
+    float l_all = 0.0f, o = 0.0f;
+    for (int z = 0; z < used; ++z) {
+        const float w = exp2f(ml[2 * z] - m_all) * ml[2 * z + 1];  // each split's softmax mass
+        l_all += w;
+        o += w * part_o[(row * num_splits + z) * D + d];
+    }
+    out[row * D + d] = from_float<Tq>(l_all > 0.0f ? o / l_all : 0.0f);
+}

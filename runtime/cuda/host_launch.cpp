@@ -1,0 +1,161 @@
+// host_launch.cpp: extern "C" CPU entry points that run the project's CUDA kernels under cuda_host_emulation.h.
+//
+// Test-only. host_build.py compiles this file with g++ into a shared library and loads it with ctypes.
+// The entry points take the same arguments and grid choices as the GPU launchers in kernels.py (the
+// Python side computes grid / splits / chunk with the same functions), dispatch on runtime dtype codes to
+// the same template instantiations, and run them with kvq_emu::launch.
+//   dtype codes: 0 float32, 1 float16, 2 bfloat16.   mode codes: kvq_common.cuh KVQ_MODE_*.
+// Return value: 0 on success, -1 for a variant that does not exist.
+#include "cuda_host_emulation.h"
+
+#include "decode_attention.cu"
+#include "kv_write.cu"
+
+namespace {
+
+template <typename Tin, int MODE>
+void write_one(const void* k_new, const void* v_new, void* k_cache, void* v_cache, const int* slots,
+               const int* positions, const float* k_scale, const float* k_zp, const float* v_scale,
+               const float* v_zp, int num_tokens, int num_kv_heads, int num_slots, int max_seq, int head_dim,
+               int grid) {
+    typedef typename KvStore<MODE>::T Store;
+    kvq_emu::launch(dim3(grid), dim3(256), [&] {
+        kv_write<Tin, MODE>((const Tin*)k_new, (const Tin*)v_new, (Store*)k_cache, (Store*)v_cache, slots,
+                            positions, k_scale, k_zp, v_scale, v_zp, num_tokens, num_kv_heads, num_slots, max_seq,
+                            head_dim);
+    });
+}
+
+template <typename Tin>
+int write_mode(int mode, const void* k_new, const void* v_new, void* k_cache, void* v_cache, const int* slots,
+               const int* positions, const float* k_scale, const float* k_zp, const float* v_scale,
+               const float* v_zp, int n, int hkv, int nslots, int s, int d, int grid) {
+#define KVQ_W(M) write_one<Tin, M>(k_new, v_new, k_cache, v_cache, slots, positions, k_scale, k_zp, v_scale, \
+                                   v_zp, n, hkv, nslots, s, d, grid)
+    switch (mode) {
+        case KVQ_MODE_FP16: KVQ_W(KVQ_MODE_FP16); return 0;
+        case KVQ_MODE_INT8: KVQ_W(KVQ_MODE_INT8); return 0;
+        case KVQ_MODE_FP8_E4M3: KVQ_W(KVQ_MODE_FP8_E4M3); return 0;
+        case KVQ_MODE_FP8_E5M2: KVQ_W(KVQ_MODE_FP8_E5M2); return 0;
+    }
+#undef KVQ_W
+    return -1;
+}
+
+struct AttnArgs {
+    const void* q;
+    const void* k_cache;
+    const void* v_cache;
+    const int* slots;
+    const int* lengths;
+    const float *k_scale, *k_zp, *v_scale, *v_zp;
+    float softmax_scale;
+    int batch, num_heads, num_kv_heads, num_slots, max_seq, chunk, num_splits;
+    void* out;
+    float* part_o;
+    float* part_ml;
+};
+
+template <typename Tq, int MODE, int D>
+void attn_one(const AttnArgs& a) {
+    typedef typename KvStore<MODE>::T Store;
+    kvq_emu::launch(dim3(a.num_heads, a.batch, a.num_splits), dim3(KVQ_ATTN_THREADS), [&] {
+        decode_attention<Tq, MODE, D>((const Tq*)a.q, (const Store*)a.k_cache, (const Store*)a.v_cache, a.slots,
+                                      a.lengths, a.k_scale, a.k_zp, a.v_scale, a.v_zp, a.softmax_scale,
+                                      a.num_heads, a.num_kv_heads, a.num_slots, a.max_seq, a.chunk, (Tq*)a.out,
+                                      a.part_o, a.part_ml);
+    });
+    if (a.num_splits > 1) {
+        kvq_emu::launch(dim3(a.num_heads, a.batch), dim3(D), [&] {
+            decode_attention_combine<Tq, D>(a.part_o, a.part_ml, a.slots, a.lengths, a.num_heads, a.num_slots,
+                                            a.max_seq, a.chunk, a.num_splits, (Tq*)a.out);
+        });
+    }
+}
+
+template <typename Tq, int MODE>
+int attn_dim(int head_dim, const AttnArgs& a) {
+    if (head_dim == 64) return attn_one<Tq, MODE, 64>(a), 0;
+    if (head_dim == 128) return attn_one<Tq, MODE, 128>(a), 0;
+    return -1;
+}
+
+template <typename Tq>
+int attn_mode(int mode, int head_dim, const AttnArgs& a) {
+    switch (mode) {
+        case KVQ_MODE_FP16: return attn_dim<Tq, KVQ_MODE_FP16>(head_dim, a);
+        case KVQ_MODE_INT8: return attn_dim<Tq, KVQ_MODE_INT8>(head_dim, a);
+        case KVQ_MODE_FP8_E4M3: return attn_dim<Tq, KVQ_MODE_FP8_E4M3>(head_dim, a);
+        case KVQ_MODE_FP8_E5M2: return attn_dim<Tq, KVQ_MODE_FP8_E5M2>(head_dim, a);
+    }
+    return -1;
+}
+
+}  // namespace
+
+extern "C" {
+
+int kvq_kv_write(int in_dtype, int mode, const void* k_new, const void* v_new, void* k_cache, void* v_cache,
+                 const int* slots, const int* positions, const float* k_scale, const float* k_zp,
+                 const float* v_scale, const float* v_zp, int num_tokens, int num_kv_heads, int num_slots,
+                 int max_seq, int head_dim, int grid) {
+    switch (in_dtype) {
+        case 0: return write_mode<float>(mode, k_new, v_new, k_cache, v_cache, slots, positions, k_scale, k_zp,
+                                         v_scale, v_zp, num_tokens, num_kv_heads, num_slots, max_seq, head_dim, grid);
+        case 1: return write_mode<__half>(mode, k_new, v_new, k_cache, v_cache, slots, positions, k_scale, k_zp,
+                                          v_scale, v_zp, num_tokens, num_kv_heads, num_slots, max_seq, head_dim, grid);
+        case 2: return write_mode<__nv_bfloat16>(mode, k_new, v_new, k_cache, v_cache, slots, positions, k_scale,
+                                                 k_zp, v_scale, v_zp, num_tokens, num_kv_heads, num_slots, max_seq,
+                                                 head_dim, grid);
+    }
+    return -1;
+}
+
+int kvq_decode_attention(int q_dtype, int mode, int head_dim, const void* q, const void* k_cache,
+                         const void* v_cache, const int* slots, const int* lengths, const float* k_scale,
+                         const float* k_zp, const float* v_scale, const float* v_zp, float softmax_scale, int batch,
+                         int num_heads, int num_kv_heads, int num_slots, int max_seq, int chunk, int num_splits,
+                         void* out,
+                         float* part_o, float* part_ml) {
+    const AttnArgs a{q,     k_cache,   v_cache,      slots,     lengths, k_scale, k_zp,  v_scale, v_zp,   softmax_scale,
+                     batch, num_heads, num_kv_heads, num_slots, max_seq, chunk,   num_splits, out, part_o, part_ml};
+    switch (q_dtype) {
+        case 0: return attn_mode<float>(mode, head_dim, a);
+        case 1: return attn_mode<__half>(mode, head_dim, a);
+        case 2: return attn_mode<__nv_bfloat16>(mode, head_dim, a);
+    }
+    return -1;
+}
+
+// Element-wise probes of the kernels' conversion helpers, for the exhaustive conversion tests.
+// kind: 0 fp16 store (__float2half_rn), 1 int8 quantize, 2/3 fp8 quantize (KVQ_MODE_FP8_*), one scale/zp.
+void kvq_probe_store(int kind, const float* x, long long n, float scale, float zp, void* out) {
+    for (long long i = 0; i < n; ++i) {
+        if (kind == 0) ((__half*)out)[i] = __float2half_rn(x[i]);
+        if (kind == 1) ((signed char*)out)[i] = quantize_int8(x[i], scale, zp);
+        if (kind == KVQ_MODE_FP8_E4M3) ((unsigned char*)out)[i] = quantize_fp8<KVQ_MODE_FP8_E4M3>(x[i], scale);
+        if (kind == KVQ_MODE_FP8_E5M2) ((unsigned char*)out)[i] = quantize_fp8<KVQ_MODE_FP8_E5M2>(x[i], scale);
+    }
+}
+
+// The attention kernel's read path: unpack16<mode> over n bytes (n a multiple of 16) into floats.
+void kvq_probe_unpack(int mode, const void* raw, long long n_bytes, float* out) {
+    for (long long off = 0; off < n_bytes; off += 16) {
+        uint4 v;
+        std::memcpy(&v, (const char*)raw + off, 16);
+        if (mode == KVQ_MODE_FP16) unpack16<KVQ_MODE_FP16>(v, out + off / 2);
+        if (mode == KVQ_MODE_INT8) unpack16<KVQ_MODE_INT8>(v, out + off);
+        if (mode == KVQ_MODE_FP8_E4M3) unpack16<KVQ_MODE_FP8_E4M3>(v, out + off);
+        if (mode == KVQ_MODE_FP8_E5M2) unpack16<KVQ_MODE_FP8_E5M2>(v, out + off);
+    }
+}
+
+// Activation conversions (q / k_new loads and the output store): dtype codes as above, float in, T out.
+void kvq_probe_from_float(int dtype, const float* x, long long n, void* out) {
+    for (long long i = 0; i < n; ++i) {
+        if (dtype == 1) ((__half*)out)[i] = from_float<__half>(x[i]);
+        if (dtype == 2) ((__nv_bfloat16*)out)[i] = from_float<__nv_bfloat16>(x[i]);
+    }
+}
+
+}  // extern "C"

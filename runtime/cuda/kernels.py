@@ -1,0 +1,398 @@
+"""GPU launchers for the KV-cache kernels (kv_write.cu, decode_attention.cu), compiled by CuPy at first use.
+
+    kv_cache_write(k_cache, v_cache, k_new, v_new, slots, positions, k_scale, k_zp, v_scale, v_zp, kv_dtype)
+    decode_attention(q, k_cache, v_cache, slots, lengths, k_scale, k_zp, v_scale, v_zp, kv_dtype,
+                     softmax_scale, max_length=None) -> out (B, H, D)
+
+Arguments are torch CUDA tensors in the runtime's layout: caches (B, H_kv, S, D) contiguous in the storage
+dtype of `kv_dtype` (runtime/quant.py STORAGE_DTYPES), new K/V (N, H_kv, D), q (B, H, D) in fp32 / fp16 /
+bf16, per-KV-head fp32 parameters (H_kv,) (None where the mode does not use them), int32 or int64 index
+vectors. Every argument is checked (dtype, shape, contiguity, device, alignment) before anything launches;
+`prepare_write` / `prepare_attention` do the checks and the grid choice without touching a GPU, and the
+CPU emulation (host_ops.py) goes through the same two functions.
+
+CuPy is imported inside the functions that launch, so importing this module needs neither CuPy nor a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from runtime.quant import STORAGE_DTYPES
+
+CUDA_DIR = Path(__file__).resolve().parent
+KV_MODES = {"fp16": 0, "int8": 1, "fp8_e4m3": 2, "fp8_e5m2": 3}  # kvq_common.cuh KVQ_MODE_*
+# Activation dtypes (q, k_new, v_new, out): torch dtype -> (host dtype code, C++ type).
+ACT_TYPES = {torch.float32: (0, "float"), torch.float16: (1, "__half"), torch.bfloat16: (2, "__nv_bfloat16")}
+HEAD_DIMS = (64, 128)
+WRITE_THREADS, ATTN_THREADS = 256, 128  # must match kv_write.cu / decode_attention.cu
+MAX_WRITE_BLOCKS = 65535  # kv_write is grid-stride, so any grid size is correct
+MIN_CHUNK = 256  # keys per split-K block: below this the combine pass costs more than it saves
+
+
+class CudaOpError(ValueError):
+    """A CUDA op was called with arguments it cannot launch on; the message names the argument and the fix."""
+
+
+def write_name_expressions() -> list[str]:
+    """Every kv_write instantiation the launchers can use (input dtype x storage mode)."""
+    return [f"kv_write<{ctype}, {mode}>" for _, ctype in ACT_TYPES.values() for mode in KV_MODES.values()]
+
+
+def attention_name_expressions() -> list[str]:
+    """Every decode_attention / combine instantiation the launchers can use (q dtype x mode x head_dim)."""
+    names = []
+    for _, ctype in ACT_TYPES.values():
+        for dim in HEAD_DIMS:
+            names += [f"decode_attention<{ctype}, {mode}, {dim}>" for mode in KV_MODES.values()]
+            names.append(f"decode_attention_combine<{ctype}, {dim}>")
+    return names
+
+
+SOURCES = {"kv_write.cu": write_name_expressions, "decode_attention.cu": attention_name_expressions}
+
+
+def load_source(name: str) -> str:
+    """The .cu text with kvq_common.cuh inlined, so a compile cache keyed on the text sees header edits."""
+    text = (CUDA_DIR / name).read_text()
+    common = (CUDA_DIR / "kvq_common.cuh").read_text()
+    return text.replace('#include "kvq_common.cuh"', common)
+
+
+@dataclass(frozen=True)
+class WriteLaunch:
+    """Checked arguments of one kv_write launch."""
+
+    mode: int
+    act_code: int
+    act_ctype: str
+    num_tokens: int
+    num_kv_heads: int
+    num_slots: int
+    max_seq: int
+    head_dim: int
+    slots: torch.Tensor  # (N,) int32 contiguous
+    positions: torch.Tensor  # (N,) int32 contiguous
+    grid: int
+
+
+@dataclass(frozen=True)
+class AttentionLaunch:
+    """Checked arguments of one decode_attention launch (plus the split-K plan)."""
+
+    mode: int
+    act_code: int
+    act_ctype: str
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    num_slots: int
+    max_seq: int
+    head_dim: int
+    slots: torch.Tensor  # (B,) int32
+    lengths: torch.Tensor  # (B,) int32
+    num_splits: int
+    chunk: int
+
+
+def _fail(what: str, got: object, want: str) -> None:
+    raise CudaOpError(f"runtime/cuda: {what} is {got}, expected {want}")
+
+
+def _check_tensor(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | None, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(name, type(t).__name__, "a torch.Tensor")
+    if tuple(t.shape) != shape:
+        _fail(f"{name}.shape", tuple(t.shape), str(shape))
+    if dtype is not None and t.dtype != dtype:
+        _fail(f"{name}.dtype", t.dtype, str(dtype))
+    if not t.is_contiguous():
+        _fail(f"{name}", "non-contiguous", "a contiguous tensor (call .contiguous())")
+    if t.device != device:
+        _fail(f"{name}.device", t.device, f"{device} (all arguments on one device)")
+
+
+def _check_mode(kv_dtype: str, k_cache: torch.Tensor) -> int:
+    if kv_dtype not in KV_MODES:
+        _fail("kv_dtype", repr(kv_dtype), f"one of {sorted(KV_MODES)}")
+    if k_cache.dim() != 4:
+        _fail("k_cache.shape", tuple(k_cache.shape), "(B, H_kv, S, D)")
+    want = STORAGE_DTYPES[kv_dtype]
+    if k_cache.dtype != want:
+        _fail("k_cache.dtype", k_cache.dtype, f"{want} for kv_dtype={kv_dtype!r}")
+    if k_cache.shape[-1] not in HEAD_DIMS:
+        _fail("head_dim", k_cache.shape[-1], f"one of {HEAD_DIMS} (kernels are instantiated for these)")
+    return KV_MODES[kv_dtype]
+
+
+def _check_params(kv_dtype: str, num_kv_heads: int, device: torch.device, **params: torch.Tensor | None) -> None:
+    """Scales always for int8/fp8, zero points for int8; fp32 (H_kv,) each."""
+    for name, p in params.items():
+        needed = kv_dtype != "fp16" and (name.endswith("scale") or kv_dtype == "int8")
+        if p is None:
+            if needed:
+                _fail(name, None, f"a (H_kv,) float32 tensor for kv_dtype={kv_dtype!r}")
+            continue
+        _check_tensor(name, p, (num_kv_heads,), torch.float32, device)
+
+
+def _index_vector(name: str, t: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+        _fail(f"{name}.dtype", getattr(t, "dtype", type(t).__name__), "torch.int32 or torch.int64")
+    _check_tensor(name, t, (n,), None, device)
+    return t.to(torch.int32).contiguous()
+
+
+def _check_activation(name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> tuple[int, str]:
+    if not isinstance(t, torch.Tensor) or t.dtype not in ACT_TYPES:
+        _fail(f"{name}.dtype", getattr(t, "dtype", type(t).__name__), "float32, float16 or bfloat16")
+    _check_tensor(name, t, shape, t.dtype, device)
+    return ACT_TYPES[t.dtype]
+
+
+def write_grid(num_elements: int) -> int:
+    """kv_write blocks: one element of K and V per thread, capped (the kernel is grid-stride)."""
+    return max(1, min(MAX_WRITE_BLOCKS, math.ceil(num_elements / WRITE_THREADS)))
+
+
+def plan_splits(batch: int, num_heads: int, max_length: int, num_sms: int) -> tuple[int, int]:
+    """(num_splits, chunk) for decode_attention: split long contexts until ~4 blocks per SM are in flight.
+
+    With batch x heads blocks already filling the GPU, one split (no combine pass); otherwise split into
+    chunks of at least MIN_CHUNK keys. chunk * num_splits >= max_length always.
+    """
+    max_length = max(1, max_length)
+    want = math.ceil(4 * num_sms / max(1, batch * num_heads))
+    splits = max(1, min(want, math.ceil(max_length / MIN_CHUNK)))
+    chunk = math.ceil(max_length / splits)
+    return math.ceil(max_length / chunk), chunk
+
+
+def prepare_write(
+    k_cache, v_cache, k_new, v_new, slots, positions, k_scale, k_zp, v_scale, v_zp, kv_dtype: str
+) -> WriteLaunch:
+    """Check every kv_cache_write argument (any device) and choose the grid."""
+    mode = _check_mode(kv_dtype, k_cache)
+    num_slots, num_kv_heads, max_seq, head_dim = k_cache.shape
+    device = k_cache.device
+    _check_tensor("k_cache", k_cache, tuple(k_cache.shape), k_cache.dtype, device)
+    _check_tensor("v_cache", v_cache, tuple(k_cache.shape), k_cache.dtype, device)
+    if not isinstance(k_new, torch.Tensor) or k_new.dim() != 3:
+        _fail("k_new.shape", tuple(getattr(k_new, "shape", ())), "(N, H_kv, D)")
+    num_tokens = k_new.shape[0]
+    act_code, act_ctype = _check_activation("k_new", k_new, (num_tokens, num_kv_heads, head_dim), device)
+    _check_tensor("v_new", v_new, tuple(k_new.shape), k_new.dtype, device)
+    _check_params(kv_dtype, num_kv_heads, device, k_scale=k_scale, k_zp=k_zp, v_scale=v_scale, v_zp=v_zp)
+    slots32 = _index_vector("slots", slots, num_tokens, device)
+    positions32 = _index_vector("positions", positions, num_tokens, device)
+    return WriteLaunch(
+        mode,
+        act_code,
+        act_ctype,
+        num_tokens,
+        num_kv_heads,
+        num_slots,
+        max_seq,
+        head_dim,
+        slots32,
+        positions32,
+        write_grid(num_tokens * num_kv_heads * head_dim),
+    )
+
+
+def prepare_attention(
+    q,
+    k_cache,
+    v_cache,
+    slots,
+    lengths,
+    k_scale,
+    k_zp,
+    v_scale,
+    v_zp,
+    kv_dtype: str,
+    max_length: int | None,
+    num_sms: int,
+    num_splits: int | None = None,
+) -> AttentionLaunch:
+    """Check every decode_attention argument (any device) and plan the split-K grid.
+
+    max_length bounds lengths (default: the cache capacity S; pass the true maximum to avoid empty splits);
+    num_splits forces a plan (tests), else plan_splits decides.
+    """
+    mode = _check_mode(kv_dtype, k_cache)
+    num_slots, num_kv_heads, max_seq, head_dim = k_cache.shape
+    device = k_cache.device
+    _check_tensor("k_cache", k_cache, tuple(k_cache.shape), k_cache.dtype, device)
+    _check_tensor("v_cache", v_cache, tuple(k_cache.shape), k_cache.dtype, device)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.data_ptr() % 16:
+            _fail(f"{name}.data_ptr() % 16", t.data_ptr() % 16, "0 (16-byte loads; use a fresh allocation)")
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        _fail("q.shape", tuple(getattr(q, "shape", ())), "(B, H, D)")
+    batch, num_heads = q.shape[:2]
+    act_code, act_ctype = _check_activation("q", q, (batch, num_heads, head_dim), device)
+    if num_heads % num_kv_heads:
+        _fail("num_heads % num_kv_heads", f"{num_heads} % {num_kv_heads}", "0 (GQA groups of equal size)")
+    _check_params(kv_dtype, num_kv_heads, device, k_scale=k_scale, k_zp=k_zp, v_scale=v_scale, v_zp=v_zp)
+    slots32 = _index_vector("slots", slots, batch, device)
+    lengths32 = _index_vector("lengths", lengths, batch, device)
+    max_length = max_seq if max_length is None else min(max_length, max_seq)
+    if num_splits is None:
+        num_splits, chunk = plan_splits(batch, num_heads, max_length, num_sms)
+    else:
+        chunk = math.ceil(max(1, max_length) / num_splits)
+    return AttentionLaunch(
+        mode,
+        act_code,
+        act_ctype,
+        batch,
+        num_heads,
+        num_kv_heads,
+        num_slots,
+        max_seq,
+        head_dim,
+        slots32,
+        lengths32,
+        num_splits,
+        chunk,
+    )
+
+
+# ---- GPU side (CuPy) ---------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _module(name: str):
+    """cupy.RawModule for one .cu file with all its template instantiations (compiled once, cached by CuPy)."""
+    import cupy
+
+    from runtime.cuda.toolchain import nvrtc_options
+
+    return cupy.RawModule(code=load_source(name), options=tuple(nvrtc_options()), name_expressions=SOURCES[name]())
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _ptr(t: torch.Tensor | None):
+    import numpy
+
+    return numpy.uint64(0 if t is None else t.data_ptr())  # raw device pointer, any dtype (fp8 included)
+
+
+def _run(device: torch.device, name: str, expression: str, grid: tuple, block: tuple, args: tuple) -> None:
+    import cupy
+
+    if device.type != "cuda":
+        _fail("device", device, "a CUDA device (use runtime/cuda/host_ops.py for the CPU emulation)")
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+        _module(name).get_function(expression)(grid, block, args)
+
+
+def kv_cache_write(
+    k_cache, v_cache, k_new, v_new, slots, positions, k_scale, k_zp, v_scale, v_zp, kv_dtype: str
+) -> None:
+    """Quantize k_new / v_new (N, H_kv, D) into k_cache / v_cache (B, H_kv, S, D) at (slots[n], positions[n])."""
+    import numpy
+
+    w = prepare_write(k_cache, v_cache, k_new, v_new, slots, positions, k_scale, k_zp, v_scale, v_zp, kv_dtype)
+    if w.num_tokens == 0:
+        return
+    i32 = numpy.int32
+    args = (
+        _ptr(k_new),
+        _ptr(v_new),
+        _ptr(k_cache),
+        _ptr(v_cache),
+        _ptr(w.slots),
+        _ptr(w.positions),
+        _ptr(k_scale),
+        _ptr(k_zp),
+        _ptr(v_scale),
+        _ptr(v_zp),
+        i32(w.num_tokens),
+        i32(w.num_kv_heads),
+        i32(w.num_slots),
+        i32(w.max_seq),
+        i32(w.head_dim),
+    )
+    _run(k_cache.device, "kv_write.cu", f"kv_write<{w.act_ctype}, {w.mode}>", (w.grid,), (WRITE_THREADS,), args)
+
+
+def decode_attention(
+    q,
+    k_cache,
+    v_cache,
+    slots,
+    lengths,
+    k_scale,
+    k_zp,
+    v_scale,
+    v_zp,
+    kv_dtype: str,
+    softmax_scale: float,
+    max_length: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of q (B, H, D) over each sequence's first lengths[b] cached tokens in slot slots[b]."""
+    import numpy
+
+    device = k_cache.device
+    num_sms = _num_sms(device.index) if device.type == "cuda" else 1
+    a = prepare_attention(
+        q, k_cache, v_cache, slots, lengths, k_scale, k_zp, v_scale, v_zp, kv_dtype, max_length, num_sms, num_splits
+    )
+    out = torch.empty_like(q)
+    if a.batch == 0:
+        return out
+    part_o = part_ml = None
+    if a.num_splits > 1:
+        part_o = torch.empty(a.batch, a.num_heads, a.num_splits, a.head_dim, dtype=torch.float32, device=device)
+        part_ml = torch.empty(a.batch, a.num_heads, a.num_splits, 2, dtype=torch.float32, device=device)
+    i32 = numpy.int32
+    args = (
+        _ptr(q),
+        _ptr(k_cache),
+        _ptr(v_cache),
+        _ptr(a.slots),
+        _ptr(a.lengths),
+        _ptr(k_scale),
+        _ptr(k_zp),
+        _ptr(v_scale),
+        _ptr(v_zp),
+        numpy.float32(softmax_scale),
+        i32(a.num_heads),
+        i32(a.num_kv_heads),
+        i32(a.num_slots),
+        i32(a.max_seq),
+        i32(a.chunk),
+        _ptr(out),
+        _ptr(part_o),
+        _ptr(part_ml),
+    )
+    expression = f"decode_attention<{a.act_ctype}, {a.mode}, {a.head_dim}>"
+    _run(device, "decode_attention.cu", expression, (a.num_heads, a.batch, a.num_splits), (ATTN_THREADS,), args)
+    if a.num_splits > 1:
+        args = (
+            _ptr(part_o),
+            _ptr(part_ml),
+            _ptr(a.slots),
+            _ptr(a.lengths),
+            i32(a.num_heads),
+            i32(a.num_slots),
+            i32(a.max_seq),
+            i32(a.chunk),
+            i32(a.num_splits),
+            _ptr(out),
+        )
+        expression = f"decode_attention_combine<{a.act_ctype}, {a.head_dim}>"
+        _run(device, "decode_attention.cu", expression, (a.num_heads, a.batch), (a.head_dim,), args)
+    return out

@@ -1,0 +1,55 @@
+"""Every CUDA kernel variant the runtime can launch compiles through NVRTC for sm_80, sm_89 and sm_90 (no GPU).
+
+The NVRTC log (warnings, and ptxas -v register / spill lines) is printed; a compile error fails the test, and
+so does a register spill in a kernel (spills would cost the decode kernel its bandwidth).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.cuda import kernels
+
+pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_89", "sm_90"])
+@pytest.mark.parametrize("source", sorted(kernels.SOURCES))
+def test_nvrtc_compiles_every_variant(source, arch):
+    from runtime.cuda.toolchain import compile_cubin
+
+    expressions = kernels.SOURCES[source]()
+    result = compile_cubin(source, arch, expressions)
+    print(f"--- NVRTC log {source} {arch} ---\n{result.log}")
+    assert result.cubin_bytes > 0
+    assert set(result.lowered_names) == set(expressions)
+    assert all(name.startswith("_Z") for name in result.lowered_names.values())
+    warnings = [line for line in result.log.splitlines() if "warning" in line.lower()]
+    assert not [w for w in warnings if "error" in w.lower()]
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", result.log)]
+    assert len(spills) == len(expressions), "ptxas -v should report every kernel"
+    assert max(spills) == 0, f"register spills in {source} for {arch}: {spills}"
+
+
+def test_instantiation_lists_cover_the_launchers():
+    """The launchers only ever ask for names in these lists: 3 activation dtypes x 4 modes (x 2 head dims)."""
+    assert len(kernels.write_name_expressions()) == 3 * 4
+    assert len(kernels.attention_name_expressions()) == 3 * 2 * (4 + 1)
+    assert "decode_attention<__half, 1, 128>" in kernels.attention_name_expressions()
+    assert "kv_write<__nv_bfloat16, 3>" in kernels.write_name_expressions()
+
+
+def test_import_runtime_cuda_does_not_import_cupy():
+    code = "import sys, runtime, runtime.cuda, runtime.cuda.kernels; assert 'cupy' not in sys.modules, 'cupy imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_each_cu_file_opens_with_its_header_comment():
+    for name in (*kernels.SOURCES, "kvq_common.cuh", "cuda_host_emulation.h"):
+        first = (kernels.CUDA_DIR / name).read_text().splitlines()[0]
+        assert first.startswith(f"// {name}:"), name

@@ -1,0 +1,116 @@
+"""Decode-attention benchmark: time per step for fp16 vs INT8 vs FP8 KV caches (runtime/cuda kernels).
+
+    python tools/bench_cuda.py                 # GPU: timings + bandwidth; no GPU: the byte counts only
+    python tools/bench_cuda.py --quick         # fewer shapes
+
+For each model shape (7B: 32 heads, 32 KV heads, D 128; SmolLM2: 9 heads, 3 KV heads, D 64) and batch x
+context, it reports, for one layer, the bytes one decode step must read (K and V of every cached token, plus q and out),
+the kernel time (CUDA events, median of repeats), the achieved bandwidth, that bandwidth as a fraction of
+the device's measured copy bandwidth (torch copy of 1 GiB: read + write bytes / time), and the speed-up
+of INT8 / FP8 over fp16. Targets (issue 4): INT8/FP8 >= 1.6x fp16 at long context, >= 70% of copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.quant import BYTES_PER_ELEM, STORAGE_DTYPES  # noqa: E402
+
+SHAPES = {"7B": (32, 32, 128), "SmolLM2": (9, 3, 64)}  # heads, kv heads, head_dim
+MODES = ("fp16", "int8", "fp8_e4m3")
+GRID = [(1, 8192), (8, 8192), (64, 1024), (64, 8192), (16, 4096)]
+QUICK_GRID = [(1, 8192), (64, 8192)]
+
+
+def step_bytes(batch: int, context: int, heads: int, kv_heads: int, dim: int, kv_dtype: str) -> int:
+    """Bytes a decode step must move: K and V of every cached token, q in and out (fp16), per-head params."""
+    cache = 2 * batch * context * kv_heads * dim * BYTES_PER_ELEM[kv_dtype]
+    return cache + 2 * batch * heads * dim * 2 + 4 * kv_heads * 4
+
+
+def copy_bandwidth() -> float:
+    """Measured device copy bandwidth in bytes/s (read + write) over 1 GiB."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() / statistics.median(times[2:])
+
+
+def time_step(batch: int, context: int, heads: int, kv_heads: int, dim: int, kv_dtype: str, repeats: int) -> float:
+    """Median seconds of one decode_attention call with every sequence at `context` tokens."""
+    from runtime.cuda import decode_attention
+
+    dev = "cuda"
+    cache = torch.randint(-100, 100, (batch, kv_heads, context, dim), dtype=torch.int8, device=dev)
+    if kv_dtype == "fp16":
+        cache = cache.to(torch.float16) / 64
+    elif kv_dtype != "int8":
+        cache = (cache.to(torch.float32) / 32).to(STORAGE_DTYPES[kv_dtype])
+    k_cache, v_cache = cache, cache.clone()
+    q = torch.randn(batch, heads, dim, dtype=torch.float16, device=dev)
+    scale = torch.full((kv_heads,), 0.02, device=dev)
+    zp = torch.zeros(kv_heads, device=dev)
+    slots = torch.arange(batch, dtype=torch.int32, device=dev)
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=dev)
+    args = (q, k_cache, v_cache, slots, lengths, scale, zp, scale, zp, kv_dtype, 1 / math.sqrt(dim))
+    decode_attention(*args, max_length=context)  # compile + warm up
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        decode_attention(*args, max_length=context)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only batch x context 1 x 8192 and 64 x 8192")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    grid = QUICK_GRID if args.quick else GRID
+    has_gpu = torch.cuda.is_available()
+    if has_gpu:
+        bw = copy_bandwidth()
+        print(f"device: {torch.cuda.get_device_name()}  measured copy bandwidth: {bw / 1e9:.0f} GB/s")
+    else:
+        print("no CUDA device: printing the bytes each mode must read per decode step and layer; timings need a GPU")
+    print(
+        f"{'shape':8} {'batch':>5} {'ctx':>5} {'mode':9} {'MiB/step':>9} {'us/step':>9} {'GB/s':>7} "
+        f"{'%copy':>6} {'vs fp16':>7}"
+    )
+    for shape, (heads, kv_heads, dim) in SHAPES.items():
+        for batch, context in grid:
+            base = None
+            for mode in MODES:
+                nbytes = step_bytes(batch, context, heads, kv_heads, dim, mode)
+                row = f"{shape:8} {batch:5d} {context:5d} {mode:9} {nbytes / 2**20:9.1f}"
+                if has_gpu:
+                    sec = time_step(batch, context, heads, kv_heads, dim, mode, args.repeats)
+                    base = sec if mode == "fp16" else base
+                    row += (
+                        f" {sec * 1e6:9.1f} {nbytes / sec / 1e9:7.0f} {100 * nbytes / sec / bw:5.0f}% "
+                        f"{base / sec:6.2f}x"
+                    )
+                print(row)
+
+
+if __name__ == "__main__":
+    main()
