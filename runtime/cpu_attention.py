@@ -1,0 +1,240 @@
+"""Decode attention straight from the (possibly quantized) KV cache, without a full-precision copy.
+
+One query token per sequence attends over the valid prefix `lengths[b]` of its cache slot. The cache's
+per-head affine map x^ = scale * stored + zp is folded into the arithmetic instead of being applied
+to the cache:
+    scores = softmax_scale * (k_scale * (q . k_stored) + k_zp * sum(q))
+    out    = v_scale * (p @ v_stored) + v_zp            (the softmax weights p sum to 1)
+so each step reads 1 byte per INT8/FP8 element (2 for fp16), chunk by chunk with an online softmax.
+
+Two implementations with one signature:
+  - `decode_attention_torch`: chunks of `CHUNK` positions cast to the compute dtype (any machine),
+  - a small C++/OpenMP kernel (`_cpp_module`, built once with torch.utils.cpp_extension.load_inline
+    into torch's extension cache) used when a compiler is available; `decode_attention` picks it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK = 512
+
+
+def decode_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zp: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zp: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """q (B, H, D); caches (B_slots, H_kv, S, D); slots, lengths (B,) long; params (H_kv,) fp32 -> (B, H, D)."""
+    B, H, D = q.shape
+    Hkv = k_cache.shape[1]
+    cdt = torch.float32 if q.dtype == torch.float32 else q.dtype
+    qg = q.to(cdt).view(B, Hkv, H // Hkv, D)  # (B, H_kv, G, D): query heads grouped by their KV head
+    q_sum = qg.float().sum(-1)  # (B, H_kv, G)
+    ks = (k_scale * softmax_scale).view(1, Hkv, 1, 1)
+    kz = (q_sum * (k_zp * softmax_scale).view(1, Hkv, 1)).unsqueeze(-1)  # (B, H_kv, G, 1)
+    max_len = int(lengths.max())
+    contiguous = bool((slots == torch.arange(B)).all()) if B <= k_cache.shape[0] else False
+    m = torch.full((B, Hkv, H // Hkv), float("-inf"))
+    den = torch.zeros_like(m)
+    acc = torch.zeros(B, Hkv, H // Hkv, D)
+    for s in range(0, max_len, CHUNK):
+        e = min(s + CHUNK, max_len)
+        kc = k_cache[:B, :, s:e] if contiguous else k_cache[slots, :, s:e]  # (B, H_kv, c, D) stored dtype
+        sc = torch.matmul(qg, kc.to(cdt).transpose(-1, -2)).float() * ks + kz  # (B, H_kv, G, c)
+        invalid = torch.arange(s, e).view(1, -1) >= lengths.view(-1, 1)  # (B, c)
+        sc.masked_fill_(invalid.view(B, 1, 1, -1), float("-inf"))
+        m_new = torch.maximum(m, sc.amax(-1))
+        p = torch.exp(sc - m_new.unsqueeze(-1))
+        corr = torch.exp(m - m_new)
+        den = den * corr + p.sum(-1)
+        vc = v_cache[:B, :, s:e] if contiguous else v_cache[slots, :, s:e]
+        acc = acc * corr.unsqueeze(-1) + torch.matmul(p.to(cdt), vc.to(cdt)).float()
+        m = m_new
+    out = acc / den.unsqueeze(-1) * v_scale.view(1, Hkv, 1, 1) + v_zp.view(1, Hkv, 1, 1)
+    return out.view(B, H, D).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# C++ kernel. One OpenMP work item per (sequence, KV head): convert each cached row of D values to
+# fp32 once (8 at a time), score it against the G query heads of that KV head, softmax over the
+# valid prefix, then accumulate p * v rows. Conversions, 8 lanes per instruction:
+#   int8:  cvtepi8_epi32 -> cvtepi32_ps
+#   fp16:  F16C cvtph_ps
+#   e5m2:  the byte is the high byte of an fp16 (same exponent bias 15): bits << 8 -> cvtph_ps
+#   e4m3:  bits (s eeee mmm) -> fp16 bits s<<15 | (eeee mmm)<<7 is the same value * 2^-8 for normals
+#          and subnormals alike (bias 7 vs 15); the 2^8 is folded into the scale.
+KERNEL_SRC = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <math.h>
+#include <vector>
+
+static inline __m256 load8(const void* base, int64_t i, int kind) {
+  if (kind == 1) {  // int8
+    __m128i b = _mm_loadl_epi64((const __m128i*)((const int8_t*)base + i));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  }
+  if (kind == 0) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)base + i)));
+  __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)((const uint8_t*)base + i)));
+  if (kind == 3) return _mm256_cvtph_ps(_mm_slli_epi16(w, 8));  // e5m2
+  __m128i sign = _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8);
+  __m128i mag = _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x7F)), 7);
+  return _mm256_cvtph_ps(_mm_or_si128(sign, mag));  // e4m3 * 2^-8
+}
+
+extern "C" void decode_attn(const float* q, const void* kc, const void* vc, const int64_t* slots,
+                            const int64_t* lengths, const float* ks, const float* kz, const float* vs,
+                            const float* vz, float softmax_scale, int B, int H, int Hkv, int S, int D, int kind,
+                            int parallel, float* out) {
+  const int G = H / Hkv;
+  const float unit = kind == 2 ? 256.0f : 1.0f;  // e4m3 rows are read as value * 2^-8
+#pragma omp parallel for schedule(static, 1) if (parallel)
+  for (int item = 0; item < B * Hkv; ++item) {
+    const int b = item / Hkv, h = item % Hkv;
+    const int64_t L = lengths[b];
+    const int64_t row0 = ((slots[b] * Hkv + h) * (int64_t)S) * D;  // element offset of [slot, h, 0, 0]
+    const float* qb = q + ((int64_t)b * H + (int64_t)h * G) * D;   // (G, D)
+    std::vector<float> sc((size_t)G * L), row(D);
+    float qsum[64];
+    for (int g = 0; g < G; ++g) { float s = 0; for (int d = 0; d < D; ++d) s += qb[g * D + d]; qsum[g] = s; }
+    const float kscale = ks[h] * unit * softmax_scale, kzero = kz[h] * softmax_scale;
+    for (int64_t t = 0; t < L; ++t) {
+      for (int d = 0; d < D; d += 8) _mm256_storeu_ps(&row[d], load8(kc, row0 + t * D + d, kind));
+      for (int g = 0; g < G; ++g) {
+        const float* qg = qb + g * D;
+        __m256 acc = _mm256_setzero_ps();
+        for (int d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(&row[d]), acc);
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        s4 = _mm_hadd_ps(s4, s4); s4 = _mm_hadd_ps(s4, s4);
+        sc[g * L + t] = _mm_cvtss_f32(s4) * kscale + qsum[g] * kzero;
+      }
+    }
+    float inv[64];
+    for (int g = 0; g < G; ++g) {  // softmax over the valid prefix
+      float* s = &sc[(size_t)g * L];
+      float m = -INFINITY;
+      for (int64_t t = 0; t < L; ++t) m = s[t] > m ? s[t] : m;
+      float den = 0;
+      for (int64_t t = 0; t < L; ++t) { s[t] = expf(s[t] - m); den += s[t]; }
+      inv[g] = 1.0f / den;
+    }
+    std::vector<float> acc((size_t)G * D, 0.0f);
+    for (int64_t t = 0; t < L; ++t) {
+      for (int d = 0; d < D; d += 8) _mm256_storeu_ps(&row[d], load8(vc, row0 + t * D + d, kind));
+      for (int g = 0; g < G; ++g) {
+        const __m256 p = _mm256_set1_ps(sc[(size_t)g * L + t]);
+        float* a = &acc[(size_t)g * D];
+        for (int d = 0; d < D; d += 8)
+          _mm256_storeu_ps(a + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(&row[d]), _mm256_loadu_ps(a + d)));
+      }
+    }
+    const float vscale = vs[h] * unit, vzero = vz[h];
+    for (int g = 0; g < G; ++g)
+      for (int d = 0; d < D; ++d)
+        out[((int64_t)b * H + (int64_t)h * G + g) * D + d] = acc[(size_t)g * D + d] * inv[g] * vscale + vzero;
+  }
+}
+"""
+# Below this many (token, KV head) rows the work is too small to repay waking the OpenMP threads.
+PARALLEL_MIN = 2048
+KINDS = {torch.float16: 0, torch.int8: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
+_lib: list = []  # [ctypes.CDLL | None], resolved once
+
+
+def _cpp_module():
+    """Build (once, cached by source hash under ~/.cache/kvq/kernels) and load the kernel; None if unavailable."""
+    if _lib:
+        return _lib[0]
+    import ctypes
+    import hashlib
+    import os
+    import platform
+    import shutil
+    import subprocess
+    import warnings
+    from pathlib import Path
+
+    _lib.append(None)
+    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("KVQ_NO_CPP_KERNEL"):
+        return None
+    if shutil.which("g++") is None:
+        warnings.warn("g++ not found: decode attention uses the slower torch path", stacklevel=2)
+        return None
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+    digest = hashlib.sha256((KERNEL_SRC + " ".join(flags)).encode()).hexdigest()[:16]
+    out_dir = Path(os.environ.get("KVQ_KERNEL_CACHE", Path.home() / ".cache" / "kvq" / "kernels"))
+    so = out_dir / f"decode_attn_{digest}.so"
+    if not so.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        src = out_dir / f"decode_attn_{digest}.{os.getpid()}.cpp"
+        src.write_text(KERNEL_SRC)
+        tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
+        proc = subprocess.run(["g++", *flags, str(src), "-o", str(tmp)], capture_output=True, text=True)
+        src.unlink()
+        if proc.returncode != 0:
+            warnings.warn(
+                f"building the C++ decode-attention kernel failed, using the torch path:\n{proc.stderr}", stacklevel=2
+            )
+            return None
+        os.replace(tmp, so)  # atomic: concurrent builders race harmlessly
+    lib = ctypes.CDLL(str(so))
+    lib.decode_attn.restype = None
+    lib.decode_attn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_float] + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    _lib[0] = lib
+    return lib
+
+
+def decode_attention_cpp(q, k_cache, v_cache, slots, lengths, k_scale, k_zp, v_scale, v_zp, softmax_scale):
+    """Same contract as decode_attention_torch, through the C++ kernel (caller checks availability)."""
+    lib = _cpp_module()
+    B, H, D = q.shape
+    _, Hkv, S, _ = k_cache.shape
+    qf = q.to(torch.float32).contiguous()
+    out = torch.empty(B, H, D, dtype=torch.float32)
+    slots = slots.to(torch.int64).contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    params = [p.to(torch.float32).contiguous() for p in (k_scale, k_zp, v_scale, v_zp)]
+    lib.decode_attn(
+        qf.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        slots.data_ptr(),
+        lengths.data_ptr(),
+        *(p.data_ptr() for p in params),
+        float(softmax_scale),
+        B,
+        H,
+        Hkv,
+        S,
+        D,
+        KINDS[k_cache.dtype],
+        int(int(lengths.sum()) * Hkv >= PARALLEL_MIN),
+        out.data_ptr(),
+    )
+    return out.to(q.dtype)
+
+
+def cpp_usable(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """The kernel handles CPU tensors with D a multiple of 8 and at most 64 query heads per KV head."""
+    ok = (
+        not q.is_cuda
+        and k_cache.is_contiguous()
+        and k_cache.dtype in KINDS
+        and q.shape[-1] % 8 == 0
+        and q.shape[1] // k_cache.shape[1] <= 64
+    )
+    return ok and _cpp_module() is not None
+
+
+def decode_attention(q, k_cache, v_cache, slots, lengths, k_scale, k_zp, v_scale, v_zp, softmax_scale):
+    """The fastest available implementation (C++ kernel if it builds, else the torch one); same contract."""
+    impl = decode_attention_cpp if cpp_usable(q, k_cache) else decode_attention_torch
+    return impl(q, k_cache, v_cache, slots, lengths, k_scale, k_zp, v_scale, v_zp, softmax_scale)

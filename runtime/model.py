@@ -1,0 +1,179 @@
+"""LLaMA-family forward pass on the TurboMind workspace layout (fused QKV, interleaved RoPE, GQA).
+
+Per layer (x: (B, T, hidden); H query heads, H_kv KV heads, head size D):
+    h    = RMSNorm(x) = x * rsqrt(mean(x^2) + eps) * w        (variance in fp32)
+    qkv  = h @ W_qkv + b                                        W_qkv (hidden, (H + 2 H_kv) D) = [Q | K | V]
+    q, k = RoPE(q), RoPE(k)     interleaved pairs (2i, 2i+1) rotated by pos * theta^(-2i/D)
+    attn = softmax(q k^T / sqrt(D)) v  over the session's cache (see `attention`)
+    x    = x + attn @ W_o + b_o
+    x    = x + (silu(h2 @ W1) * (h2 @ W3)) @ W2                h2 = RMSNorm(x)
+deploy permuted the q/k output channels into interleaved pair order, so the interleaved rotation
+reproduces HF's rotate_half exactly (attention scores are invariant to a shared channel permutation).
+
+Prefill attention (`use_context_fmha`):
+    1: fused SDPA over the chunk's unquantized K/V plus, when the session has history, the
+       dequantized cached history (KV quantization only affects later tokens),
+    0: the chunk's K/V is written first and attention reads the whole prefix back from the cache
+       (upstream INT8 semantics: quantization error already shows in the prefill logits).
+Decode always reads the cache, through `runtime.cpu_attention.decode_attention` (dequantization
+folded into the attention arithmetic).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from runtime.cpu_attention import decode_attention
+from runtime.kv_cache import KVCache
+from runtime.workspace import WorkspaceConfig, hidden_size
+
+
+@dataclass
+class Batch:
+    """Where a forward step's tokens go: sequence b of the (B, T) token block lives in cache slot slots[b],
+    already holds starts[b] tokens, and contributes its first counts[b] tokens (the rest is padding)."""
+
+    slots: torch.Tensor  # (B,) long
+    starts: torch.Tensor  # (B,) long
+    counts: list[int]
+
+
+class Transformer:
+    """Holds the weights (compute dtype, on device) and runs prefill/decode steps against a KVCache."""
+
+    def __init__(
+        self,
+        cfg: WorkspaceConfig,
+        weights: dict,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        max_len: int | None = None,
+    ) -> None:
+        if cfg.use_dynamic_ntk:
+            raise NotImplementedError(
+                "config.ini use_dynamic_ntk = 1 is not implemented by this runtime; "
+                "set it to 0 (contexts then stay within max_position_embeddings)"
+            )
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.H, self.Hkv, self.D = cfg.head_num, cfg.kv_head_num, cfg.size_per_head
+        self.hidden = hidden_size(cfg)
+
+        def t(name: str) -> torch.Tensor:  # fp16 memmap -> compute dtype on device, contiguous
+            return torch.from_numpy(weights[name][...].astype("float32")).to(device=device, dtype=dtype).contiguous()
+
+        # Embedding kept in fp16: rows are gathered then cast (saves a full-precision copy).
+        self.tok_embeddings = torch.from_numpy(weights["tok_embeddings.weight"][...].copy()).to(device)
+        self.norm = t("norm.weight")
+        self.output = t("output.weight")  # (vocab, hidden), not transposed
+        self.layers = []
+        for i in range(cfg.num_layer):
+            p = f"layers.{i}."
+            layer = {
+                name: t(p + name)
+                for name in (
+                    "attention_norm.weight",
+                    "ffn_norm.weight",
+                    "attention.w_qkv.weight",
+                    "attention.wo.weight",
+                    "feed_forward.w1.weight",
+                    "feed_forward.w3.weight",
+                    "feed_forward.w2.weight",
+                )
+            }
+            # gate and up fused: one (hidden, 2 * inter) matmul instead of two
+            layer["w13"] = torch.cat([layer.pop("feed_forward.w1.weight"), layer.pop("feed_forward.w3.weight")], 1)
+            for name in ("attention.w_qkv.bias", "attention.wo.bias"):
+                layer[name] = t(p + name) if cfg.attn_bias else None
+            self.layers.append(layer)
+        max_len = max_len or cfg.session_len
+        inv_freq = cfg.rope_theta ** (-torch.arange(0, self.D, 2, dtype=torch.float64) / self.D)  # (D/2,)
+        angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None]  # (S, D/2)
+        self.cos = angles.cos().to(torch.float32).to(device)
+        self.sin = angles.sin().to(torch.float32).to(device)
+
+    # ------------------------------------------------------------------------------------------
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)
+        return xf.to(self.dtype) * w
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, heads, T, D) with interleaved pairs; cos/sin (B, 1, T, D/2) fp32."""
+        xf = x.float().unflatten(-1, (-1, 2))  # (B, heads, T, D/2, 2)
+        x0, x1 = xf[..., 0], xf[..., 1]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+        return out.flatten(-2).to(x.dtype)
+
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache, batch: Batch, *, use_context_fmha: int = 1, all_logits: bool = False
+    ) -> torch.Tensor:
+        """tokens (B, T) -> fp32 logits (B, T, vocab) if all_logits else (B, vocab) at each sequence's last token."""
+        B, T = tokens.shape
+        x = self.tok_embeddings[tokens].to(self.dtype)  # (B, T, hidden)
+        pos = batch.starts.view(B, 1) + torch.arange(T).view(1, T)  # (B, T)
+        pos = pos.clamp_(max=self.cos.shape[0] - 1)  # padding tokens only
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, T, D/2)
+        H, Hkv, D = self.H, self.Hkv, self.D
+        for i, L in enumerate(self.layers):
+            h = self.rms_norm(x, L["attention_norm.weight"])
+            qkv = h @ L["attention.w_qkv.weight"]  # (B, T, (H + 2 H_kv) D)
+            if L["attention.w_qkv.bias"] is not None:
+                qkv = qkv + L["attention.w_qkv.bias"]
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = self.rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
+            k = self.rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # (B, H_kv, T, D)
+            v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, H_kv, T, D)
+            cache.write(i, batch.slots, batch.starts, batch.counts, k, v)
+            o = self.attention(i, q, k, v, cache, batch, use_context_fmha)  # (B, T, H D)
+            x = x + o @ L["attention.wo.weight"]
+            if L["attention.wo.bias"] is not None:
+                x = x + L["attention.wo.bias"]
+            h = self.rms_norm(x, L["ffn_norm.weight"])
+            gate, up = (h @ L["w13"]).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ L["feed_forward.w2.weight"]
+        if not all_logits:  # only each sequence's last real token
+            last = torch.tensor([c - 1 for c in batch.counts])
+            x = x[torch.arange(B), last].unsqueeze(1)  # (B, 1, hidden)
+        x = self.rms_norm(x, self.norm)
+        logits = (x @ self.output.T).float()  # (B, T', vocab)
+        return logits if all_logits else logits[:, 0]
+
+    def attention(self, i: int, q, k, v, cache: KVCache, batch: Batch, use_context_fmha: int) -> torch.Tensor:
+        """q (B, H, T, D), k/v (B, H_kv, T, D) of this step (already written to the cache) -> (B, T, H D)."""
+        B, H, T, D = q.shape
+        scale = 1.0 / math.sqrt(D)
+        if T == 1:  # decode: the new token is in the cache already
+            ks, kz = cache.quantizer.affine(i, "k")
+            vs, vz = cache.quantizer.affine(i, "v")
+            o = decode_attention(
+                q[:, :, 0], cache.k[i], cache.v[i], batch.slots, batch.starts + 1, ks, kz, vs, vz, scale
+            )  # (B, H, D)
+            return o.reshape(B, 1, H * D)
+        no_history = bool((batch.starts == 0).all())
+        if use_context_fmha and no_history:  # causal over the chunk's own unquantized K/V
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            return o.transpose(1, 2).reshape(B, T, H * D)
+        ends = batch.starts + torch.tensor(batch.counts)  # (B,) tokens in cache after this write
+        P = int(batch.starts.max())
+        total = P + T if use_context_fmha else int(ends.max())
+        kf, vf = cache.read(i, batch.slots, min(total, cache.max_len), q.dtype)  # (B, H_kv, total, D)
+        if kf.shape[2] < total:  # padding past the cache end: never attended
+            pad = total - kf.shape[2]
+            kf, vf = F.pad(kf, (0, 0, 0, pad)), F.pad(vf, (0, 0, 0, pad))
+        if use_context_fmha:  # keys = [history (padded to P) | this chunk unquantized]
+            kf = torch.cat([kf[:, :, :P], k], dim=2)
+            vf = torch.cat([vf[:, :, :P], v], dim=2)
+            j = torch.arange(P + T).view(1, 1, -1)
+            i_q = torch.arange(T).view(1, -1, 1)
+            hist = batch.starts.view(-1, 1, 1)
+            mask = torch.where(j < P, j < hist, (j - P) <= i_q)  # (B, T, P + T)
+        else:  # keys = the cache prefix, this chunk read back after quantization
+            j = torch.arange(total).view(1, 1, -1)
+            mask = j <= batch.starts.view(-1, 1, 1) + torch.arange(T).view(1, -1, 1)  # (B, T, total)
+        o = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True)
+        return o.transpose(1, 2).reshape(B, T, H * D)

@@ -1,0 +1,121 @@
+"""KV cache: quantize-on-write against hand formulas, decode attention against a naive reference, FP8
+on-the-fly scales, and the byte count. No model needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.cpu_attention import _cpp_module, decode_attention_cpp, decode_attention_torch
+from runtime.kv_cache import KVCache, StaticQuantizer
+
+KV_DTYPES = ("fp16", "int8", "fp8_e4m3", "fp8_e5m2")
+FP8 = {"fp8_e4m3": (torch.float8_e4m3fn, 448.0), "fp8_e5m2": (torch.float8_e5m2, 57344.0)}
+
+
+def ref_quantize(x: torch.Tensor, kv: str, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """Independent reference: x (B, H_kv, T, D), per-head scale/zp (H_kv,)."""
+    s, z = scale.view(-1, 1, 1), zp.view(-1, 1, 1)
+    if kv == "fp16":
+        return x.half()
+    if kv == "int8":  # round half to even, saturate to [-128, 127]
+        return torch.clamp(torch.round((x - z) / s), -128, 127).to(torch.int8)
+    dt, fmax = FP8[kv]
+    return torch.clamp(x / s, -fmax, fmax).to(dt)
+
+
+def ref_dequantize(q: torch.Tensor, kv: str, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.view(-1, 1, 1) + zp.view(-1, 1, 1) if kv != "fp16" else q.float()
+
+
+def params(kv: str, H: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if kv == "fp16":
+        return torch.ones(H), torch.zeros(H), torch.ones(H), torch.zeros(H)
+    ks, vs = torch.rand(H, generator=g) * 0.05 + 0.01, torch.rand(H, generator=g) * 0.05 + 0.01
+    kz = torch.randn(H, generator=g) * 0.2 if kv == "int8" else torch.zeros(H)
+    vz = torch.randn(H, generator=g) * 0.2 if kv == "int8" else torch.zeros(H)
+    return ks, kz, vs, vz
+
+
+@pytest.mark.parametrize("kv", KV_DTYPES)
+def test_write_quantizes_like_the_hand_formula(kv):
+    L, H, S, D = 2, 3, 16, 8
+    ks, kz, vs, vz = params(kv, H)
+    quantizer = StaticQuantizer(
+        kv, torch.stack([ks, ks * 2]), torch.stack([kz, kz]), torch.stack([vs, vs]), torch.stack([vz, vz])
+    )
+    cache = KVCache(L, 4, H, S, D, quantizer)
+    torch.manual_seed(1)
+    k, v = torch.randn(2, H, 5, D) * 2, torch.randn(2, H, 5, D) * 3  # two sequences, padded to 5 tokens
+    if kv != "fp16":
+        k[0, 0, 0, 0] = 1e6  # saturates, never overflows
+    cache.write(1, torch.tensor([3, 1]), torch.tensor([4, 0]), [5, 2], k, v)
+    assert cache.k[1].dtype == quantizer.storage_dtype and cache.k[1].shape == (4, H, S, D)
+    want_k = ref_quantize(k, kv, ks * 2 if kv != "fp16" else ks, kz)
+    want_v = ref_quantize(v, kv, vs, vz)
+    assert torch.equal(cache.k[1][3, :, 4:9].float(), want_k[0].float())
+    assert torch.equal(cache.v[1][1, :, 0:2].float(), want_v[1, :, :2].float())
+    assert torch.isfinite(cache.k[1].float()).all()
+    assert (cache.k[1][1, :, 2:] == 0).all() and (cache.k[0] == 0).all()  # padding and other layers untouched
+    # decode write: one token per sequence at its own position
+    k1 = torch.randn(2, H, 1, D)
+    cache.write(0, torch.tensor([0, 2]), torch.tensor([7, 3]), [1, 1], k1, k1)
+    assert torch.equal(cache.k[0][2, :, 3].float(), ref_quantize(k1, kv, ks, kz)[1, :, 0].float())
+
+
+def test_int8_and_fp8_store_half_the_bytes_of_fp16():
+    sizes = {kv: KVCache(2, 3, 2, 10, 8, StaticQuantizer.identity(kv, 2, 2)).nbytes() for kv in KV_DTYPES}
+    data16 = 2 * 2 * 3 * 2 * 10 * 8 * 2
+    side = 4 * 2 * 2 * 4  # four (layers, H_kv) fp32 parameter tensors
+    assert sizes["fp16"] == data16 + side
+    for kv in ("int8", "fp8_e4m3", "fp8_e5m2"):
+        assert sizes[kv] == data16 // 2 + side
+
+
+def test_calculate_kv_scales_sets_vllm_scales_once_then_saturates():
+    q = StaticQuantizer.identity("fp8_e4m3", 2, 3, dynamic=True)
+    k, v = torch.randn(1, 3, 4, 8) * 5, torch.randn(1, 3, 4, 8)
+    q.observe(0, k, v)
+    ks, _ = q.affine(0, "k")
+    vs, _ = q.affine(0, "v")
+    assert torch.allclose(ks, torch.full((3,), float(k.abs().max()) / 200))  # vLLM: amax/200 for K, amax/100 for V
+    assert torch.allclose(vs, torch.full((3,), float(v.abs().max()) / 100))
+    q.observe(0, k * 100, v * 100)  # later prompts keep the first scales
+    assert torch.allclose(q.affine(0, "k")[0], ks)
+    big = q.quantize(k * 1000, 0, "k")
+    assert torch.isfinite(big.float()).all() and big.float().abs().max() == 448.0
+    assert torch.equal(q.affine(1, "k")[0], torch.ones(3))  # layer 1 not seen yet
+
+
+def naive_attention(q, kc, vc, slots, lengths, kv, ks, kz, vs, vz, scale):
+    out = []
+    H, D = q.shape[1:]
+    Hkv = kc.shape[1]
+    for b in range(q.shape[0]):
+        n = int(lengths[b])
+        kd = ref_dequantize(kc[slots[b]], kv, ks, kz)[:, :n]  # (H_kv, n, D)
+        vd = ref_dequantize(vc[slots[b]], kv, vs, vz)[:, :n]
+        qq = q[b].view(Hkv, H // Hkv, D)
+        p = torch.softmax(qq @ kd.transpose(-1, -2) * scale, -1)
+        out.append((p @ vd).reshape(H, D))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kv", KV_DTYPES)
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_decode_attention_matches_naive_dequantized_attention(kv, impl):
+    if impl == "cpp" and _cpp_module() is None:
+        pytest.skip("no C++ compiler: the kernel is not built")
+    fn = decode_attention_torch if impl == "torch" else decode_attention_cpp
+    torch.manual_seed(0)
+    B, H, Hkv, S, D = 3, 6, 2, 1100, 16  # 1100 > one torch chunk
+    ks, kz, vs, vz = params(kv, Hkv)
+    x, y = torch.randn(4, Hkv, S, D) * 0.5, torch.randn(4, Hkv, S, D) * 0.5
+    kc, vc = ref_quantize(x, kv, ks, kz), ref_quantize(y, kv, vs, vz)
+    q = torch.randn(B, H, D) * 4
+    slots, lengths = torch.tensor([2, 0, 3]), torch.tensor([1, 1100, 557])
+    got = fn(q, kc, vc, slots, lengths, ks, kz, vs, vz, 0.25)
+    want = naive_attention(q, kc, vc, slots, lengths, kv, ks, kz, vs, vz, 0.25)
+    assert got.shape == (B, H, D)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
