@@ -44,6 +44,7 @@ class EvalError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Metrics
 
+
 @dataclass
 class Metrics:
     """Running sums over predicted positions of one mode against the fp16 reference."""
@@ -57,7 +58,7 @@ class Metrics:
     def update(self, logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor) -> None:
         """logits, ref_logits (N, V) fp32 at positions whose next tokens are targets (N,)."""
         for lo in range(0, targets.numel(), ROWS_PER_CHUNK):
-            z, zr, t = (x[lo:lo + ROWS_PER_CHUNK] for x in (logits, ref_logits, targets))
+            z, zr, t = (x[lo : lo + ROWS_PER_CHUNK] for x in (logits, ref_logits, targets))
             logp, ref_logp = torch.log_softmax(z.double(), -1), torch.log_softmax(zr.double(), -1)  # (n, V)
             self.nll_sum += float(nll(logp, t).sum())
             self.kl_sum += float(kl_divergence(ref_logp, logp).sum())
@@ -94,6 +95,7 @@ def perplexity(logits: torch.Tensor, tokens: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------
 # Modes
 
+
 @dataclass
 class ModeSpec:
     name: str  # exactly as given on the command line
@@ -102,8 +104,13 @@ class ModeSpec:
 
     @property
     def scales(self) -> str:
-        return {"": "-", "tensor": "calibrated (tensor)", "head": "calibrated (head)",
-                "dynamic": "calculated on the fly", "unit": "unit (1.0)"}[self.variant]
+        return {
+            "": "-",
+            "tensor": "calibrated (tensor)",
+            "head": "calibrated (head)",
+            "dynamic": "calculated on the fly",
+            "unit": "unit (1.0)",
+        }[self.variant]
 
 
 def parse_modes(text: str, granularity: str, calculate_kv_scales: bool = False) -> list[ModeSpec]:
@@ -114,8 +121,10 @@ def parse_modes(text: str, granularity: str, calculate_kv_scales: bool = False) 
             continue
         dtype, _, variant = name.partition(":")
         if dtype not in DTYPE_ALIASES:
-            raise EvalError(f"--modes: unknown mode {name!r}; a mode is DTYPE[:VARIANT] with DTYPE in "
-                            f"{', '.join(DTYPE_ALIASES)} and VARIANT in {', '.join(VARIANTS)}")
+            raise EvalError(
+                f"--modes: unknown mode {name!r}; a mode is DTYPE[:VARIANT] with DTYPE in "
+                f"{', '.join(DTYPE_ALIASES)} and VARIANT in {', '.join(VARIANTS)}"
+            )
         kv = DTYPE_ALIASES[dtype]
         if kv == "fp16":
             if variant:
@@ -123,7 +132,9 @@ def parse_modes(text: str, granularity: str, calculate_kv_scales: bool = False) 
         else:
             variant = variant or ("dynamic" if calculate_kv_scales and kv.startswith("fp8") else granularity)
             if variant not in VARIANTS:
-                raise EvalError(f"--modes: {name!r}: unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+                raise EvalError(
+                    f"--modes: {name!r}: unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}"
+                )
             if variant in ("dynamic", "unit") and kv == "int8":
                 raise EvalError(f"--modes: {name!r}: {variant} scales exist for FP8 only; use int8:tensor or int8:head")
         if any(s.name == name for s in specs):
@@ -149,27 +160,18 @@ def mode_params(spec: ModeSpec, wdir: Path, cfg):
 
 def build_engine(workspace, spec: ModeSpec, params, *, dtype: str, batch_size: int, seqlen: int, use_context_fmha: int):
     """One runtime Engine in this mode, its cache sized for one batch of windows."""
-    import inspect
-
     from runtime.engine import Engine
 
-    kw = dict(calculate_kv_scales=spec.variant == "dynamic", dtype=dtype, max_batch_size=batch_size,
-              session_len=seqlen, use_context_fmha=use_context_fmha)
-    if params is None or "kv_params" in inspect.signature(Engine).parameters:
-        if params is not None:
-            kw.update(kv_params=params, kv_granularity=params.granularity)
-        return Engine(workspace, kv_cache_dtype=spec.kv_dtype, **kw)
-    # TEMPORARY: the Engine has no kv_params= argument yet: build it in fp16 (reads no scale files) and
-    # give it a cache of the requested mode with these parameters.
-    from runtime.kv_cache import KVCache, StaticQuantizer
-
-    engine = Engine(workspace, kv_cache_dtype="fp16", **kw)
-    cfg = engine.config
-    engine.quantizer = StaticQuantizer(spec.kv_dtype, params.k_scale, params.k_zp, params.v_scale, params.v_zp)
-    engine.cache = KVCache(cfg.num_layer, engine.max_batch_size, cfg.kv_head_num, engine.session_len,
-                           cfg.size_per_head, engine.quantizer, engine.device)
-    engine.kv_dtype, engine.scale_source = spec.kv_dtype, spec.scales
-    return engine
+    kw = dict(
+        calculate_kv_scales=spec.variant == "dynamic",
+        dtype=dtype,
+        max_batch_size=batch_size,
+        session_len=seqlen,
+        use_context_fmha=use_context_fmha,
+    )
+    if params is not None:
+        kw.update(kv_params=params, kv_granularity=params.granularity)
+    return Engine(workspace, kv_cache_dtype=spec.kv_dtype, **kw)
 
 
 def check_cache_bytes(engine, kv_dtype: str) -> dict:
@@ -181,10 +183,17 @@ def check_cache_bytes(engine, kv_dtype: str) -> dict:
     per_token = bytes_per_token(cfg, kv_dtype)
     expected = engine.max_batch_size * engine.session_len * per_token + 16 * cfg.num_layer * cfg.kv_head_num
     if engine.cache_bytes() != expected:
-        warnings.warn(f"{kv_dtype}: engine.cache_bytes() = {engine.cache_bytes()}, formula {expected} ({engine.max_batch_size}"
-                      f" slots x {engine.session_len} tokens x {per_token} B + parameters)", stacklevel=2)
-    return {"bytes_per_token": per_token, "engine_cache_bytes": engine.cache_bytes(), "formula_cache_bytes": expected,
-            "scale_bytes": 0 if kv_dtype == "fp16" else 16 * cfg.num_layer * cfg.kv_head_num}
+        warnings.warn(
+            f"{kv_dtype}: engine.cache_bytes() = {engine.cache_bytes()}, formula {expected} ({engine.max_batch_size}"
+            f" slots x {engine.session_len} tokens x {per_token} B + parameters)",
+            stacklevel=2,
+        )
+    return {
+        "bytes_per_token": per_token,
+        "engine_cache_bytes": engine.cache_bytes(),
+        "formula_cache_bytes": expected,
+        "scale_bytes": 0 if kv_dtype == "fp16" else 16 * cfg.num_layer * cfg.kv_head_num,
+    }
 
 
 def _text_files(spec: str) -> set[Path]:
@@ -212,10 +221,23 @@ def same_text(dataset: str, calib: str | None) -> bool:
 # ----------------------------------------------------------------------------------------------
 # The run
 
-def evaluate(workspace, dataset: str, *, modes: str = "fp16,int8,fp8_e4m3", samples: int = 8, seqlen: int = 512,
-             granularity: str = "tensor", use_context_fmha: int = 0, calculate_kv_scales: bool = False,
-             dtype: str = "float32", batch_size: int = 2, seed: int = 0, calib_dataset: str | None = None,
-             progress: bool = True) -> dict:
+
+def evaluate(
+    workspace,
+    dataset: str,
+    *,
+    modes: str = "fp16,int8,fp8_e4m3",
+    samples: int = 8,
+    seqlen: int = 512,
+    granularity: str = "tensor",
+    use_context_fmha: int = 0,
+    calculate_kv_scales: bool = False,
+    dtype: str = "float32",
+    batch_size: int = 2,
+    seed: int = 0,
+    calib_dataset: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Score the seeded windows with one runtime Engine per mode; the eval.json document."""
     from tqdm import tqdm
 
@@ -225,16 +247,20 @@ def evaluate(workspace, dataset: str, *, modes: str = "fp16,int8,fp8_e4m3", samp
     if granularity not in ("tensor", "head"):
         raise EvalError(f"--granularity {granularity!r}: expected tensor or head")
     if min(samples, seqlen, batch_size) <= 0 or seqlen < 2:
-        raise EvalError(f"--samples ({samples}), --batch-size ({batch_size}) must be positive and --seqlen ({seqlen}) >= 2")
+        raise EvalError(
+            f"--samples ({samples}), --batch-size ({batch_size}) must be positive and --seqlen ({seqlen}) >= 2"
+        )
     specs = parse_modes(modes, granularity, calculate_kv_scales)
     wdir = weights_dir(workspace)
     cfg = load_config(wdir)
     params = {s.name: mode_params(s, wdir, cfg) for s in specs}  # fails early, naming the missing file and fix
     notes = []
     if use_context_fmha:
-        notes.append("--use-context-fmha 1: prefill attention uses unquantized K/V, so the KV cache dtype never "
-                     "reaches the scored logits; every mode then reflects only rounding noise and matches fp16. "
-                     "Use 0 to measure what decode steps see.")
+        notes.append(
+            "--use-context-fmha 1: prefill attention uses unquantized K/V, so the KV cache dtype never "
+            "reaches the scored logits; every mode then reflects only rounding noise and matches fp16. "
+            "Use 0 to measure what decode steps see."
+        )
     if same_text(dataset, calib_dataset):
         notes.append(f"the eval dataset {dataset!r} is the calibration text ({calib_dataset}): numbers are optimistic")
     for note in notes:
@@ -242,15 +268,22 @@ def evaluate(workspace, dataset: str, *, modes: str = "fp16,int8,fp8_e4m3", samp
 
     engines = {}
     for s in specs:
-        engines[s.name] = build_engine(workspace, s, params[s.name], dtype=dtype, batch_size=batch_size,
-                                       seqlen=seqlen, use_context_fmha=use_context_fmha)
+        engines[s.name] = build_engine(
+            workspace,
+            s,
+            params[s.name],
+            dtype=dtype,
+            batch_size=batch_size,
+            seqlen=seqlen,
+            use_context_fmha=use_context_fmha,
+        )
     cache = {s.name: {"kv_dtype": s.kv_dtype, **check_cache_bytes(engines[s.name], s.kv_dtype)} for s in specs}
     ref = engines[specs[0].name]
     windows = get_calib_windows(dataset, ref.tokenizer, samples, seqlen, seed)  # (n, seqlen)
     metrics = {s.name: Metrics() for s in specs}
     bar = tqdm(total=len(windows) * len(specs), unit="window", desc="eval", disable=not progress)
     for lo in range(0, len(windows), batch_size):
-        tokens = windows[lo:lo + batch_size]  # (B, T)
+        tokens = windows[lo : lo + batch_size]  # (B, T)
         targets = tokens[:, 1:].flatten()  # (B (T-1),)
         ref_logits = None
         for s in specs:  # fp16 first: its logits are the reference for this batch
@@ -265,33 +298,57 @@ def evaluate(workspace, dataset: str, *, modes: str = "fp16,int8,fp8_e4m3", samp
     rows = {}
     for s in specs:
         m = metrics[s.name]
-        rows[s.name] = {"ppl": m.ppl, "ppl_change_pct": 100.0 * (m.ppl / base - 1.0),
-                        "top1_agreement": m.agree / m.count, "kl": m.kl_sum / m.count,
-                        "max_abs_logit_diff": m.max_abs_logit_diff, "bytes_per_token": cache[s.name]["bytes_per_token"]}
-    return {"modes": rows, "dataset": dataset, "samples": len(windows), "seqlen": seqlen,
-            "scales": {s.name: s.scales for s in specs}, "positions": metrics[specs[0].name].count,
-            "workspace": str(workspace), "model_name": cfg.model_name, "seed": seed, "granularity": granularity,
-            "use_context_fmha": use_context_fmha, "dtype": dtype, "batch_size": batch_size,
-            "calib_dataset": calib_dataset, "cache": cache, "warnings": notes,
-            "specs": {s.name: asdict(s) for s in specs}}
+        rows[s.name] = {
+            "ppl": m.ppl,
+            "ppl_change_pct": 100.0 * (m.ppl / base - 1.0),
+            "top1_agreement": m.agree / m.count,
+            "kl": m.kl_sum / m.count,
+            "max_abs_logit_diff": m.max_abs_logit_diff,
+            "bytes_per_token": cache[s.name]["bytes_per_token"],
+        }
+    return {
+        "modes": rows,
+        "dataset": dataset,
+        "samples": len(windows),
+        "seqlen": seqlen,
+        "scales": {s.name: s.scales for s in specs},
+        "positions": metrics[specs[0].name].count,
+        "workspace": str(workspace),
+        "model_name": cfg.model_name,
+        "seed": seed,
+        "granularity": granularity,
+        "use_context_fmha": use_context_fmha,
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "calib_dataset": calib_dataset,
+        "cache": cache,
+        "warnings": notes,
+        "specs": {s.name: asdict(s) for s in specs},
+    }
 
 
 def format_table(doc: dict) -> str:
-    lines = [f"{doc['model_name']}: {doc['samples']} windows x {doc['seqlen']} tokens of {doc['dataset']} "
-             f"({doc['positions']} predicted positions, seed {doc['seed']}, use_context_fmha {doc['use_context_fmha']})",
-             f"{'mode':<16} {'scales':<22} {'ppl':>9} {'change %':>9} {'top-1 agr':>9} {'KL':>10} "
-             f"{'max |dz|':>9} {'B/token':>8}"]
+    lines = [
+        f"{doc['model_name']}: {doc['samples']} windows x {doc['seqlen']} tokens of {doc['dataset']} "
+        f"({doc['positions']} predicted positions, seed {doc['seed']}, use_context_fmha {doc['use_context_fmha']})",
+        f"{'mode':<16} {'scales':<22} {'ppl':>9} {'change %':>9} {'top-1 agr':>9} {'KL':>10} "
+        f"{'max |dz|':>9} {'B/token':>8}",
+    ]
     for name, r in doc["modes"].items():
-        lines.append(f"{name:<16} {doc['scales'][name]:<22} {r['ppl']:>9.4f} {r['ppl_change_pct']:>+9.3f} "
-                     f"{r['top1_agreement']:>9.4f} {r['kl']:>10.2e} {r['max_abs_logit_diff']:>9.4f} "
-                     f"{r['bytes_per_token']:>8}")
+        lines.append(
+            f"{name:<16} {doc['scales'][name]:<22} {r['ppl']:>9.4f} {r['ppl_change_pct']:>+9.3f} "
+            f"{r['top1_agreement']:>9.4f} {r['kl']:>10.2e} {r['max_abs_logit_diff']:>9.4f} "
+            f"{r['bytes_per_token']:>8}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lite.eval", description=__doc__.split("\n")[0])
     p.add_argument("workspace", metavar="WORKSPACE")
-    p.add_argument("--dataset", required=True, help="c4 | ptb | wikitext2 | pileval | local .txt/.jsonl/.html, dir, glob")
+    p.add_argument(
+        "--dataset", required=True, help="c4 | ptb | wikitext2 | pileval | local .txt/.jsonl/.html, dir, glob"
+    )
     p.add_argument("--samples", type=int, default=8, help="windows to score (default 8)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--modes", default="fp16,int8,fp8_e4m3", help="comma-separated DTYPE[:VARIANT] (see module doc)")
@@ -302,16 +359,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=2, help="windows per forward pass (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for eval.json and eval.png")
-    p.add_argument("--calib-dataset", default=None, help="the calibration text or work dir: warns when it is the eval text")
+    p.add_argument(
+        "--calib-dataset", default=None, help="the calibration text or work dir: warns when it is the eval text"
+    )
     args = p.parse_args(argv)
     try:
         with warnings.catch_warnings():  # warnings print at once, as one line each
             warnings.simplefilter("always")
             warnings.showwarning = _print_warning
-            doc = evaluate(args.workspace, args.dataset, modes=args.modes, samples=args.samples, seqlen=args.seqlen,
-                           granularity=args.granularity, use_context_fmha=args.use_context_fmha,
-                           calculate_kv_scales=args.calculate_kv_scales, dtype=args.dtype, batch_size=args.batch_size,
-                           seed=args.seed, calib_dataset=args.calib_dataset)
+            doc = evaluate(
+                args.workspace,
+                args.dataset,
+                modes=args.modes,
+                samples=args.samples,
+                seqlen=args.seqlen,
+                granularity=args.granularity,
+                use_context_fmha=args.use_context_fmha,
+                calculate_kv_scales=args.calculate_kv_scales,
+                dtype=args.dtype,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                calib_dataset=args.calib_dataset,
+            )
     except (ValueError, OSError) as e:  # WorkspaceError, KVParamsError, DatasetError and EvalError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -322,8 +391,11 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(doc, indent=2) + "\n")
-        eval_plot(doc["modes"], out / "eval.png", f"{doc['model_name']} on {Path(doc['dataset']).name}: "
-                  f"{doc['samples']} x {doc['seqlen']} tokens")
+        eval_plot(
+            doc["modes"],
+            out / "eval.png",
+            f"{doc['model_name']} on {Path(doc['dataset']).name}: {doc['samples']} x {doc['seqlen']} tokens",
+        )
         print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
     return 0
 

@@ -42,13 +42,37 @@ PUBLISHED_INT8_DELTA_MIB = {8: -4096, 16: -8224, 32: -16448, 48: -24672}  # inte
 # Named shapes: full configs so the weight table gives the fp16 weight bytes without any weight file.
 NAMED_SHAPES = {
     "internlm-chat-7b": WorkspaceConfig(
-        model_name="internlm-chat-7b", head_num=32, kv_head_num=32, size_per_head=128, vocab_size=103168,
-        num_layer=32, rotary_embedding=128, rope_theta=10000.0, inter_size=11008, norm_eps=1e-6, attn_bias=1,
-        start_id=1, end_id=2, session_len=2056),
+        model_name="internlm-chat-7b",
+        head_num=32,
+        kv_head_num=32,
+        size_per_head=128,
+        vocab_size=103168,
+        num_layer=32,
+        rotary_embedding=128,
+        rope_theta=10000.0,
+        inter_size=11008,
+        norm_eps=1e-6,
+        attn_bias=1,
+        start_id=1,
+        end_id=2,
+        session_len=2056,
+    ),
     "llama2-7b": WorkspaceConfig(
-        model_name="llama2", head_num=32, kv_head_num=32, size_per_head=128, vocab_size=32000, num_layer=32,
-        rotary_embedding=128, rope_theta=10000.0, inter_size=11008, norm_eps=1e-5, attn_bias=0, start_id=1,
-        end_id=2, session_len=4104),
+        model_name="llama2",
+        head_num=32,
+        kv_head_num=32,
+        size_per_head=128,
+        vocab_size=32000,
+        num_layer=32,
+        rotary_embedding=128,
+        rope_theta=10000.0,
+        inter_size=11008,
+        norm_eps=1e-5,
+        attn_bias=0,
+        start_id=1,
+        end_id=2,
+        session_len=4104,
+    ),
 }
 
 
@@ -110,8 +134,15 @@ def measure_cache(cfg: WorkspaceConfig, kv_dtype: str, batch: int, session_len: 
     return data, params, device
 
 
-def report(cfg: WorkspaceConfig, modes: list[str], batches: list[int], session_len: int, weights: int,
-           budget_gib: float | None = None, measure: bool = True) -> list[ModeMemory]:
+def report(
+    cfg: WorkspaceConfig,
+    modes: list[str],
+    batches: list[int],
+    session_len: int,
+    weights: int,
+    budget_gib: float | None = None,
+    measure: bool = True,
+) -> list[ModeMemory]:
     """Computed (and measured) memory for every mode and batch size; fp16 is the delta reference."""
     fp16_totals = [weights + kv_total_bytes(cfg, "fp16", b, session_len) for b in batches]
     rows = []
@@ -126,16 +157,28 @@ def report(cfg: WorkspaceConfig, modes: list[str], batches: list[int], session_l
             if data != b * per_session:
                 raise AssertionError(f"{mode} batch {b}: KVCache holds {data} data bytes, formula {b * per_session}")
             if mode != "fp16" and params != scale_bytes(cfg, mode):
-                raise AssertionError(f"{mode}: KVCache holds {params} parameter bytes, formula {scale_bytes(cfg, mode)}")
+                raise AssertionError(
+                    f"{mode}: KVCache holds {params} parameter bytes, formula {scale_bytes(cfg, mode)}"
+                )
             # The runtime keeps identity (unused) parameters for fp16 too: they count as measured.
             measured.append(weights + data + params)
             devices.append(device)
         budget = None
         if budget_gib is not None:
             budget = max(0, int((budget_gib * GiB - weights - scale_bytes(cfg, mode)) // per_session))
-        rows.append(ModeMemory(mode, bytes_per_token(cfg, mode), per_session, scale_bytes(cfg, mode), totals,
-                               [(t - f) / MiB for t, f in zip(totals, fp16_totals, strict=True)],
-                               measured, devices, budget))
+        rows.append(
+            ModeMemory(
+                mode,
+                bytes_per_token(cfg, mode),
+                per_session,
+                scale_bytes(cfg, mode),
+                totals,
+                [(t - f) / MiB for t, f in zip(totals, fp16_totals, strict=True)],
+                measured,
+                devices,
+                budget,
+            )
+        )
     return rows
 
 
@@ -151,8 +194,10 @@ def published_check(batches: list[int] = (8, 16, 32, 48)) -> list[str]:
             lines.append(f"batch {b:>3}: ours {ours:.0f} MiB (no published figure)")
             continue
         implied = -published * MiB / (b * saving_per_token)
-        lines.append(f"batch {b:>3}: ours {ours:.0f} MiB at session {cfg.session_len}; published {published} MiB "
-                     f"implies session_len {implied:g}")
+        lines.append(
+            f"batch {b:>3}: ours {ours:.0f} MiB at session {cfg.session_len}; published {published} MiB "
+            f"implies session_len {implied:g}"
+        )
     return lines
 
 
@@ -163,11 +208,24 @@ def parse_shape(spec: str) -> WorkspaceConfig:
     try:
         layers, kv_heads, head_dim = (int(x) for x in spec.split(","))
     except ValueError:
-        raise ValueError(f"--shape {spec!r}: expected one of {', '.join(NAMED_SHAPES)} or LAYERS,KV_HEADS,HEAD_DIM "
-                         "(e.g. 32,32,128)") from None
-    return WorkspaceConfig(model_name="base", head_num=kv_heads, kv_head_num=kv_heads, size_per_head=head_dim,
-                           vocab_size=1, num_layer=layers, rotary_embedding=head_dim, rope_theta=10000.0,
-                           inter_size=1, norm_eps=1e-6, attn_bias=0, start_id=1, end_id=2)
+        raise ValueError(
+            f"--shape {spec!r}: expected one of {', '.join(NAMED_SHAPES)} or LAYERS,KV_HEADS,HEAD_DIM (e.g. 32,32,128)"
+        ) from None
+    return WorkspaceConfig(
+        model_name="base",
+        head_num=kv_heads,
+        kv_head_num=kv_heads,
+        size_per_head=head_dim,
+        vocab_size=1,
+        num_layer=layers,
+        rotary_embedding=head_dim,
+        rope_theta=10000.0,
+        inter_size=1,
+        norm_eps=1e-6,
+        attn_bias=0,
+        start_id=1,
+        end_id=2,
+    )
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -182,17 +240,26 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 def format_table(rows: list[ModeMemory], batches: list[int], weights: int, session_len: int) -> str:
     head = f"weights {weights / GiB:.2f} GiB, session_len {session_len}"
-    lines = [head, f"{'mode':<10} {'B/token':>9} {'MiB/session':>12} {'batch':>6} {'total GiB':>10} "
-             f"{'measured GiB':>13} {'vs fp16 MiB':>12} {'fit budget':>10}"]
+    lines = [
+        head,
+        f"{'mode':<10} {'B/token':>9} {'MiB/session':>12} {'batch':>6} {'total GiB':>10} "
+        f"{'measured GiB':>13} {'vs fp16 MiB':>12} {'fit budget':>10}",
+    ]
     for r in rows:
         for j, b in enumerate(batches):
-            measured = f"{r.measured[j] / GiB:.3f}" + ("*" if r.measured_device[j] == "meta" else "") if r.measured else "-"
+            measured = (
+                f"{r.measured[j] / GiB:.3f}" + ("*" if r.measured_device[j] == "meta" else "") if r.measured else "-"
+            )
             fit = "" if r.sessions_in_budget is None or j else str(r.sessions_in_budget)
-            lines.append(f"{r.mode:<10} {r.bytes_per_token:>9} {r.bytes_per_session / MiB:>12.2f} {b:>6} "
-                         f"{r.totals[j] / GiB:>10.3f} {measured:>13} {r.delta_vs_fp16_mib[j]:>12.1f} {fit:>10}")
+            lines.append(
+                f"{r.mode:<10} {r.bytes_per_token:>9} {r.bytes_per_session / MiB:>12.2f} {b:>6} "
+                f"{r.totals[j] / GiB:>10.3f} {measured:>13} {r.delta_vs_fp16_mib[j]:>12.1f} {fit:>10}"
+            )
     if any("meta" in r.measured_device for r in rows):
-        lines.append(f"* allocated on torch's meta device (over {MEASURE_ON_CPU_LIMIT // MiB} MiB: shapes and storage "
-                     "sizes only, no memory committed)")
+        lines.append(
+            f"* allocated on torch's meta device (over {MEASURE_ON_CPU_LIMIT // MiB} MiB: shapes and storage "
+            "sizes only, no memory committed)"
+        )
     return "\n".join(lines)
 
 
@@ -242,12 +309,26 @@ def main(argv: list[str] | None = None) -> int:
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        doc = {"shape": args.shape or str(args.workspace), "num_layer": cfg.num_layer, "kv_head_num": cfg.kv_head_num,
-               "size_per_head": cfg.size_per_head, "session_len": session_len, "weight_bytes": weights,
-               "batches": batches, "budget_gib": args.budget_gib, "modes": {r.mode: asdict(r) for r in rows}}
+        doc = {
+            "shape": args.shape or str(args.workspace),
+            "num_layer": cfg.num_layer,
+            "kv_head_num": cfg.kv_head_num,
+            "size_per_head": cfg.size_per_head,
+            "session_len": session_len,
+            "weight_bytes": weights,
+            "batches": batches,
+            "budget_gib": args.budget_gib,
+            "modes": {r.mode: asdict(r) for r in rows},
+        }
         (out / "memory.json").write_text(json.dumps(doc, indent=2) + "\n")
-        memory_plot(rows, batches, weights, out / "memory.png", budget_gib=args.budget_gib,
-                    title=f"{args.shape or cfg.model_name}: weights + KV cache, session_len {session_len}")
+        memory_plot(
+            rows,
+            batches,
+            weights,
+            out / "memory.png",
+            budget_gib=args.budget_gib,
+            title=f"{args.shape or cfg.model_name}: weights + KV cache, session_len {session_len}",
+        )
         print(f"wrote {out / 'memory.json'} and {out / 'memory.png'}")
     return 0
 

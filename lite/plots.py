@@ -27,8 +27,10 @@ def eval_plot(modes: dict[str, dict], path: Path, title: str) -> Path:
     ppl_change = [modes[m]["ppl_change_pct"] for m in names]
     disagree = [100.0 * (1.0 - modes[m]["top1_agreement"]) for m in names]
     fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.4 * len(names) + 3), 4))
-    for ax, values, label in ((axes[0], ppl_change, "perplexity change vs fp16 (%)"),
-                              (axes[1], disagree, "top-1 disagreement with fp16 (%)")):
+    for ax, values, label in (
+        (axes[0], ppl_change, "perplexity change vs fp16 (%)"),
+        (axes[1], disagree, "top-1 disagreement with fp16 (%)"),
+    ):
         bars = ax.bar(names, values, color="tab:blue")
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_ylabel(label)
@@ -41,8 +43,9 @@ def eval_plot(modes: dict[str, dict], path: Path, title: str) -> Path:
     return path
 
 
-def memory_plot(rows, batches: list[int], weights: int, path: Path, *, budget_gib: float | None = None,
-                title: str = "") -> Path:
+def memory_plot(
+    rows, batches: list[int], weights: int, path: Path, *, budget_gib: float | None = None, title: str = ""
+) -> Path:
     """Total memory (weights + KV, GiB) against batch size, one line per KV mode (rows: lite.memory.ModeMemory)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))

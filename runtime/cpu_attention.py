@@ -165,6 +165,8 @@ def _cpp_module():
     _lib.append(None)
     if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("KVQ_NO_CPP_KERNEL"):
         return None
+    if not _cpu_has("avx2", "fma", "f16c"):  # the kernel is built with -mavx2 -mfma -mf16c
+        return None
     if shutil.which("g++") is None:
         warnings.warn("g++ not found: decode attention uses the slower torch path", stacklevel=2)
         return None
@@ -190,6 +192,16 @@ def _cpp_module():
     lib.decode_attn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_float] + [ctypes.c_int] * 7 + [ctypes.c_void_p]
     _lib[0] = lib
     return lib
+
+
+def _cpu_has(*flags: str) -> bool:
+    """Does this CPU advertise all `flags` in /proc/cpuinfo (Linux)? False when it cannot tell."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            line = next((ln for ln in fh if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return set(flags) <= set(line.split())
 
 
 def decode_attention_cpp(q, k_cache, v_cache, slots, lengths, k_scale, k_zp, v_scale, v_zp, softmax_scale):

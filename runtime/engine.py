@@ -18,7 +18,14 @@ import torch
 from runtime import kv_params, quant
 from runtime.kv_cache import KVCache, StaticQuantizer
 from runtime.model import Batch, Transformer
-from runtime.workspace import kv_bytes_per_token, load_config, read_joined, weights_dir
+from runtime.workspace import (
+    KV_GRANULARITIES,
+    WorkspaceError,
+    kv_bytes_per_token,
+    load_config,
+    read_joined,
+    weights_dir,
+)
 
 KV_ALIASES = {"fp8": "fp8_e4m3", "fp16": "fp16", "int8": "int8", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -39,6 +46,7 @@ class EngineSettings:
     max_batch_size: int | None = None  # cache slots
     session_len: int | None = None
     use_context_fmha: int | None = None
+    kv_granularity: str | None = None  # tensor | head: which scale files to load (default: config.ini)
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_ALIASES:
@@ -54,6 +62,8 @@ class EngineSettings:
                 raise ValueError(f"{key} = {getattr(self, key)!r}: must be positive")
         if self.use_context_fmha not in (None, 0, 1):
             raise ValueError(f"use_context_fmha = {self.use_context_fmha!r}: must be 0 or 1")
+        if self.kv_granularity not in (None, *KV_GRANULARITIES):
+            raise ValueError(f"kv_granularity = {self.kv_granularity!r}: expected one of {', '.join(KV_GRANULARITIES)}")
 
     def resolve_kv_dtype(self, config_value: str) -> str:
         kv = config_value if self.kv_cache_dtype == "auto" else KV_ALIASES[self.kv_cache_dtype]
@@ -90,11 +100,21 @@ class Engine:
         max_batch_size: int | None = None,
         session_len: int | None = None,
         use_context_fmha: int | None = None,
+        kv_granularity: str | None = None,
+        kv_params: kv_params.KVParams | None = None,
     ) -> None:
+        """kv_params: explicit parameters (e.g. lite.eval's scale-1.0 baseline) instead of the workspace files."""
         from runtime.templates import get_template
 
         self.settings = s = EngineSettings(
-            kv_cache_dtype, calculate_kv_scales, dtype, device, max_batch_size, session_len, use_context_fmha
+            kv_cache_dtype,
+            calculate_kv_scales,
+            dtype,
+            device,
+            max_batch_size,
+            session_len,
+            use_context_fmha,
+            kv_granularity,
         )
         self.wdir = weights_dir(workspace_path)
         self.config = cfg = load_config(self.wdir)
@@ -103,12 +123,15 @@ class Engine:
         self.max_batch_size = s.max_batch_size or cfg.max_batch_size
         self.use_context_fmha = cfg.use_context_fmha if s.use_context_fmha is None else s.use_context_fmha
         self.device = torch.device(s.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device = {s.device!r} but this torch build sees no CUDA device; use device='cpu'")
         self.template = get_template(cfg.model_name)
         self.tokenizer = _load_tokenizer(self.wdir)
         self.model = Transformer(
             cfg, read_joined(self.wdir, cfg), dtype=DTYPES[s.dtype], device=self.device, max_len=self.session_len
         )
-        self.quantizer, self.scale_source = self._make_quantizer()
+        self.kv_granularity = s.kv_granularity or cfg.kv_granularity
+        self.quantizer, self.scale_source = self._make_quantizer(kv_params)
         self.cache = KVCache(
             cfg.num_layer,
             self.max_batch_size,
@@ -117,6 +140,7 @@ class Engine:
             cfg.size_per_head,
             self.quantizer,
             self.device,
+            kernels=_kernels(self.device),
         )
         self.free_slots = list(range(self.max_batch_size))
         self.eos_ids = {cfg.end_id} | {
@@ -125,16 +149,25 @@ class Engine:
             if len(ids := self.tokenizer.encode(w, add_special_tokens=False)) == 1
         }
 
-    def _make_quantizer(self) -> tuple[StaticQuantizer, str]:
+    def _make_quantizer(self, explicit: kv_params.KVParams | None) -> tuple[StaticQuantizer, str]:
         cfg, kv = self.config, self.kv_dtype
         if kv == "fp16":
-            return StaticQuantizer.identity(kv, cfg.num_layer, cfg.kv_head_num), "none needed"
+            return StaticQuantizer.identity(kv, cfg.num_layer, cfg.kv_head_num, device=self.device), "none needed"
         if self.settings.calculate_kv_scales:
-            q = StaticQuantizer.identity(kv, cfg.num_layer, cfg.kv_head_num, dynamic=True)
+            q = StaticQuantizer.identity(kv, cfg.num_layer, cfg.kv_head_num, dynamic=True, device=self.device)
             return q, "calculated on the fly from the first prompt (per layer, with headroom)"
-        p = kv_params.read(self.wdir, cfg, kv, cfg.kv_granularity)  # raises with the fix when missing/malformed
-        name = kv_params.file_name(0, 0, kv, cfg.kv_granularity).replace("layers.0.", "layers.*.").replace(".0.", ".*.")
-        return StaticQuantizer(kv, p.k_scale, p.k_zp, p.v_scale, p.v_zp), f"loaded from {self.wdir}/{name}"
+        if explicit is not None:
+            if explicit.kv_dtype != kv or explicit.k_scale.shape != (cfg.num_layer, cfg.kv_head_num):
+                raise ValueError(
+                    f"kv_params are {explicit.kv_dtype} {tuple(explicit.k_scale.shape)}, the engine needs {kv} "
+                    f"({cfg.num_layer}, {cfg.kv_head_num})"
+                )
+            p, source = explicit, "given by the caller"
+        else:
+            p = kv_params.read(self.wdir, cfg, kv, self.kv_granularity)  # raises with the fix when missing/malformed
+            name = kv_params.file_name(0, 0, kv, self.kv_granularity).replace("layers.0.", "layers.*.")
+            source = f"loaded from {self.wdir}/{name.replace('.0.weight', '.*.weight')}"
+        return StaticQuantizer(kv, p.k_scale, p.k_zp, p.v_scale, p.v_zp, device=self.device), source
 
     # ------------------------------------------------------------------------------------------
     def banner(self) -> str:
@@ -143,7 +176,7 @@ class Engine:
         capacity = self.max_batch_size * self.session_len
         return (
             f"KV cache {self.kv_dtype} ({'int8 quant_policy 4' if self.kv_dtype == 'int8' else 'no quant_policy bit'}), "
-            f"granularity {cfg.kv_granularity if self.kv_dtype != 'fp16' else '-'}, scales {self.scale_source}; "
+            f"granularity {self.kv_granularity if self.kv_dtype != 'fp16' else '-'}, scales {self.scale_source}; "
             f"{per_token:.0f} bytes/token, capacity {self.max_batch_size} slots x {self.session_len} = "
             f"{capacity} tokens ({self.cache_bytes() / 2**20:.1f} MiB); use_context_fmha={self.use_context_fmha}, "
             f"compute {self.settings.dtype} on {self.device}"
@@ -214,9 +247,9 @@ class Engine:
         from runtime.sampling import make_generator
 
         generator = make_generator(params.seed)
-        tokens, session.pending = session.pending + new, []
+        session.pending = session.pending + new
         session.history.extend(new)
-        logits = self._step([session], [tokens])[0]
+        logits = self._feed_pending(session)
         for n in range(params.max_tokens):
             token = self._sample(logits, session.history, params, generator)
             session.pending = [token]
@@ -224,8 +257,13 @@ class Engine:
             yield token
             if self.stops(token, params) or n + 1 == params.max_tokens:
                 return
-            session.pending = []
-            logits = self._step([session], [[token]])[0]
+            logits = self._feed_pending(session)
+
+    def _feed_pending(self, session: Session) -> torch.Tensor:
+        """Cache the session's pending tokens; they stay pending if the forward pass is interrupted (Ctrl-C)."""
+        logits = self._step([session], [session.pending])[0]
+        session.pending = []
+        return logits
 
     def generate(self, prompts: list[list[int]], params: list, stop_check=None) -> list[list[int]]:
         """Generated token ids per prompt; prompts of different lengths share each forward pass.
@@ -287,12 +325,21 @@ class Engine:
                 self.end_session(s)
 
 
+def _kernels(device: torch.device):
+    """The CUDA kernels (CuPy, imported only here) on a GPU; None = the PyTorch/C++ CPU path."""
+    if device.type != "cuda":
+        return None
+    import runtime.cuda
+
+    return runtime.cuda
+
+
 def _load_tokenizer(wdir):
     from transformers import AutoTokenizer
 
     tok_dir = wdir.parent / "tokenizer"
     if not tok_dir.is_dir():
-        raise FileNotFoundError(
+        raise WorkspaceError(
             f"no tokenizer directory {tok_dir}; re-run python -m deploy (it copies the HF tokenizer files there)"
         )
     return AutoTokenizer.from_pretrained(tok_dir)

@@ -45,20 +45,23 @@ class StaticQuantizer:
     amax over all heads of that prompt via `quant.dynamic_fp8_scale`.
     """
 
-    def __init__(self, kv_dtype: str, k_scale, k_zp, v_scale, v_zp, *, dynamic: bool = False) -> None:
+    def __init__(self, kv_dtype: str, k_scale, k_zp, v_scale, v_zp, *, dynamic: bool = False, device="cpu") -> None:
         self.kv_dtype = kv_dtype
         self.storage_dtype = quant.STORAGE_DTYPES[kv_dtype]
-        self.params = {
-            "k": (k_scale.float().contiguous(), k_zp.float().contiguous()),
-            "v": (v_scale.float().contiguous(), v_zp.float().contiguous()),
-        }
+
+        def own(t: torch.Tensor) -> torch.Tensor:  # a private fp32 copy on the cache's device
+            return t.to(device=device, dtype=torch.float32, copy=True).contiguous()
+
+        self.params = {"k": (own(k_scale), own(k_zp)), "v": (own(v_scale), own(v_zp))}
         self.dynamic = dynamic
         self.observed = torch.zeros(k_scale.shape[0], dtype=torch.bool) if dynamic else None
 
     @classmethod
-    def identity(cls, kv_dtype: str, num_layer: int, kv_heads: int, *, dynamic: bool = False) -> StaticQuantizer:
+    def identity(
+        cls, kv_dtype: str, num_layer: int, kv_heads: int, *, dynamic: bool = False, device="cpu"
+    ) -> StaticQuantizer:
         ones, zeros = torch.ones(num_layer, kv_heads), torch.zeros(num_layer, kv_heads)
-        return cls(kv_dtype, ones, zeros, ones.clone(), zeros.clone(), dynamic=dynamic)
+        return cls(kv_dtype, ones, zeros, ones, zeros, dynamic=dynamic, device=device)
 
     def bytes_per_elem(self) -> float:
         return float(quant.BYTES_PER_ELEM[self.kv_dtype])
@@ -101,7 +104,11 @@ class KVCache:
         head_dim: int,
         quantizer: KVQuantizer,
         device: str | torch.device = "cpu",
+        kernels=None,
     ) -> None:
+        # kernels: a module with kv_cache_write / decode_attention over this layout (runtime.cuda on a GPU;
+        # runtime.cuda.host_ops runs the same kernels on the CPU in tests); None = the PyTorch path.
+        self.kernels = kernels
         self.quantizer = quantizer
         self.shape = (num_slots, kv_heads, max_len, head_dim)
         dt = quantizer.storage_dtype
@@ -122,6 +129,9 @@ class KVCache:
     ) -> None:
         """Store k, v `(B, H_kv, T, D)`: sequence b's first counts[b] tokens at positions starts[b]... of slots[b]."""
         self.quantizer.observe(layer, k, v)
+        if self.kernels is not None:
+            self._kernel_write(layer, slots, starts, counts, k, v)
+            return
         kq = self.quantizer.quantize(k, layer, "k")  # (B, H_kv, T, D) storage dtype
         vq = self.quantizer.quantize(v, layer, "v")
         if k.shape[2] == 1:  # decode: one token per sequence, one indexed store
@@ -132,6 +142,51 @@ class KVCache:
             s, p = int(slots[b]), int(starts[b])
             self.k[layer][s, :, p : p + n] = kq[b, :, :n]
             self.v[layer][s, :, p : p + n] = vq[b, :, :n]
+
+    def _kernel_write(self, layer: int, slots, starts, counts: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Flatten the valid tokens to (N, H_kv, D) with their (slot, position) and let the kernel quantize them."""
+        B, _, T, _ = k.shape
+        dev = k.device
+        t = torch.arange(T, device=dev).view(1, T)
+        valid = t < torch.tensor(counts, device=dev).view(B, 1)  # (B, T)
+        slot_ids = slots.to(dev).view(B, 1).expand(B, T)[valid]  # (N,)
+        positions = (starts.to(dev).view(B, 1) + t)[valid]  # (N,)
+        k_new = k.transpose(1, 2)[valid].contiguous()  # (N, H_kv, D)
+        v_new = v.transpose(1, 2)[valid].contiguous()
+        ks, kz = self.quantizer.affine(layer, "k")
+        vs, vz = self.quantizer.affine(layer, "v")
+        self.kernels.kv_cache_write(
+            self.k[layer], self.v[layer], k_new, v_new, slot_ids, positions, ks, kz, vs, vz, self.quantizer.kv_dtype
+        )
+
+    def decode_attention(
+        self, layer: int, q: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, softmax_scale: float
+    ) -> torch.Tensor:
+        """q (B, H, D), one token per sequence, over the first lengths[b] cached tokens of slots[b] -> (B, H, D).
+
+        Dequantization happens inside the attention arithmetic; no full-precision copy of the cache is made.
+        """
+        ks, kz = self.quantizer.affine(layer, "k")
+        vs, vz = self.quantizer.affine(layer, "v")
+        if self.kernels is None:
+            from runtime.cpu_attention import decode_attention
+
+            return decode_attention(q, self.k[layer], self.v[layer], slots, lengths, ks, kz, vs, vz, softmax_scale)
+        dev = q.device
+        return self.kernels.decode_attention(
+            q.contiguous(),
+            self.k[layer],
+            self.v[layer],
+            slots.to(dev),
+            lengths.to(dev),
+            ks,
+            kz,
+            vs,
+            vz,
+            self.quantizer.kv_dtype,
+            softmax_scale,
+            max_length=int(lengths.max()),
+        )
 
     def read(
         self, layer: int, slots: torch.Tensor, length: int, dtype: torch.dtype

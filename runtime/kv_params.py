@@ -81,7 +81,7 @@ def write(wdir: str | os.PathLike, cfg: WorkspaceConfig, params: KVParams) -> li
         for i in range(cfg.num_layer):
             rows = torch.stack(params.layer(i)).to(torch.float32)  # (4, kv_head_num)
             for r in range(tp):
-                block = rows[:, r * heads_r:(r + 1) * heads_r]  # (4, heads_r)
+                block = rows[:, r * heads_r : (r + 1) * heads_r]  # (4, heads_r)
                 if n == 1:
                     if not torch.all(block == block[:, :1]):
                         raise ValueError(f"layer {i} rank {r}: per-tensor parameters differ across heads")
@@ -108,19 +108,27 @@ def read(wdir: str | os.PathLike, cfg: WorkspaceConfig, kv_dtype: str, granulari
         for r in range(tp):
             path = wdir / file_name(i, r, kv_dtype, granularity)
             if not path.is_file():
-                raise KVParamsError(f"{kv_dtype} KV cache ({granularity} scales) needs {path}, which is missing; "
-                                    + _fix(wdir, kv_dtype, granularity))
+                raise KVParamsError(
+                    f"{kv_dtype} KV cache ({granularity} scales) needs {path}, which is missing; "
+                    + _fix(wdir, kv_dtype, granularity)
+                )
             size = path.stat().st_size
             if size != 16 * n:
-                raise KVParamsError(f"{path} has {size} bytes, expected {16 * n} (float32 [k_scale, k_zp, v_scale, v_zp]"
-                                    f" x {n}); " + _fix(wdir, kv_dtype, granularity))
+                raise KVParamsError(
+                    f"{path} has {size} bytes, expected {16 * n} (float32 [k_scale, k_zp, v_scale, v_zp]"
+                    f" x {n}); " + _fix(wdir, kv_dtype, granularity)
+                )
             block = torch.from_numpy(np.fromfile(path, dtype="<f4").reshape(4, n).copy())
             if not torch.isfinite(block).all() or (block[[0, 2]] <= 0).any():
-                raise KVParamsError(f"{path} holds {block.flatten().tolist()}: scales must be finite and > 0, "
-                                    "zero points finite; " + _fix(wdir, kv_dtype, granularity))
+                raise KVParamsError(
+                    f"{path} holds {block.flatten().tolist()}: scales must be finite and > 0, "
+                    "zero points finite; " + _fix(wdir, kv_dtype, granularity)
+                )
             if kv_dtype != "int8" and (block[[1, 3]] != 0).any():
-                raise KVParamsError(f"{path}: fp8 parameters must have zero zero-points; " + _fix(wdir, kv_dtype, granularity))
-            out[:, i, r * heads_r:(r + 1) * heads_r] = block.expand(4, heads_r) if n == 1 else block
+                raise KVParamsError(
+                    f"{path}: fp8 parameters must have zero zero-points; " + _fix(wdir, kv_dtype, granularity)
+                )
+            out[:, i, r * heads_r : (r + 1) * heads_r] = block.expand(4, heads_r) if n == 1 else block
     return KVParams(kv_dtype, granularity, out[0].clone(), out[1].clone(), out[2].clone(), out[3].clone())
 
 

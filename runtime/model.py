@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from runtime.cpu_attention import decode_attention
 from runtime.kv_cache import KVCache
 from runtime.workspace import WorkspaceConfig, hidden_size
 
@@ -116,7 +115,7 @@ class Transformer:
         B, T = tokens.shape
         x = self.tok_embeddings[tokens].to(self.dtype)  # (B, T, hidden)
         pos = batch.starts.view(B, 1) + torch.arange(T).view(1, T)  # (B, T)
-        pos = pos.clamp_(max=self.cos.shape[0] - 1)  # padding tokens only
+        pos = pos.clamp_(max=self.cos.shape[0] - 1).to(self.cos.device)  # clamp: padding tokens only
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, T, D/2)
         H, Hkv, D = self.H, self.Hkv, self.D
         for i, L in enumerate(self.layers):
@@ -137,8 +136,8 @@ class Transformer:
             gate, up = (h @ L["w13"]).chunk(2, dim=-1)
             x = x + (F.silu(gate) * up) @ L["feed_forward.w2.weight"]
         if not all_logits:  # only each sequence's last real token
-            last = torch.tensor([c - 1 for c in batch.counts])
-            x = x[torch.arange(B), last].unsqueeze(1)  # (B, 1, hidden)
+            last = torch.tensor([c - 1 for c in batch.counts], device=x.device)
+            x = x[torch.arange(B, device=x.device), last].unsqueeze(1)  # (B, 1, hidden)
         x = self.rms_norm(x, self.norm)
         logits = (x @ self.output.T).float()  # (B, T', vocab)
         return logits if all_logits else logits[:, 0]
@@ -148,16 +147,14 @@ class Transformer:
         B, H, T, D = q.shape
         scale = 1.0 / math.sqrt(D)
         if T == 1:  # decode: the new token is in the cache already
-            ks, kz = cache.quantizer.affine(i, "k")
-            vs, vz = cache.quantizer.affine(i, "v")
-            o = decode_attention(
-                q[:, :, 0], cache.k[i], cache.v[i], batch.slots, batch.starts + 1, ks, kz, vs, vz, scale
-            )  # (B, H, D)
+            o = cache.decode_attention(i, q[:, :, 0], batch.slots, batch.starts + 1, scale)  # (B, H, D)
             return o.reshape(B, 1, H * D)
         no_history = bool((batch.starts == 0).all())
         if use_context_fmha and no_history:  # causal over the chunk's own unquantized K/V
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
             return o.transpose(1, 2).reshape(B, T, H * D)
+        dev = q.device
+        starts = batch.starts.to(dev)  # (B,) for the masks; batch tensors live on the CPU
         ends = batch.starts + torch.tensor(batch.counts)  # (B,) tokens in cache after this write
         P = int(batch.starts.max())
         total = P + T if use_context_fmha else int(ends.max())
@@ -168,12 +165,12 @@ class Transformer:
         if use_context_fmha:  # keys = [history (padded to P) | this chunk unquantized]
             kf = torch.cat([kf[:, :, :P], k], dim=2)
             vf = torch.cat([vf[:, :, :P], v], dim=2)
-            j = torch.arange(P + T).view(1, 1, -1)
-            i_q = torch.arange(T).view(1, -1, 1)
-            hist = batch.starts.view(-1, 1, 1)
+            j = torch.arange(P + T, device=dev).view(1, 1, -1)
+            i_q = torch.arange(T, device=dev).view(1, -1, 1)
+            hist = starts.view(-1, 1, 1)
             mask = torch.where(j < P, j < hist, (j - P) <= i_q)  # (B, T, P + T)
         else:  # keys = the cache prefix, this chunk read back after quantization
-            j = torch.arange(total).view(1, 1, -1)
-            mask = j <= batch.starts.view(-1, 1, 1) + torch.arange(T).view(1, -1, 1)  # (B, T, total)
+            j = torch.arange(total, device=dev).view(1, 1, -1)
+            mask = j <= starts.view(-1, 1, 1) + torch.arange(T, device=dev).view(1, -1, 1)  # (B, T, total)
         o = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True)
         return o.transpose(1, 2).reshape(B, T, H * D)

@@ -39,8 +39,9 @@ def per_head(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return p.view(-1, 1, 1) if p.ndim == 1 else p
 
 
-def int8_params(stats_max: torch.Tensor, stats_min: torch.Tensor, stats_absmax: torch.Tensor,
-                symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_params(
+    stats_max: torch.Tensor, stats_min: torch.Tensor, stats_absmax: torch.Tensor, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zp) from observed max/min/absmax (any shape, reduced by the caller), in fp32."""
     mx, mn, amax = (t.to(torch.float32) for t in (stats_max, stats_min, stats_absmax))
     if symmetric:
@@ -65,8 +66,9 @@ def quantize_int8(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> tor
     return torch.round(y).clamp_(INT8_MIN, INT8_MAX).to(torch.int8)
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int8(
+    q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """x^ = q * scale + zp, computed in fp32 then cast to `dtype`."""
     return (q.to(torch.float32) * per_head(scale, q) + per_head(zp, q)).to(dtype)
 
@@ -92,8 +94,9 @@ def quantize(x: torch.Tensor, kv_dtype: str, scale: torch.Tensor, zp: torch.Tens
     return quantize_fp8(x, scale, kv_dtype)
 
 
-def dequantize(q: torch.Tensor, kv_dtype: str, scale: torch.Tensor, zp: torch.Tensor,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    q: torch.Tensor, kv_dtype: str, scale: torch.Tensor, zp: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Read back stored values as `dtype`."""
     if kv_dtype == "fp16":
         return q.to(dtype)

@@ -89,8 +89,17 @@ class WorkspaceConfig:
 
         if self.format_version != FORMAT_VERSION:
             raise bad("format_version", f"this runtime reads format {FORMAT_VERSION}; re-run python -m deploy")
-        for key in ("head_num", "kv_head_num", "size_per_head", "vocab_size", "num_layer", "inter_size",
-                    "session_len", "tensor_para_size", "max_batch_size"):
+        for key in (
+            "head_num",
+            "kv_head_num",
+            "size_per_head",
+            "vocab_size",
+            "num_layer",
+            "inter_size",
+            "session_len",
+            "tensor_para_size",
+            "max_batch_size",
+        ):
             if getattr(self, key) <= 0:
                 raise bad(key, "must be positive")
         if self.head_num % self.kv_head_num:
@@ -112,8 +121,11 @@ class WorkspaceConfig:
         if self.kv_granularity not in KV_GRANULARITIES:
             raise bad("kv_granularity", f"must be one of {', '.join(KV_GRANULARITIES)}")
         if (self.quant_policy & QUANT_POLICY_INT8 != 0) != (self.kv_cache_dtype == "int8"):
-            raise bad("quant_policy", f"disagrees with kv_cache_dtype = {self.kv_cache_dtype} "
-                      f"(quant_policy 4 <=> int8); re-run python -m lite.kv_qparams --update-config")
+            raise bad(
+                "quant_policy",
+                f"disagrees with kv_cache_dtype = {self.kv_cache_dtype} "
+                f"(quant_policy 4 <=> int8); re-run python -m lite.kv_qparams --update-config",
+            )
 
 
 def weights_dir(path: str | os.PathLike) -> Path:
@@ -122,8 +134,10 @@ def weights_dir(path: str | os.PathLike) -> Path:
     for candidate in (path / "triton_models" / "weights", path / "weights", path):
         if (candidate / "config.ini").is_file():
             return candidate
-    raise WorkspaceError(f"no config.ini under {path} (looked in triton_models/weights/ and weights/); "
-                         "create a workspace with python -m deploy MODEL_NAME HF_PATH --dst-path DIR")
+    raise WorkspaceError(
+        f"no config.ini under {path} (looked in triton_models/weights/ and weights/); "
+        "create a workspace with python -m deploy MODEL_NAME HF_PATH --dst-path DIR"
+    )
 
 
 def load_config(path: str | os.PathLike) -> WorkspaceConfig:
@@ -139,8 +153,10 @@ def load_config(path: str | os.PathLike) -> WorkspaceConfig:
         raise WorkspaceError(f"{ini}: no [{SECTION}] section; re-run python -m deploy")
     values = dict(parser[SECTION])
     if "format_version" not in values:
-        raise WorkspaceError(f"{ini}: no format_version key (an upstream LMDeploy workspace?); "
-                             f"re-run python -m deploy to write format {FORMAT_VERSION}")
+        raise WorkspaceError(
+            f"{ini}: no format_version key (an upstream LMDeploy workspace?); "
+            f"re-run python -m deploy to write format {FORMAT_VERSION}"
+        )
     known = {f.name for f in fields(WorkspaceConfig)}
     required = {f.name for f in fields(WorkspaceConfig) if f.default is dataclasses.MISSING}
     missing = sorted(required - values.keys())
@@ -148,7 +164,9 @@ def load_config(path: str | os.PathLike) -> WorkspaceConfig:
         raise WorkspaceError(f"{ini}: [{SECTION}] is missing {', '.join(missing)}; re-run python -m deploy")
     unknown = sorted(values.keys() - known)
     if unknown:
-        raise WorkspaceError(f"{ini}: [{SECTION}] has unknown keys {', '.join(unknown)}; remove them or re-run python -m deploy")
+        raise WorkspaceError(
+            f"{ini}: [{SECTION}] has unknown keys {', '.join(unknown)}; remove them or re-run python -m deploy"
+        )
     try:
         return WorkspaceConfig(**values)
     except WorkspaceError as e:
@@ -175,6 +193,7 @@ def _ini_value(value) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Weight-file table. Shapes are per rank; `r` is the TP rank.
+
 
 def ranked(name: str, rank: int) -> str:
     """`layers.0.attention.wo.weight` -> `layers.0.attention.wo.{rank}.weight` (rank before the extension)."""
@@ -225,12 +244,14 @@ def read_weight(wdir: str | os.PathLike, name: str, shape: tuple[int, ...]) -> n
     path = Path(wdir) / name
     expected = int(np.prod(shape)) * 2
     if not path.is_file():
-        raise WorkspaceError(f"missing weight file {path} (expected {expected} bytes, shape {shape}); "
-                             "re-run python -m deploy")
+        raise WorkspaceError(
+            f"missing weight file {path} (expected {expected} bytes, shape {shape}); re-run python -m deploy"
+        )
     actual = path.stat().st_size
     if actual != expected:
-        raise WorkspaceError(f"weight file {path} has {actual} bytes, expected {expected} (fp16 {shape}); "
-                             "re-run python -m deploy")
+        raise WorkspaceError(
+            f"weight file {path} has {actual} bytes, expected {expected} (fp16 {shape}); re-run python -m deploy"
+        )
     return np.memmap(path, dtype="<f2", mode="r", shape=shape)
 
 
@@ -245,7 +266,7 @@ def split_qkv_rank(w: np.ndarray, cfg: WorkspaceConfig) -> tuple[np.ndarray, np.
     tp, D = cfg.tensor_para_size, cfg.size_per_head
     q = cfg.head_num * D // tp
     k = cfg.kv_head_num * D // tp
-    return w[..., :q], w[..., q:q + k], w[..., q + k:]
+    return w[..., :q], w[..., q : q + k], w[..., q + k :]
 
 
 def read_joined(wdir: str | os.PathLike, cfg: WorkspaceConfig) -> dict[str, np.ndarray]:
@@ -267,11 +288,19 @@ def read_joined(wdir: str | os.PathLike, cfg: WorkspaceConfig) -> dict[str, np.n
             out[p + name] = read_weight(wdir, p + name, table[p + name])
         fused = ["attention.w_qkv.weight"] + (["attention.w_qkv.bias"] if cfg.attn_bias else [])
         for name in fused:
-            parts = [split_qkv_rank(read_weight(wdir, ranked(p + name, r), table[ranked(p + name, r)]), cfg)
-                     for r in range(tp)]
-            out[p + name] = np.concatenate([np.concatenate([part[j] for part in parts], axis=-1) for j in range(3)], axis=-1)
-        for name, axis in (("attention.wo.weight", 0), ("feed_forward.w1.weight", 1),
-                           ("feed_forward.w3.weight", 1), ("feed_forward.w2.weight", 0)):
+            parts = [
+                split_qkv_rank(read_weight(wdir, ranked(p + name, r), table[ranked(p + name, r)]), cfg)
+                for r in range(tp)
+            ]
+            out[p + name] = np.concatenate(
+                [np.concatenate([part[j] for part in parts], axis=-1) for j in range(3)], axis=-1
+            )
+        for name, axis in (
+            ("attention.wo.weight", 0),
+            ("feed_forward.w1.weight", 1),
+            ("feed_forward.w3.weight", 1),
+            ("feed_forward.w2.weight", 0),
+        ):
             ws = [read_weight(wdir, ranked(p + name, r), table[ranked(p + name, r)]) for r in range(tp)]
             out[p + name] = ws[0] if tp == 1 else np.concatenate(ws, axis=axis)
         if cfg.attn_bias:  # wo bias is copied to every rank; rank 0 holds it

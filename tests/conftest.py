@@ -38,12 +38,26 @@ def make_tiny_hf(path: Path, arch: str = "llama", *, tokenizer_from: Path, seed:
         Qwen2ForCausalLM,
     )
 
-    kinds = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    kinds = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }
     config_cls, model_cls = kinds[arch]
-    kw = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
-              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    kw = dict(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     kw.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kw)).to(torch.float16)

@@ -142,3 +142,54 @@ def test_banner_and_cache_bytes(ws_int8):
     b = e8.banner()
     assert "int8" in b and "tensor" in b and "past_kv_scale" in b and f"{4 * 128} tokens" in b
     assert f"{2 * cfg.num_layer * cfg.kv_head_num * cfg.size_per_head} bytes/token" in b
+
+
+def test_interrupt_inside_a_forward_pass_keeps_the_session_consistent(ws, monkeypatch):
+    """Ctrl-C landing inside a decode step: the token being cached stays pending, nothing is lost."""
+    engine = Engine(ws, max_batch_size=1)
+    s = engine.new_session()
+    forward, calls = engine.model.forward, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # prefill, decode, then KeyboardInterrupt in the second decode step
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", interrupted)
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for token in engine.stream(s, PROMPTS[0], GREEDY):
+            got.append(token)
+    monkeypatch.setattr(engine.model, "forward", forward)
+    assert len(got) == 2 and s.num_tokens == len(PROMPTS[0]) + 2
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    rest = list(engine.stream(s, PROMPTS[1], params))
+    engine.end_session(s)
+    assert rest == list(engine.stream(engine.new_session(), PROMPTS[0] + got + PROMPTS[1], params))
+
+
+def test_explicit_kv_params_and_granularity_override(ws):
+    from runtime.kv_params import KVParams
+
+    wdir = ws / "triton_models" / "weights"
+    write_params(wdir, "int8", 0.02, 0.01, 0.03, -0.01, granularity="head")
+    from_files = Engine(ws, kv_cache_dtype="int8", kv_granularity="head", max_batch_size=1)
+    assert "past_kv_scale_head" in from_files.banner() and "granularity head" in from_files.banner()
+    L, H = from_files.config.num_layer, from_files.config.kv_head_num
+    full = lambda x: torch.full((L, H), x)  # noqa: E731
+    given = Engine(
+        ws,
+        kv_cache_dtype="int8",
+        max_batch_size=1,
+        kv_params=KVParams("int8", "head", full(0.02), full(0.01), full(0.03), full(-0.01)),
+    )
+    assert "given by the caller" in given.banner()
+    tokens = torch.tensor([PROMPTS[1]])
+    assert torch.equal(given.score(tokens), from_files.score(tokens))
+    with pytest.raises(ValueError, match="kv_params are fp8_e4m3"):
+        Engine(
+            ws,
+            kv_cache_dtype="int8",
+            kv_params=KVParams("fp8_e4m3", "tensor", full(1.0), full(0.0), full(1.0), full(0.0)),
+        )

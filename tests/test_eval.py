@@ -40,8 +40,14 @@ def workspace(tiny_hf, tmp_path_factory) -> Path:
     wdir, cfg = weights_dir(ws), load_config(ws)
     shape = (cfg.num_layer, cfg.kv_head_num)
     for kv, scale, zp in (("int8", 0.03, 0.01), ("fp8_e4m3", 4.0 / 448, 0.0)):
-        p = kv_params.KVParams(kv, "tensor", torch.full(shape, scale), torch.full(shape, zp),
-                               torch.full(shape, scale), torch.full(shape, zp))
+        p = kv_params.KVParams(
+            kv,
+            "tensor",
+            torch.full(shape, scale),
+            torch.full(shape, zp),
+            torch.full(shape, scale),
+            torch.full(shape, zp),
+        )
         kv_params.write(wdir, cfg, p)
     return ws
 
@@ -51,11 +57,14 @@ def test_metric_helpers_by_hand():
     logits = torch.tensor([[0.0, math.log(3.0)], [2.0, 0.0]])  # row 0: p = (1/4, 3/4)
     ref = torch.tensor([[0.0, 0.0], [0.0, 1.0]])  # row 0: p = (1/2, 1/2)
     logp, ref_logp = torch.log_softmax(logits, -1), torch.log_softmax(ref, -1)
-    assert ev.nll(logp, torch.tensor([1, 0])).tolist() == pytest.approx([-math.log(0.75), -math.log(1 / (1 + math.e**-2))])
+    assert ev.nll(logp, torch.tensor([1, 0])).tolist() == pytest.approx(
+        [-math.log(0.75), -math.log(1 / (1 + math.e**-2))]
+    )
     # KL((1/2, 1/2) || (1/4, 3/4)) = 1/2 ln 2 + 1/2 ln(2/3)
     assert float(ev.kl_divergence(ref_logp, logp)[0]) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
-    assert ev.top1_matches(torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 1.0]]),
-                           torch.tensor([[0.0, 5.0, 1.0], [0.0, 0.0, 1.0]])).tolist() == [True, False]
+    assert ev.top1_matches(
+        torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 1.0]]), torch.tensor([[0.0, 5.0, 1.0], [0.0, 0.0, 1.0]])
+    ).tolist() == [True, False]
     assert ev.perplexity(torch.zeros(1, 4, 7), torch.zeros(1, 4, dtype=torch.long)) == pytest.approx(7.0)
     m = ev.Metrics()
     m.update(logits, ref, torch.tensor([1, 0]))
@@ -80,29 +89,64 @@ def test_metrics_chunks_equal_one_pass(monkeypatch):
 def test_parse_modes():
     specs = ev.parse_modes("int8,fp8,fp8:dynamic,fp8_e5m2:unit,int8:head", "tensor")
     assert [(s.name, s.kv_dtype, s.variant) for s in specs] == [
-        ("fp16", "fp16", ""), ("int8", "int8", "tensor"), ("fp8", "fp8_e4m3", "tensor"),
-        ("fp8:dynamic", "fp8_e4m3", "dynamic"), ("fp8_e5m2:unit", "fp8_e5m2", "unit"), ("int8:head", "int8", "head")]
-    assert [s.scales for s in specs] == ["-", "calibrated (tensor)", "calibrated (tensor)", "calculated on the fly",
-                                         "unit (1.0)", "calibrated (head)"]
+        ("fp16", "fp16", ""),
+        ("int8", "int8", "tensor"),
+        ("fp8", "fp8_e4m3", "tensor"),
+        ("fp8:dynamic", "fp8_e4m3", "dynamic"),
+        ("fp8_e5m2:unit", "fp8_e5m2", "unit"),
+        ("int8:head", "int8", "head"),
+    ]
+    assert [s.scales for s in specs] == [
+        "-",
+        "calibrated (tensor)",
+        "calibrated (tensor)",
+        "calculated on the fly",
+        "unit (1.0)",
+        "calibrated (head)",
+    ]
     assert [s.name for s in ev.parse_modes("fp8,fp16", "head")] == ["fp16", "fp8"]
     assert ev.parse_modes("fp8,int8", "head", calculate_kv_scales=True)[1].variant == "dynamic"
-    for bad, message in (("int4", "unknown mode 'int4'"), ("int8:dynamic", "FP8 only"), ("fp16:head", "no variant"),
-                         ("fp8:block", "unknown variant"), ("int8,int8", "given twice")):
+    for bad, message in (
+        ("int4", "unknown mode 'int4'"),
+        ("int8:dynamic", "FP8 only"),
+        ("fp16:head", "no variant"),
+        ("fp8:block", "unknown variant"),
+        ("int8,int8", "given twice"),
+    ):
         with pytest.raises(ev.EvalError, match=message):
             ev.parse_modes(bad, "tensor")
 
 
-def test_build_engine_passes_kv_params_when_the_engine_takes_them(monkeypatch, workspace):
+def test_build_engine_passes_kv_params(monkeypatch, workspace):
     import runtime.engine
     from runtime.workspace import load_config, weights_dir
 
     calls = []
 
     class Recorder:  # an Engine signature with the kv_params= / kv_granularity= arguments
-        def __init__(self, workspace_path, *, kv_cache_dtype="auto", calculate_kv_scales=False, dtype="float32",
-                     max_batch_size=None, session_len=None, use_context_fmha=None, kv_params=None, kv_granularity=None):
-            calls.append(dict(kv_cache_dtype=kv_cache_dtype, dynamic=calculate_kv_scales, params=kv_params,
-                              granularity=kv_granularity, slots=max_batch_size, session_len=session_len))
+        def __init__(
+            self,
+            workspace_path,
+            *,
+            kv_cache_dtype="auto",
+            calculate_kv_scales=False,
+            dtype="float32",
+            max_batch_size=None,
+            session_len=None,
+            use_context_fmha=None,
+            kv_params=None,
+            kv_granularity=None,
+        ):
+            calls.append(
+                dict(
+                    kv_cache_dtype=kv_cache_dtype,
+                    dynamic=calculate_kv_scales,
+                    params=kv_params,
+                    granularity=kv_granularity,
+                    slots=max_batch_size,
+                    session_len=session_len,
+                )
+            )
 
     monkeypatch.setattr(runtime.engine, "Engine", Recorder)
     cfg = load_config(workspace)
@@ -110,7 +154,9 @@ def test_build_engine_passes_kv_params_when_the_engine_takes_them(monkeypatch, w
         params = ev.mode_params(spec, weights_dir(workspace), cfg)
         ev.build_engine(workspace, spec, params, dtype="float32", batch_size=3, seqlen=20, use_context_fmha=0)
     fp16, int8, unit, dynamic = calls
-    assert fp16["params"] is None and fp16["kv_cache_dtype"] == "fp16" and (fp16["slots"], fp16["session_len"]) == (3, 20)
+    assert (
+        fp16["params"] is None and fp16["kv_cache_dtype"] == "fp16" and (fp16["slots"], fp16["session_len"]) == (3, 20)
+    )
     assert int8["granularity"] == "tensor" and torch.allclose(int8["params"].k_scale, torch.tensor(0.03))
     assert unit["kv_cache_dtype"] == "fp8_e4m3" and bool((unit["params"].k_scale == 1).all())
     assert dynamic["dynamic"] and dynamic["params"] is None
@@ -168,14 +214,30 @@ def test_fp16_ppl_equals_transformers_and_is_seeded(workspace, tiny_hf, text_fil
 
 def test_use_context_fmha_1_hides_the_cache_dtype(workspace, text_file):
     with pytest.warns(UserWarning, match="never reaches the scored logits"):
-        doc = ev.evaluate(workspace, str(text_file), modes="fp16,int8", samples=2, seqlen=16, use_context_fmha=1,
-                          progress=False)
+        doc = ev.evaluate(
+            workspace, str(text_file), modes="fp16,int8", samples=2, seqlen=16, use_context_fmha=1, progress=False
+        )
     assert doc["modes"]["int8"]["kl"] == 0 and doc["modes"]["int8"]["top1_agreement"] == 1
 
 
 def test_cli_writes_report(workspace, text_file, tmp_path, capsys):
-    rc = ev.main([str(workspace), "--dataset", str(text_file), "--samples", "2", "--seqlen", "16",
-                  "--modes", "fp8:dynamic,int8", "--out", str(tmp_path), "--calib-dataset", str(text_file.parent)])
+    rc = ev.main(
+        [
+            str(workspace),
+            "--dataset",
+            str(text_file),
+            "--samples",
+            "2",
+            "--seqlen",
+            "16",
+            "--modes",
+            "fp8:dynamic,int8",
+            "--out",
+            str(tmp_path),
+            "--calib-dataset",
+            str(text_file.parent),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0
     assert "numbers are optimistic" in captured.err
@@ -186,11 +248,17 @@ def test_cli_writes_report(workspace, text_file, tmp_path, capsys):
     assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--modes", "fp16,int3"], "unknown mode 'int3'"),
-    (["--modes", "fp8:head"], "past_kv_scale_fp8_e4m3_head.0.weight, which is missing; re-run python -m lite.kv_qparams"),
-    (["--seqlen", "1"], "--seqlen (1) >= 2"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--modes", "fp16,int3"], "unknown mode 'int3'"),
+        (
+            ["--modes", "fp8:head"],
+            "past_kv_scale_fp8_e4m3_head.0.weight, which is missing; re-run python -m lite.kv_qparams",
+        ),
+        (["--seqlen", "1"], "--seqlen (1) >= 2"),
+    ],
+)
 def test_cli_errors(workspace, text_file, args, message, capsys):
     assert ev.main([str(workspace), "--dataset", str(text_file), *args]) == 2
     err = capsys.readouterr().err

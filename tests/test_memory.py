@@ -96,8 +96,9 @@ def test_cli_shape_writes_json_and_png(tmp_path, capsys):
     assert "implies session_len 2048" in out and "-24672" in out
     doc = json.loads((tmp_path / "memory.json").read_text())
     assert doc["modes"]["int8"]["bytes_per_token"] == 262144
-    assert doc["modes"]["fp16"]["sessions_in_budget"] == math.floor((80 * 2**30 - memory.weight_bytes(INTERNLM))
-                                                                    / (524288 * 2056))
+    assert doc["modes"]["fp16"]["sessions_in_budget"] == math.floor(
+        (80 * 2**30 - memory.weight_bytes(INTERNLM)) / (524288 * 2056)
+    )
     assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -106,13 +107,16 @@ def test_cli_custom_shape(capsys):
     assert f"{2 * 2 * 4 * 64 * 2:>9}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--shape", "nope"], "--shape 'nope'"),
-    ([], "give a WORKSPACE or --shape"),
-    (["--shape", "internlm-chat-7b", "--modes", "int4"], "unknown int4"),
-    (["--shape", "internlm-chat-7b", "--batch", "8,x"], "--batch '8,x'"),
-    (["/nonexistent/ws"], "no config.ini under /nonexistent/ws"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shape", "nope"], "--shape 'nope'"),
+        ([], "give a WORKSPACE or --shape"),
+        (["--shape", "internlm-chat-7b", "--modes", "int4"], "unknown int4"),
+        (["--shape", "internlm-chat-7b", "--batch", "8,x"], "--batch '8,x'"),
+        (["/nonexistent/ws"], "no config.ini under /nonexistent/ws"),
+    ],
+)
 def test_cli_errors(argv, message, capsys):
     assert memory.main(argv) == 2
     err = capsys.readouterr().err

