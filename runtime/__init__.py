@@ -1,97 +1,23 @@
-"""The vLLM-shaped Python API over the engine:
+"""kvq runtime: load a workspace and serve it with an FP16 / INT8 / FP8 KV cache.
 
-    from runtime import LLM, SamplingParams
-    llm = LLM("./workspace", kv_cache_dtype="int8")          # auto | fp16 | int8 | fp8 | fp8_e4m3 | fp8_e5m2
-    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=32))
-    print(out[0].outputs[0].text, out[0].outputs[0].finish_reason)
+    from runtime import LLM, SamplingParams      # vLLM-shaped API (runtime/llm.py, runtime/sampling.py)
 
-Prompts are raw text (tokenized with BOS when the chat template says add_bos) or token-id lists;
-several prompts share each forward pass. `token_ids` holds the generated tokens only (an EOS or
-stop token included, as vLLM does); stop strings cut the text and end that sequence. The heavy
-engine (transformers, the model) is imported only when an LLM is built.
+Names are resolved lazily (PEP 562) so that `import runtime.templates` or `runtime.workspace`, as
+deploy and lite do, does not pay for torch, transformers or CuPy.
 """
 
-from __future__ import annotations
-
-from dataclasses import dataclass, field
-
-from runtime.sampling import SamplingParams
-
-__all__ = ["LLM", "SamplingParams", "CompletionOutput", "RequestOutput"]
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # 'stop' (EOS, stop token or stop string) | 'length' (max_tokens)
+_LAZY = {
+    "LLM": "runtime.llm",
+    "CompletionOutput": "runtime.llm",
+    "RequestOutput": "runtime.llm",
+    "SamplingParams": "runtime.sampling",
+}
+__all__ = list(_LAZY)
 
 
-@dataclass
-class RequestOutput:
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput] = field(default_factory=list)
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+    import importlib
 
-
-class LLM:
-    """Load a workspace once; generate for one or many prompts."""
-
-    def __init__(
-        self,
-        workspace: str,
-        kv_cache_dtype: str = "auto",
-        calculate_kv_scales: bool = False,
-        dtype: str = "float32",
-        device: str = "cpu",
-        **engine_kwargs,
-    ) -> None:
-        from runtime.engine import Engine
-
-        self.engine = Engine(
-            workspace,
-            kv_cache_dtype=kv_cache_dtype,
-            calculate_kv_scales=calculate_kv_scales,
-            dtype=dtype,
-            device=device,
-            **engine_kwargs,
-        )
-        self.tokenizer = self.engine.tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return [self.engine.config.start_id, *ids] if self.engine.template.add_bos else ids
-
-    def generate(
-        self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
-    ) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = sampling_params if sampling_params is not None else SamplingParams()
-        params = list(params) if isinstance(params, list | tuple) else [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        texts = [p if isinstance(p, str) else None for p in prompts]
-        ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-
-        def hit_stop(b: int, tokens: list[int]) -> bool:
-            return params[b].stop is not None and _cut(self._decode(tokens), params[b].stop)[1]
-
-        outs = self.engine.generate(ids, params, stop_check=hit_stop)
-        results = []
-        for b, toks in enumerate(outs):
-            text, cut = _cut(self._decode(toks), params[b].stop or [])
-            ended = cut or (len(toks) < params[b].max_tokens) or self.engine.stops(toks[-1], params[b])
-            done = CompletionOutput(0, text, toks, "stop" if ended else "length")
-            results.append(RequestOutput(texts[b], ids[b], [done]))
-        return results
-
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
-    """Text up to the earliest stop string, and whether one occurred."""
-    hits = [i for s in stops if (i := text.find(s)) >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
+    return getattr(importlib.import_module(_LAZY[name]), name)

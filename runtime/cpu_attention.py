@@ -63,9 +63,11 @@ def decode_attention_torch(
 
 
 # ---------------------------------------------------------------------------------------------
-# C++ kernel. One OpenMP work item per (sequence, KV head): convert each cached row of D values to
-# fp32 once (8 at a time), score it against the G query heads of that KV head, softmax over the
-# valid prefix, then accumulate p * v rows. Conversions, 8 lanes per instruction:
+# C++ kernel. One OpenMP work item per (sequence, KV head): blocks of 8 cached rows are converted to
+# fp32 once into an L1 scratch and reused by the G query heads of that KV head (8 scores reduced
+# together), softmax over the valid prefix (expf vectorized: -ffast-math lets GCC call libmvec), then
+# p * v rows accumulate with the output row in registers (head size 64 or 128, fixed at compile time).
+# Conversions, 8 lanes per instruction:
 #   int8:  cvtepi8_epi32 -> cvtepi32_ps
 #   fp16:  F16C cvtph_ps
 #   e5m2:  the byte is the high byte of an fp16 (same exponent bias 15): bits << 8 -> cvtph_ps
@@ -75,9 +77,11 @@ KERNEL_SRC = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <math.h>
+#include <float.h>
 #include <vector>
 
-static inline __m256 load8(const void* base, int64_t i, int kind) {
+template <int kind>
+static inline __m256 load8(const void* base, int64_t i) {
   if (kind == 1) {  // int8
     __m128i b = _mm_loadl_epi64((const __m128i*)((const int8_t*)base + i));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
@@ -90,57 +94,101 @@ static inline __m256 load8(const void* base, int64_t i, int kind) {
   return _mm256_cvtph_ps(_mm_or_si128(sign, mag));  // e4m3 * 2^-8
 }
 
-extern "C" void decode_attn(const float* q, const void* kc, const void* vc, const int64_t* slots,
-                            const int64_t* lengths, const float* ks, const float* kz, const float* vs,
-                            const float* vz, float softmax_scale, int B, int H, int Hkv, int S, int D, int kind,
-                            int parallel, float* out) {
+// Sum each of a0..a7 across its 8 lanes: returns [sum(a0), ..., sum(a7)].
+static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
+                           __m256 a7) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  // per 128-bit half
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// One (sequence, KV head) item with head size D known at compile time: cached rows are converted to
+// fp32 8 at a time into an L1 scratch block once, then reused by the G query heads (scores: 8 dot
+// products reduced together; values: the output row of one query head stays in registers).
+template <int kind, int D>
+static void attend_item(const float* qb, const void* kc, const void* vc, int64_t row0, int64_t L, int G,
+                        float kscale, float kzero, float vscale, float vzero, float* sc, float* outb) {
+  alignas(32) float blk[8 * D];
+  for (int64_t t0 = 0; t0 < L; t0 += 8) {
+    const int n = L - t0 < 8 ? (int)(L - t0) : 8;
+    for (int j = 0; j < 8; ++j)  // rows past L repeat the last valid row; their scores are dropped
+      for (int d = 0; d < D; d += 8)
+        _mm256_store_ps(blk + j * D + d, load8<kind>(kc, row0 + (t0 + (j < n ? j : n - 1)) * D + d));
+    for (int g = 0; g < G; ++g) {
+      const float* qg = qb + g * (D + 1);  // q row g, then its sum
+      __m256 a[8];
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+      for (int d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(qg + d);
+        for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_load_ps(blk + j * D + d), a[j]);
+      }
+      alignas(32) float s8[8];
+      _mm256_store_ps(s8, hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
+      for (int j = 0; j < n; ++j) sc[g * L + t0 + j] = s8[j] * kscale + kzero * qg[D];  // qg[D]: sum(q)
+    }
+  }
+  float inv[64];
+  for (int g = 0; g < G; ++g) {  // softmax over the valid prefix (expf vectorized through libmvec)
+    float* s = sc + g * L;
+    float m = -FLT_MAX;  // -ffast-math assumes no infinities; scores are finite
+    for (int64_t t = 0; t < L; ++t) m = s[t] > m ? s[t] : m;
+    float den = 0;
+    for (int64_t t = 0; t < L; ++t) { s[t] = expf(s[t] - m); den += s[t]; }
+    inv[g] = 1.0f / den;
+  }
+  alignas(32) float acc[64 * D];
+  for (int i = 0; i < G * D; ++i) acc[i] = 0.0f;
+  for (int64_t t0 = 0; t0 < L; t0 += 8) {
+    const int n = L - t0 < 8 ? (int)(L - t0) : 8;
+    for (int j = 0; j < n; ++j)
+      for (int d = 0; d < D; d += 8) _mm256_store_ps(blk + j * D + d, load8<kind>(vc, row0 + (t0 + j) * D + d));
+    for (int g = 0; g < G; ++g) {
+      __m256 o[D / 8];
+      for (int d = 0; d < D / 8; ++d) o[d] = _mm256_load_ps(acc + g * D + d * 8);
+      for (int j = 0; j < n; ++j) {
+        const __m256 p = _mm256_set1_ps(sc[g * L + t0 + j]);
+        for (int d = 0; d < D / 8; ++d) o[d] = _mm256_fmadd_ps(p, _mm256_load_ps(blk + j * D + d * 8), o[d]);
+      }
+      for (int d = 0; d < D / 8; ++d) _mm256_store_ps(acc + g * D + d * 8, o[d]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int d = 0; d < D; ++d) outb[g * D + d] = acc[g * D + d] * inv[g] * vscale + vzero;
+}
+
+template <int kind>
+static void decode_attn_t(const float* q, const void* kc, const void* vc, const int64_t* slots,
+                          const int64_t* lengths, const float* ks, const float* kz, const float* vs,
+                          const float* vz, float softmax_scale, int B, int H, int Hkv, int S, int D,
+                          int parallel, float* out) {
   const int G = H / Hkv;
   const float unit = kind == 2 ? 256.0f : 1.0f;  // e4m3 rows are read as value * 2^-8
-#pragma omp parallel for schedule(static, 1) if (parallel)
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int item = 0; item < B * Hkv; ++item) {
     const int b = item / Hkv, h = item % Hkv;
     const int64_t L = lengths[b];
     const int64_t row0 = ((slots[b] * Hkv + h) * (int64_t)S) * D;  // element offset of [slot, h, 0, 0]
-    const float* qb = q + ((int64_t)b * H + (int64_t)h * G) * D;   // (G, D)
-    std::vector<float> sc((size_t)G * L), row(D);
-    float qsum[64];
-    for (int g = 0; g < G; ++g) { float s = 0; for (int d = 0; d < D; ++d) s += qb[g * D + d]; qsum[g] = s; }
+    std::vector<float> qx((size_t)G * (D + 1)), sc((size_t)G * L);  // q rows, each followed by sum(q)
+    for (int g = 0; g < G; ++g) {
+      float s = 0;
+      for (int d = 0; d < D; ++d) s += (qx[g * (D + 1) + d] = q[((int64_t)b * H + (int64_t)h * G + g) * D + d]);
+      qx[g * (D + 1) + D] = s;
+    }
     const float kscale = ks[h] * unit * softmax_scale, kzero = kz[h] * softmax_scale;
-    for (int64_t t = 0; t < L; ++t) {
-      for (int d = 0; d < D; d += 8) _mm256_storeu_ps(&row[d], load8(kc, row0 + t * D + d, kind));
-      for (int g = 0; g < G; ++g) {
-        const float* qg = qb + g * D;
-        __m256 acc = _mm256_setzero_ps();
-        for (int d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(&row[d]), acc);
-        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        s4 = _mm_hadd_ps(s4, s4); s4 = _mm_hadd_ps(s4, s4);
-        sc[g * L + t] = _mm_cvtss_f32(s4) * kscale + qsum[g] * kzero;
-      }
-    }
-    float inv[64];
-    for (int g = 0; g < G; ++g) {  // softmax over the valid prefix
-      float* s = &sc[(size_t)g * L];
-      float m = -INFINITY;
-      for (int64_t t = 0; t < L; ++t) m = s[t] > m ? s[t] : m;
-      float den = 0;
-      for (int64_t t = 0; t < L; ++t) { s[t] = expf(s[t] - m); den += s[t]; }
-      inv[g] = 1.0f / den;
-    }
-    std::vector<float> acc((size_t)G * D, 0.0f);
-    for (int64_t t = 0; t < L; ++t) {
-      for (int d = 0; d < D; d += 8) _mm256_storeu_ps(&row[d], load8(vc, row0 + t * D + d, kind));
-      for (int g = 0; g < G; ++g) {
-        const __m256 p = _mm256_set1_ps(sc[(size_t)g * L + t]);
-        float* a = &acc[(size_t)g * D];
-        for (int d = 0; d < D; d += 8)
-          _mm256_storeu_ps(a + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(&row[d]), _mm256_loadu_ps(a + d)));
-      }
-    }
-    const float vscale = vs[h] * unit, vzero = vz[h];
-    for (int g = 0; g < G; ++g)
-      for (int d = 0; d < D; ++d)
-        out[((int64_t)b * H + (int64_t)h * G + g) * D + d] = acc[(size_t)g * D + d] * inv[g] * vscale + vzero;
+    float* ob = out + ((int64_t)b * H + (int64_t)h * G) * D;
+    if (D == 64)
+      attend_item<kind, 64>(qx.data(), kc, vc, row0, L, G, kscale, kzero, vs[h] * unit, vz[h], sc.data(), ob);
+    else
+      attend_item<kind, 128>(qx.data(), kc, vc, row0, L, G, kscale, kzero, vs[h] * unit, vz[h], sc.data(), ob);
   }
+}
+
+extern "C" void decode_attn(const float* q, const void* kc, const void* vc, const int64_t* slots,
+                            const int64_t* lengths, const float* ks, const float* kz, const float* vs,
+                            const float* vz, float softmax_scale, int B, int H, int Hkv, int S, int D, int kind,
+                            int parallel, float* out) {
+  auto* f = kind == 0 ? decode_attn_t<0> : kind == 1 ? decode_attn_t<1> : kind == 2 ? decode_attn_t<2> : decode_attn_t<3>;
+  f(q, kc, vc, slots, lengths, ks, kz, vs, vz, softmax_scale, B, H, Hkv, S, D, parallel, out);
 }
 """
 # Below this many (token, KV head) rows the work is too small to repay waking the OpenMP threads.
@@ -170,7 +218,7 @@ def _cpp_module():
     if shutil.which("g++") is None:
         warnings.warn("g++ not found: decode attention uses the slower torch path", stacklevel=2)
         return None
-    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+    flags = ["-O3", "-ffast-math", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
     digest = hashlib.sha256((KERNEL_SRC + " ".join(flags)).encode()).hexdigest()[:16]
     out_dir = Path(os.environ.get("KVQ_KERNEL_CACHE", Path.home() / ".cache" / "kvq" / "kernels"))
     so = out_dir / f"decode_attn_{digest}.so"
@@ -208,6 +256,11 @@ def decode_attention_cpp(q, k_cache, v_cache, slots, lengths, k_scale, k_zp, v_s
     """Same contract as decode_attention_torch, through the C++ kernel (caller checks availability)."""
     lib = _cpp_module()
     B, H, D = q.shape
+    if D not in (64, 128) or H // k_cache.shape[1] > 64:
+        raise ValueError(
+            f"the C++ decode kernel takes head size 64 or 128 and <= 64 query heads per KV head; got "
+            f"D={D}, {H // k_cache.shape[1]} (use decode_attention, which falls back to torch)"
+        )
     _, Hkv, S, _ = k_cache.shape
     qf = q.to(torch.float32).contiguous()
     out = torch.empty(B, H, D, dtype=torch.float32)
@@ -235,12 +288,12 @@ def decode_attention_cpp(q, k_cache, v_cache, slots, lengths, k_scale, k_zp, v_s
 
 
 def cpp_usable(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """The kernel handles CPU tensors with D a multiple of 8 and at most 64 query heads per KV head."""
+    """The kernel handles CPU tensors with head size 64 or 128 and at most 64 query heads per KV head."""
     ok = (
         not q.is_cuda
         and k_cache.is_contiguous()
         and k_cache.dtype in KINDS
-        and q.shape[-1] % 8 == 0
+        and q.shape[-1] in (64, 128)
         and q.shape[1] // k_cache.shape[1] <= 64
     )
     return ok and _cpp_module() is not None

@@ -97,9 +97,10 @@ class Transformer:
 
     # ------------------------------------------------------------------------------------------
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)
-        return xf.to(self.dtype) * w
+        """x * rsqrt(mean(x^2) + eps) with the variance in fp32, then * w in the compute dtype (as HF)."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, w.shape, w, self.cfg.norm_eps)  # one fused op: decode is op-count bound
+        return F.rms_norm(x.float(), w.shape, eps=self.cfg.norm_eps).to(self.dtype) * w
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (B, heads, T, D) with interleaved pairs; cos/sin (B, 1, T, D/2) fp32."""
@@ -123,9 +124,9 @@ class Transformer:
             qkv = h @ L["attention.w_qkv.weight"]  # (B, T, (H + 2 H_kv) D)
             if L["attention.w_qkv.bias"] is not None:
                 qkv = qkv + L["attention.w_qkv.bias"]
-            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q = self.rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
-            k = self.rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # (B, H_kv, T, D)
+            qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
+            qk = self.rope(qk.view(B, T, H + Hkv, D).transpose(1, 2), cos, sin)  # q and k heads in one rotation
+            q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, H_kv, T, D)
             v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, H_kv, T, D)
             cache.write(i, batch.slots, batch.starts, batch.counts, k, v)
             o = self.attention(i, q, k, v, cache, batch, use_context_fmha)  # (B, T, H D)
