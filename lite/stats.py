@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from runtime.atomic import staged_files
+
 KEY_FILE, VALUE_FILE, SUMMARY_FILE = "key_stats.pth", "value_stats.pth", "calib_summary.json"
 STAT_NAMES = ("max", "min", "absmax")
 FIX = "re-run python -m lite.calibrate --model HF_PATH --calib-dataset DATA --work-dir {work_dir}"
@@ -128,22 +130,13 @@ def save(work_dir: str | os.PathLike, stats: KVStats, summary: CalibSummary | No
     """Write key/value stats (+ summary) atomically: temp files first, renamed only when all are written."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    staged: list[tuple[Path, Path]] = []
-    try:
+    with staged_files() as stage:
         for fname, s in ((KEY_FILE, stats.key), (VALUE_FILE, stats.value)):
-            final = work_dir / fname
-            staged.append((final.with_name(fname + ".tmp"), final))
-            torch.save(_to_dict(s, stats.layer_names), staged[-1][0])
+            torch.save(_to_dict(s, stats.layer_names), stage(work_dir / fname))
         if summary is not None:
-            final = work_dir / SUMMARY_FILE
-            staged.append((final.with_name(SUMMARY_FILE + ".tmp"), final))
-            staged[-1][0].write_text(json.dumps(asdict(summary), indent=2) + "\n")
-        for tmp, final in staged:
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-    return [final for _, final in staged]
+            stage(work_dir / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    names = (KEY_FILE, VALUE_FILE) + ((SUMMARY_FILE,) if summary is not None else ())
+    return [work_dir / n for n in names]
 
 
 def _load_one(path: Path, fix: str) -> tuple[Stats, list[str]]:

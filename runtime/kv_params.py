@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.atomic import staged_files
 from runtime.workspace import WorkspaceConfig, WorkspaceError
 
 QUANTIZED_DTYPES = ("int8", "fp8_e4m3", "fp8_e5m2")
@@ -76,8 +77,8 @@ def write(wdir: str | os.PathLike, cfg: WorkspaceConfig, params: KVParams) -> li
     wdir = Path(wdir)
     tp, n = cfg.tensor_para_size, values_per_rank(cfg, params.granularity)
     heads_r = cfg.kv_head_num // tp
-    staged: list[tuple[Path, Path]] = []
-    try:
+    written: list[Path] = []
+    with staged_files() as stage:
         for i in range(cfg.num_layer):
             rows = torch.stack(params.layer(i)).to(torch.float32)  # (4, kv_head_num)
             for r in range(tp):
@@ -87,15 +88,9 @@ def write(wdir: str | os.PathLike, cfg: WorkspaceConfig, params: KVParams) -> li
                         raise ValueError(f"layer {i} rank {r}: per-tensor parameters differ across heads")
                     block = block[:, :1]
                 final = wdir / file_name(i, r, params.kv_dtype, params.granularity)
-                tmp = final.with_name(final.name + ".tmp")
-                block.numpy().astype("<f4").tofile(tmp)
-                staged.append((tmp, final))
-        for tmp, final in staged:
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-    return [final for _, final in staged]
+                block.numpy().astype("<f4").tofile(stage(final))
+                written.append(final)
+    return written
 
 
 def read(wdir: str | os.PathLike, cfg: WorkspaceConfig, kv_dtype: str, granularity: str) -> KVParams:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.atomic import staged_files
+
 FORMAT_VERSION = 1
 SECTION = "llama"
 KV_CACHE_DTYPES = ("fp16", "int8", "fp8_e4m3", "fp8_e5m2")
@@ -180,10 +182,8 @@ def save_config(cfg: WorkspaceConfig, path: str | os.PathLike) -> Path:
     ini = path / "config.ini" if path.is_dir() else path
     parser = configparser.ConfigParser()
     parser[SECTION] = {f.name: _ini_value(getattr(cfg, f.name)) for f in fields(cfg)}
-    tmp = ini.with_name(ini.name + ".tmp")
-    with open(tmp, "w") as fh:
+    with staged_files() as stage, open(stage(ini), "w") as fh:
         parser.write(fh)
-    os.replace(tmp, ini)
     return ini
 
 
