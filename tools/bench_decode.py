@@ -1,7 +1,9 @@
 """Decode/prefill throughput: HF transformers `generate` (fp32) vs this runtime with fp16, INT8 and FP8 KV caches.
 
 Same model (the SmolLM2 demo), same prompt tokens, same thread count, one run. Each configuration runs
-in its own subprocess so its peak RSS (VmHWM from /proc/self/status) is its own.
+in its own subprocess so its peak RSS (VmHWM from /proc/self/status) is its own; the configurations
+are run round-robin for --repeats rounds (default 3) and medians are reported, because a shared
+2-core machine drifts by tens of percent between minutes.
 
     python tools/bench_decode.py                 # batch 1 x 1024-token prompt and batch 8 x 2048 context
     python tools/bench_decode.py --quick         # batch 1 x 256 and batch 4 x 512
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,17 +102,10 @@ def run_one(args) -> dict:
 
 
 def workspace_for(hf: Path, dst: Path, session_len: int) -> Path:
+    from deploy.convert import deploy
     from runtime.workspace import load_config, replace, save_config, weights_dir
 
-    if (ROOT / "deploy" / "convert.py").is_file():
-        subprocess.run(
-            [sys.executable, "-m", "deploy", "smollm2", str(hf), "--dst-path", str(dst)], check=True, cwd=ROOT
-        )
-    else:  # until deploy lands: the test suite's minimal writer
-        sys.path.insert(0, str(ROOT / "tests"))
-        from rt_workspace import make_workspace
-
-        make_workspace(hf, dst)
+    deploy("smollm2", hf, dst, progress=False, notes=lambda _: None)
     save_config(replace(load_config(dst), session_len=session_len), weights_dir(dst))
     write_int8_params(dst)
     return dst
@@ -119,25 +115,22 @@ def write_int8_params(ws: Path) -> None:
     """INT8 asymmetric per-layer parameters from the fp16 cache of one short prompt (speed does not depend on them)."""
     import torch
 
-    from runtime import kv_params
+    from runtime import kv_params, quant
     from runtime.engine import Engine
 
     e = Engine(ws, kv_cache_dtype="fp16", max_batch_size=1)
     n = len(ids := prompts(e.tokenizer, 1, 256)[0])
     e.score(torch.tensor([ids]))
-    rows = []
-    for k, v in zip(e.cache.k, e.cache.v, strict=True):
-        k, v = k[0, :, :n].float(), v[0, :, :n].float()
-        rows.append(
-            [(k.max() - k.min()) / 255, (k.max() + k.min()) / 2, (v.max() - v.min()) / 255, (v.max() + v.min()) / 2]
-        )
-    t = torch.tensor([[float(x) for x in r] for r in rows])
     H = e.config.kv_head_num
-    kv_params.write(
-        e.wdir,
-        e.config,
-        kv_params.KVParams("int8", "tensor", *(t[:, j : j + 1].expand(-1, H).contiguous() for j in range(4))),
-    )
+    per_layer = {"k": [], "v": []}
+    for which, caches in (("k", e.cache.k), ("v", e.cache.v)):
+        for c in caches:
+            x = c[0, :, :n].float()
+            scale, zp = quant.int8_params(x.max(), x.min(), x.abs().max(), symmetric=False)
+            per_layer[which].append((scale.expand(H), zp.expand(H)))
+    k_scale, k_zp = (torch.stack(t) for t in zip(*per_layer["k"], strict=True))
+    v_scale, v_zp = (torch.stack(t) for t in zip(*per_layer["v"], strict=True))
+    kv_params.write(e.wdir, e.config, kv_params.KVParams("int8", "tensor", k_scale, k_zp, v_scale, v_zp))
 
 
 def main() -> None:
@@ -148,6 +141,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=33)
     ap.add_argument("--shapes", help="comma list of BATCHxPROMPT, e.g. 1x1024,8x2048 (overrides --quick)")
     ap.add_argument("--impls", default="hf,fp16,int8,fp8_e4m3", help="comma list of hf,fp16,int8,fp8_e4m3,fp8_e5m2")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds over all configurations; medians are reported")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of one sub-run's arguments
     args = ap.parse_args()
     if args.one:
@@ -159,43 +153,66 @@ def main() -> None:
     shapes = [(1, 256), (4, 512)] if args.quick else [(1, 1024), (8, 2048)]
     if args.shapes:
         shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+    impls = args.impls.split(",")
+    runs: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ws = workspace_for(hf, Path(tmp) / "ws", session_len=max(p for _, p in shapes) + args.new_tokens + 8)
-        rows = []
-        for batch, plen in shapes:
-            for impl in args.impls.split(","):
-                one = dict(
-                    impl=impl,
-                    batch=batch,
-                    prompt_len=plen,
-                    new_tokens=args.new_tokens,
-                    threads=args.threads,
-                    dtype=args.dtype,
-                    hf=str(hf),
-                    workspace=str(ws),
-                )
-                out = subprocess.run(
-                    [sys.executable, __file__, "--one", json.dumps(one)], capture_output=True, text=True, cwd=ROOT
-                )
-                if out.returncode != 0:
-                    raise SystemExit(f"sub-run {one} failed:\n{out.stderr[-3000:]}")
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                r = rows[-1]
-                print(
-                    f"{impl:>9} b{batch} x {plen}: prefill {r['prefill_tok_s']:8.1f} tok/s  decode "
-                    f"{r['decode_tok_s']:7.2f} tok/s  KV {r['kv_bytes_per_token']:.0f} B/token  "
-                    f"peak {r['peak_rss_mib']:.0f} MiB",
-                    flush=True,
-                )
-    print(f"\nthreads {args.threads}, our compute dtype {args.dtype}, {args.new_tokens} new tokens, HF fp32")
+        # Round-robin: every configuration once per round, so slow drifts of a shared machine hit all alike.
+        for rnd in range(args.repeats):
+            for batch, plen in shapes:
+                for impl in impls:
+                    one = dict(
+                        impl=impl,
+                        batch=batch,
+                        prompt_len=plen,
+                        new_tokens=args.new_tokens,
+                        threads=args.threads,
+                        dtype=args.dtype,
+                        hf=str(hf),
+                        workspace=str(ws),
+                    )
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--one", json.dumps(one)], capture_output=True, text=True, cwd=ROOT
+                    )
+                    if out.returncode != 0:
+                        raise SystemExit(f"sub-run {one} failed:\n{out.stderr[-3000:]}")
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    runs.setdefault((batch, plen, impl), []).append(r)
+                    print(
+                        f"round {rnd + 1}/{args.repeats} {impl:>9} b{batch} x {plen}: prefill "
+                        f"{r['prefill_tok_s']:8.1f} tok/s  decode {r['decode_tok_s']:7.2f} tok/s",
+                        flush=True,
+                    )
+
+    def med(key: tuple, field: str) -> float:
+        return statistics.median(r[field] for r in runs[key])
+
+    print(
+        f"\nmedians of {args.repeats} rounds; threads {args.threads}, our compute dtype {args.dtype}, "
+        f"{args.new_tokens} new tokens, HF fp32"
+    )
+    print(
+        f"{'run':>20} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode range':>15} {'KV B/token':>11} {'peak MiB':>9}"
+    )
     for batch, plen in shapes:
-        by = {r["impl"]: r for r in rows if r["batch"] == batch and r["prompt_len"] == plen}
+        for impl in impls:
+            key = (batch, plen, impl)
+            dec = [r["decode_tok_s"] for r in runs[key]]
+            print(
+                f"{impl + f' b{batch} x {plen}':>20} {med(key, 'prefill_tok_s'):14.1f} {med(key, 'decode_tok_s'):13.2f} "
+                f"{min(dec):7.2f}-{max(dec):<7.2f} {runs[key][0]['kv_bytes_per_token']:11.0f} "
+                f"{max(r['peak_rss_mib'] for r in runs[key]):9.0f}"
+            )
+    for batch, plen in shapes:
         parts = []
-        if "hf" in by and "fp16" in by:
-            parts.append(f"fp16/HF {by['fp16']['decode_tok_s'] / by['hf']['decode_tok_s']:.2f}x")
+        if "hf" in impls and "fp16" in impls:
+            parts.append(
+                f"fp16/HF {med((batch, plen, 'fp16'), 'decode_tok_s') / med((batch, plen, 'hf'), 'decode_tok_s'):.2f}x"
+            )
         for q in ("int8", "fp8_e4m3", "fp8_e5m2"):
-            if q in by and "fp16" in by:
-                parts.append(f"{q}/fp16 {by[q]['decode_tok_s'] / by['fp16']['decode_tok_s']:.2f}x")
+            if q in impls and "fp16" in impls:
+                ratio = med((batch, plen, q), "decode_tok_s") / med((batch, plen, "fp16"), "decode_tok_s")
+                parts.append(f"{q}/fp16 {ratio:.2f}x")
         print(f"decode ratios b{batch} x {plen}: " + ", ".join(parts))
 
 
