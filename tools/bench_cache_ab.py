@@ -1,0 +1,81 @@
+"""Decode-step time of the fp16, INT8 and FP8 caches side by side, in one process, interleaved.
+
+Cross-process benchmarks (tools/bench_decode.py) drift with the load of a shared machine; here the
+three engines take turns step by step on the same filled cache length, so drift hits all alike:
+
+    python tools/bench_cache_ab.py --batch 8 --context 2048 [--steps 12] [--threads 2]
+
+Each engine's cache is filled with random K/V (quantized by the engine's own quantizer) up to
+`--context` tokens; every step decodes one token per sequence and resets the length, so the context
+stays fixed. Reports the median ms/step (first two steps dropped) and the ratio to fp16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_decode import workspace_for  # noqa: E402
+from make_demo_model import ensure_demo_model  # noqa: E402
+
+
+def filled_engine(ws: Path, kv: str, batch: int, context: int):
+    from runtime.engine import Engine
+    from runtime.kv_params import KVParams
+
+    params = None
+    if kv.startswith("fp8"):  # fixed per-layer scales (speed does not depend on their values)
+        from runtime.workspace import load_config
+
+        cfg = load_config(ws)
+        full = lambda v: torch.full((cfg.num_layer, cfg.kv_head_num), v)  # noqa: E731
+        params = KVParams(kv, "tensor", full(0.05), full(0.0), full(0.02), full(0.0))
+    engine = Engine(ws, kv_cache_dtype=kv, max_batch_size=batch, session_len=context + 8, kv_params=params)
+    sessions = [engine.new_session() for _ in range(batch)]
+    g = torch.Generator().manual_seed(0)
+    for i in range(engine.config.num_layer):
+        for which, cache in (("k", engine.cache.k[i]), ("v", engine.cache.v[i])):
+            x = torch.randn(cache.shape[0], cache.shape[1], context, cache.shape[3], generator=g)
+            cache[:, :, :context] = engine.quantizer.quantize(x, i, which)
+    for s in sessions:
+        s.cached = context
+    return engine, sessions
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = workspace_for(ensure_demo_model(), Path(tmp) / "ws", session_len=args.context + 8)
+        engines = {kv: filled_engine(ws, kv, args.batch, args.context) for kv in ("fp16", "int8", "fp8_e4m3")}
+        times: dict[str, list[float]] = {kv: [] for kv in engines}
+        for _ in range(args.steps):
+            for kv, (engine, sessions) in engines.items():
+                t = time.perf_counter()
+                engine._step(sessions, [[5]] * args.batch)
+                times[kv].append(time.perf_counter() - t)
+                for s in sessions:
+                    s.cached = args.context
+    med = {kv: statistics.median(v[2:]) for kv, v in times.items()}
+    for kv in engines:
+        print(
+            f"{kv:>9} batch {args.batch} x {args.context}: {med[kv] * 1000:7.1f} ms/step "
+            f"{args.batch / med[kv]:6.1f} tok/s   {med['fp16'] / med[kv]:.2f}x fp16"
+        )
+
+
+if __name__ == "__main__":
+    main()
