@@ -158,11 +158,14 @@ def mode_params(spec: ModeSpec, wdir: Path, cfg):
     return None
 
 
-def build_engine(workspace, spec: ModeSpec, params, *, dtype: str, batch_size: int, seqlen: int, use_context_fmha: int):
-    """One runtime Engine in this mode, its cache sized for one batch of windows."""
+def build_engine(
+    workspace, spec: ModeSpec, params, *, dtype: str, batch_size: int, seqlen: int, use_context_fmha: int, model=None
+):
+    """One runtime Engine in this mode, its cache sized for one batch of windows (model: weights to share)."""
     from runtime.engine import Engine
 
     kw = dict(
+        model=model,
         calculate_kv_scales=spec.variant == "dynamic",
         dtype=dtype,
         max_batch_size=batch_size,
@@ -267,7 +270,8 @@ def evaluate(
         warnings.warn(note, stacklevel=2)
 
     engines = {}
-    for s in specs:
+    for s in specs:  # one copy of the weights, shared by every mode's engine
+        shared = next(iter(engines.values())).model if engines else None
         engines[s.name] = build_engine(
             workspace,
             s,
@@ -276,6 +280,7 @@ def evaluate(
             batch_size=batch_size,
             seqlen=seqlen,
             use_context_fmha=use_context_fmha,
+            model=shared,
         )
     cache = {s.name: {"kv_dtype": s.kv_dtype, **check_cache_bytes(engines[s.name], s.kv_dtype)} for s in specs}
     ref = engines[specs[0].name]

@@ -102,8 +102,11 @@ class Engine:
         use_context_fmha: int | None = None,
         kv_granularity: str | None = None,
         kv_params: kv_params.KVParams | None = None,
+        model: Transformer | None = None,
     ) -> None:
-        """kv_params: explicit parameters (e.g. lite.eval's scale-1.0 baseline) instead of the workspace files."""
+        """kv_params: explicit parameters (e.g. lite.eval's scale-1.0 baseline) instead of the workspace files.
+        model: the weights of another engine on the same workspace, dtype and device, shared instead of loaded
+        again (lite.eval runs one engine per KV mode)."""
         from runtime.templates import get_template
 
         self.settings = s = EngineSettings(
@@ -127,9 +130,17 @@ class Engine:
             raise ValueError(f"device = {s.device!r} but this torch build sees no CUDA device; use device='cpu'")
         self.template = get_template(cfg.model_name)
         self.tokenizer = _load_tokenizer(self.wdir)
-        self.model = Transformer(
-            cfg, read_joined(self.wdir, cfg), dtype=DTYPES[s.dtype], device=self.device, max_len=self.session_len
-        )
+        if model is None:
+            model = Transformer(
+                cfg, read_joined(self.wdir, cfg), dtype=DTYPES[s.dtype], device=self.device, max_len=self.session_len
+            )
+        elif (model.cfg, model.dtype, torch.device(model.device)) != (cfg, DTYPES[s.dtype], self.device) or (
+            model.cos.shape[0] < self.session_len
+        ):
+            raise ValueError(
+                "model= must come from an engine on the same workspace, dtype, device and at least this session_len"
+            )
+        self.model = model
         self.kv_granularity = s.kv_granularity or cfg.kv_granularity
         self.quantizer, self.scale_source = self._make_quantizer(kv_params)
         self.cache = KVCache(

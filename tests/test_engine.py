@@ -193,3 +193,14 @@ def test_explicit_kv_params_and_granularity_override(ws):
             kv_cache_dtype="int8",
             kv_params=KVParams("fp8_e4m3", "tensor", full(1.0), full(0.0), full(1.0), full(0.0)),
         )
+
+
+def test_engines_can_share_one_model(ws):
+    first = Engine(ws, kv_cache_dtype="fp16", max_batch_size=1)
+    second = Engine(ws, kv_cache_dtype="fp8_e4m3", calculate_kv_scales=True, max_batch_size=2, model=first.model)
+    assert second.model is first.model and second.cache is not first.cache
+    alone = Engine(ws, kv_cache_dtype="fp8_e4m3", calculate_kv_scales=True, max_batch_size=2)
+    tokens = torch.tensor([PROMPTS[1]])
+    assert torch.equal(second.score(tokens), alone.score(tokens))
+    with pytest.raises(ValueError, match="same workspace, dtype, device"):
+        Engine(ws, dtype="bfloat16", model=first.model)

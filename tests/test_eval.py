@@ -136,9 +136,11 @@ def test_build_engine_passes_kv_params(monkeypatch, workspace):
             use_context_fmha=None,
             kv_params=None,
             kv_granularity=None,
+            model=None,
         ):
             calls.append(
                 dict(
+                    model=model,
                     kv_cache_dtype=kv_cache_dtype,
                     dynamic=calculate_kv_scales,
                     params=kv_params,
