@@ -181,12 +181,6 @@ def deferred_ctrl_c() -> Iterator[_CtrlC]:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
-def stop_token_ids(tokenizer, stop_words) -> list[int]:
-    """Stop words that are single tokens (e.g. '<|im_end|>'), as ids the engine can stop on."""
-    ids = [tokenizer.encode(w, add_special_tokens=False) for w in stop_words]
-    return sorted({t[0] for t in ids if len(t) == 1})
-
-
 def sampling_params(args: argparse.Namespace, engine) -> SamplingParams:
     """Command-line sampling options over the chat template's defaults."""
     t = engine.template
@@ -201,7 +195,7 @@ def sampling_params(args: argparse.Namespace, engine) -> SamplingParams:
         repetition_penalty=pick(args.repetition_penalty, t.repetition_penalty),
         max_tokens=args.max_new_tokens,
         stop=list(t.stop_words) or None,
-        stop_token_ids=stop_token_ids(engine.tokenizer, t.stop_words) or None,
+        stop_token_ids=t.stop_token_ids(engine.tokenizer) or None,
         seed=args.seed,
     )
 

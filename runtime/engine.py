@@ -154,11 +154,7 @@ class Engine:
             kernels=_kernels(self.device),
         )
         self.free_slots = list(range(self.max_batch_size))
-        self.eos_ids = {cfg.end_id} | {
-            ids[0]
-            for w in self.template.stop_words
-            if len(ids := self.tokenizer.encode(w, add_special_tokens=False)) == 1
-        }
+        self.eos_ids = {cfg.end_id, *self.template.stop_token_ids(self.tokenizer)}
 
     def _make_quantizer(self, explicit: kv_params.KVParams | None) -> tuple[StaticQuantizer, str]:
         cfg, kv = self.config, self.kv_dtype

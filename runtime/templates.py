@@ -49,6 +49,11 @@ class ChatTemplate:
     top_k: int = 40
     repetition_penalty: float = 1.0
 
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        """The stop words that are single tokens (e.g. '<|im_end|>'), as ids generation can stop on."""
+        ids = [tokenizer.encode(w, add_special_tokens=False) for w in self.stop_words]
+        return sorted({t[0] for t in ids if len(t) == 1})
+
     def get_prompt(self, user_text: str, sequence_start: bool) -> str:
         """Text of one user turn, ending in the assistant prefix (system block when sequence_start)."""
         u = user_text

@@ -84,3 +84,14 @@ def test_chatml_second_turn_continues_the_reference(demo_model):
     ref = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     ours = t.get_prompt("Hi", True) + "Hello!" + "<|im_end|>" + t.get_prompt("Bye", False)
     assert ours == ref
+
+
+def test_stop_token_ids_are_the_single_token_stop_words(demo_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert get_template("smollm2").stop_token_ids(tok) == [im_end]
+    multi = ChatTemplate(name="x", stop_words=("<|im_end|>", "USER:"))  # "USER:" is several tokens: not an id
+    assert multi.stop_token_ids(tok) == [im_end]
+    assert get_template("base").stop_token_ids(tok) == []
