@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from runtime.detokenize import IncrementalDetokenizer, StopStringChecker
 from runtime.sampling import SamplingParams
 
 
@@ -73,8 +74,19 @@ class LLM:
         texts = [p if isinstance(p, str) else None for p in prompts]
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
 
-        def hit_stop(b: int, tokens: list[int]) -> bool:
-            return params[b].stop is not None and _cut(self._decode(tokens), params[b].stop)[1]
+        # Per sequence with stop strings: stream the new token's text into the stop-string checker
+        # (re-decoding the whole output every step would cost O(n^2) decodes per sequence).
+        watch = {
+            b: (IncrementalDetokenizer(self.tokenizer), StopStringChecker(p.stop))
+            for b, p in enumerate(params)
+            if p.stop
+        }
+
+        def hit_stop(b: int, tokens: list[int]) -> bool:  # called once per generated token, in order
+            if b not in watch:
+                return False
+            detok, checker = watch[b]
+            return checker.feed(detok.add(tokens[-1]))[1]
 
         outs = self.engine.generate(ids, params, stop_check=hit_stop)
         results = []
@@ -91,5 +103,6 @@ class LLM:
 
 def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
     """Text up to the earliest stop string, and whether one occurred."""
-    hits = [i for s in stops if (i := text.find(s)) >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
+    checker = StopStringChecker(stops)
+    kept, stopped = checker.feed(text)
+    return kept + checker.flush(), stopped
