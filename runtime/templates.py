@@ -6,6 +6,10 @@ turn, because the KV cache already holds the history (REFERENCE.md §5). Replies
 tokenizer's EOS or on one of `stop_words`; the stop token itself is not followed by the
 template's newline, so later ChatML turns open with "\\n" to close the previous reply's line.
 
+`render_messages` renders an OpenAI-style message list (system / user / assistant) in one go, for
+the HTTP server, which sends the whole conversation each time: the turns are the same `get_prompt`
+pieces, each earlier reply closed by the style's end-of-reply marker (`END_OF_REPLY`).
+
 `add_bos` asks the caller to put the tokenizer's start_id (config.ini start_id) before the first
 turn; the text itself never spells a BOS token.
 
@@ -17,6 +21,7 @@ chat_template.jinja for the first turn.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 LLAMA2_SYSTEM = (
@@ -32,6 +37,10 @@ VICUNA_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+# What closes an earlier assistant reply inside a rendered conversation, per style. In a live chat
+# the reply's stop token is already in the KV cache; a re-rendered history has to spell it.
+END_OF_REPLY = {"raw": "", "vicuna": "</s>", "internlm": "<eoa>", "llama2": " </s><s>", "chatml": "<|im_end|>"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,40 @@ class ChatTemplate:
                 return f"{system}<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n"
             return f"\n<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n"
         raise ValueError(f"chat template {self.name!r} has unknown style {self.style!r}")
+
+    def render_messages(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """A whole conversation as prompt text: an optional leading system message (it replaces the
+        template's default system text), then user / assistant turns in alternation. Ending on a user
+        message gives the assistant prefix; ending on an assistant message leaves that reply open, so the
+        model continues it. ValueError names the offending message (messages[i])."""
+        template, rest = self, list(messages)
+        if rest and rest[0].get("role") == "system":
+            template = dataclasses.replace(self, system=rest[0].get("content", ""))
+            rest = rest[1:]
+        offset = len(messages) - len(rest)
+        if not any(m.get("role") == "user" for m in rest):
+            raise ValueError("messages: need at least one user message")
+        parts: list[str] = []
+        previous = None
+        for i, m in enumerate(rest, start=offset):
+            role, content = m.get("role"), m.get("content", "")
+            if role == "system":
+                raise ValueError(f"messages[{i}]: a system message may only come first")
+            if role not in ("user", "assistant"):
+                raise ValueError(f"messages[{i}].role = {role!r}: expected system, user or assistant")
+            if role == previous or (role == "assistant" and previous is None):
+                raise ValueError(
+                    f"messages[{i}]: {role} after {previous or 'the start'}; user and assistant turns must alternate, "
+                    "starting with user"
+                )
+            if role == "user":
+                if previous == "assistant":
+                    parts.append(END_OF_REPLY[self.style])
+                parts.append(template.get_prompt(content, sequence_start=previous is None))
+            else:
+                parts.append(content)
+            previous = role
+        return "".join(parts)
 
 
 def _table() -> dict[str, ChatTemplate]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from runtime.templates import LLAMA2_SYSTEM, SMOLLM2_SYSTEM, TEMPLATES, VICUNA_SYSTEM, ChatTemplate, get_template
@@ -95,3 +97,62 @@ def test_stop_token_ids_are_the_single_token_stop_words(demo_model):
     multi = ChatTemplate(name="x", stop_words=("<|im_end|>", "USER:"))  # "USER:" is several tokens: not an id
     assert multi.stop_token_ids(tok) == [im_end]
     assert get_template("base").stop_token_ids(tok) == []
+
+
+def test_render_messages_matches_smollm2_tokenizer(demo_model):
+    """A whole conversation (system, user, assistant, user) renders as SmolLM2's chat_template.jinja does,
+    with and without an explicit system message."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    t = get_template("smollm2")
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Name a city.\nOne word."},
+    ]
+    for msgs in (turns, [{"role": "system", "content": "Be brief."}, *turns], turns[:1]):
+        ref = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert t.render_messages(msgs) == ref
+    # Ending on an assistant message continues that reply (no end-of-reply, no new assistant prefix).
+    open_reply = t.render_messages(turns[:2])
+    assert open_reply == t.get_prompt("Hi", True) + "Hello! How can I help?"
+
+
+@pytest.mark.parametrize(
+    "name,second",
+    [
+        ("vicuna", f"{VICUNA_SYSTEM} USER: Hi ASSISTANT: Yo</s> USER: Bye ASSISTANT: "),
+        ("internlm-chat-7b", "<|User|>:Hi<eoh>\n<|Bot|>:Yo<eoa>\n<|User|>:Bye<eoh>\n<|Bot|>:"),
+        ("llama2", f"[INST] <<SYS>>\n{LLAMA2_SYSTEM}\n<</SYS>>\n\nHi [/INST] Yo </s><s>[INST] Bye [/INST] "),
+        ("base", "HiYoBye"),
+    ],
+)
+def test_render_messages_other_styles(name, second):
+    msgs = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"},
+        {"role": "user", "content": "Bye"},
+    ]
+    assert get_template(name).render_messages(msgs) == second
+    custom = get_template(name).render_messages([{"role": "system", "content": "S"}, msgs[0]])
+    assert custom == dataclasses.replace(get_template(name), system="S").get_prompt("Hi", True)
+
+
+@pytest.mark.parametrize(
+    "msgs,match",
+    [
+        ([], "at least one user message"),
+        ([{"role": "system", "content": "S"}], "at least one user message"),
+        (
+            [{"role": "assistant", "content": "A"}, {"role": "user", "content": "U"}],
+            r"messages\[0\]: assistant after the start",
+        ),
+        ([{"role": "user", "content": "U"}, {"role": "user", "content": "U"}], r"messages\[1\]: user after user"),
+        ([{"role": "user", "content": "U"}, {"role": "system", "content": "S"}], r"messages\[1\]: a system message"),
+        ([{"role": "user", "content": "U"}, {"role": "tool", "content": "T"}], r"messages\[1\]\.role = 'tool'"),
+    ],
+)
+def test_render_messages_refuses_malformed_conversations(msgs, match):
+    with pytest.raises(ValueError, match=match):
+        get_template("smollm2").render_messages(msgs)
