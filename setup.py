@@ -36,6 +36,10 @@ setup(
         "click",
         "tqdm",
         "matplotlib",
+        # python -m runtime.serve (the OpenAI-compatible HTTP server)
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "gpu": ["cupy-cuda12x", "nvidia-cuda-runtime-cu12"],  # runtime wheel: cuda_fp16.h / cuda_fp8.h for NVRTC
@@ -45,6 +49,9 @@ setup(
             "gguf",
             "accelerate",
             "sentencepiece",
+            # the server tests talk to it with the official client and raw HTTP
+            "openai>=1.40",
+            "httpx>=0.27",
             # NVRTC + CUDA headers compile the kernels without a GPU (tests/cuda).
             "cupy-cuda12x",
             "nvidia-cuda-nvrtc-cu12",

@@ -1,0 +1,671 @@
+"""`python -m runtime.serve WORKSPACE`: an OpenAI-compatible HTTP server on the quantized-cache engine.
+
+    python -m runtime.serve demo_out/workspace --kv-cache-dtype int8 --kv-cache-gib 1 --port 23333
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (503 once the
+engine loop has died), GET /metrics (Prometheus text). Request and response shapes live in
+runtime/protocol.py.
+
+Threads: the engine is not thread-safe, so one thread (`EngineLoop`) owns it. HTTP handlers, on the
+asyncio loop, hand it submissions and aborts through a thread-safe queue; it admits them between
+scheduler steps, steps while anything is unfinished and blocks on the queue when idle (no busy spin).
+It also turns each request's tokens into text: incremental detokenization (never a split UTF-8
+character), stop strings cut with StopStringChecker, and abort_request the moment one appears, so the
+request's blocks are freed in the same iteration. Text deltas go back to per-request asyncio queues
+through loop.call_soon_threadsafe. A client that disconnects (mid-stream, or while waiting for a
+non-streamed answer) aborts its request. If a step raises, every pending request gets a 500, new
+ones a 503, and /health says 503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from runtime import protocol as P
+from runtime.detokenize import IncrementalDetokenizer, StopStringChecker
+from runtime.protocol import APIError
+from runtime.sampling import SamplingParams
+
+DEFAULT_PORT = 23333  # LMDeploy's api_server port
+
+
+# -- what travels between the HTTP handlers and the engine thread ---------------------------------
+@dataclass
+class Submission:
+    request_id: str
+    index: int  # the choice (completions accept a batch of prompts)
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    deliver: Callable[[object], None]  # thread-safe: puts an event on the request's asyncio queue
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Accepted:
+    index: int
+
+
+@dataclass
+class Failed:
+    index: int
+    error: APIError
+
+
+@dataclass
+class Delta:
+    index: int
+    text: str
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _Track:
+    """Per-request state owned by the engine thread."""
+
+    sub: Submission
+    detok: IncrementalDetokenizer
+    stops: StopStringChecker
+    stop_ids: set[int]
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+_STOP = object()
+
+
+class EngineLoop:
+    """The one thread that owns the engine: add / abort / step, detokenization, stop strings."""
+
+    def __init__(self, engine, metrics: Metrics | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.active: dict[str, _Track] = {}
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.lock = threading.Lock()  # orders submit() against the loop dying or stopping
+        self.snapshot = engine.stats()  # read by /metrics; replaced (never mutated) after each iteration
+        self.eos_ids = set(getattr(engine, "eos_ids", ()) or ())
+        self.thread = threading.Thread(target=self._run, name="kvq-engine", daemon=True)
+
+    # -- called from any thread -------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self.thread.is_alive()
+
+    def submit(self, sub: Submission) -> None:
+        with self.lock:
+            if self.error is not None or self.stopped:
+                why = "server is shutting down" if self.error is None else f"engine loop died: {self.error!r}"
+                sub.deliver(Failed(sub.index, APIError(503, why)))
+                return
+            self.inbox.put(("add", sub))
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self.lock:
+            self.stopped = True
+        self.inbox.put(_STOP)
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    # -- the engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._drain(block=not self.engine.has_unfinished_requests()):
+                if self.engine.has_unfinished_requests():
+                    self._dispatch(self.engine.step())
+                self.snapshot = self.engine.stats()
+            self._fail_all(APIError(503, "server is shutting down"))
+        except BaseException as e:  # whatever killed the loop goes to the clients and /health
+            traceback.print_exc()
+            with self.lock:
+                self.error = e
+            self._fail_all(APIError(500, f"engine loop died: {e!r}"))
+
+    def _fail_all(self, error: APIError) -> None:
+        with self.lock:  # nothing new gets in after this (submit sees error / stopped)
+            items = []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    items.append(self.inbox.get_nowait())
+        for item in items:
+            if item is not _STOP and item[0] == "add":
+                item[1].deliver(Failed(item[1].index, error))
+        for track in self.active.values():
+            track.sub.deliver(Failed(track.sub.index, error))
+        self.active.clear()
+
+    def _drain(self, block: bool) -> bool:
+        """Admit submissions and apply aborts; False once asked to stop."""
+        items = [self.inbox.get()] if block else []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.append(self.inbox.get_nowait())
+        for item in items:
+            if item is _STOP:
+                return False
+            kind, x = item
+            if kind == "add":
+                self._add(x)
+            elif x in self.active:  # abort of a request still running (finished ones are gone already)
+                del self.active[x]
+                self.engine.abort_request(x)
+                if self.metrics:
+                    self.metrics.finished("abort")
+        return True
+
+    def _add(self, sub: Submission) -> None:
+        try:
+            self.engine.add_request(sub.prompt_token_ids, sub.params, sub.request_id)
+        except ValueError as e:  # RequestError: prompt + max_tokens beyond session_len or the pool
+            sub.deliver(Failed(sub.index, APIError(400, str(e))))
+            return
+        p = sub.params
+        stop_ids = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else self.eos_ids)
+        self.active[sub.request_id] = _Track(
+            sub,
+            IncrementalDetokenizer(self.engine.tokenizer, sub.prompt_token_ids),
+            StopStringChecker(p.stop),
+            stop_ids,
+        )
+        sub.deliver(Accepted(sub.index))
+
+    def _dispatch(self, outputs) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            track = self.active.get(out.request_id)
+            if track is None:  # aborted (client gone or stop string) while the step ran
+                continue
+            pieces, hit = [], False
+            for k, tok in enumerate(out.new_token_ids):
+                if self.metrics and track.last_token_at is not None:
+                    self.metrics.itl.observe(now - track.last_token_at)
+                track.first_token_at = track.first_token_at or now
+                track.last_token_at = now
+                last = k == len(out.new_token_ids) - 1
+                if out.finished and last and out.finish_reason == "stop" and tok in track.stop_ids:
+                    continue  # EOS / stop token: ends the answer, is not part of its text (as vLLM)
+                piece, hit = track.stops.feed(track.detok.add(tok))
+                pieces.append(piece)
+                if hit:
+                    break
+            finished, reason = out.finished, out.finish_reason
+            if hit:
+                finished, reason = True, "stop"
+                if not out.finished:
+                    self.engine.abort_request(out.request_id)  # frees its blocks now
+            elif out.finished:
+                piece, hit = track.stops.feed(_final_text(track.detok))
+                pieces.append(piece + track.stops.flush())
+                reason = "stop" if hit else reason
+            text = "".join(pieces)
+            if text or finished:
+                track.sub.deliver(
+                    Delta(track.sub.index, text, finished, reason, out.num_prompt_tokens, out.num_output_tokens)
+                )
+            if finished:
+                del self.active[out.request_id]
+                if self.metrics:
+                    self.metrics.request_done(track, now, reason)
+
+
+def _final_text(detok: IncrementalDetokenizer) -> str:
+    """What the detokenizer still holds at the end of a response."""
+    return detok.flush()
+
+
+# -- metrics --------------------------------------------------------------------------------------
+class Metrics:
+    """Prometheus metrics in the app's own registry: engine gauges/counters read from the engine thread's
+    latest stats snapshot at scrape time, latency histograms observed as requests finish."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.loop: EngineLoop | None = None
+        buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100)
+        self.ttft = Histogram(
+            "kvq_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            buckets=buckets,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "kvq_e2e_request_latency_seconds", "Arrival to the last token", buckets=buckets, registry=self.registry
+        )
+        self.itl = Histogram(
+            "kvq_time_per_output_token_seconds",
+            "Gap between consecutive tokens",
+            buckets=buckets,
+            registry=self.registry,
+        )
+        self._finished = Counter(
+            "kvq_requests_finished", "Requests by finish reason", ["finished_reason"], registry=self.registry
+        )
+        self.registry.register(_EngineCollector(self))
+
+    def request_done(self, track: _Track, now: float, reason: str | None) -> None:
+        self.e2e.observe(now - track.sub.arrival)
+        if track.first_token_at is not None:
+            self.ttft.observe(track.first_token_at - track.sub.arrival)
+        self.finished(reason or "stop")
+
+    def finished(self, reason: str) -> None:
+        self._finished.labels(reason).inc()
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        loop = self.metrics.loop
+        if loop is None:
+            return
+        s = loop.snapshot
+        gauges = [
+            ("kvq_num_requests_running", "Requests being prefilled or decoded", s.num_running),
+            ("kvq_num_requests_waiting", "Requests queued for KV blocks", s.num_waiting),
+            ("kvq_kv_blocks_total", "KV cache blocks in the pool", s.num_blocks),
+            ("kvq_kv_blocks_used", "KV cache blocks in use", s.num_blocks - s.num_free_blocks),
+            ("kvq_kv_cache_tokens", "Tokens the KV pool holds", s.kv_cache_tokens),
+            ("kvq_engine_healthy", "1 while the engine loop runs", int(loop.healthy)),
+        ]
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=value)
+        info = GaugeMetricFamily(
+            "kvq_kv_cache_info", "KV cache storage dtype and block size", labels=["kv_dtype", "block_size"]
+        )
+        info.add_metric([str(s.kv_dtype), str(s.block_size)], 1)
+        yield info
+        counters = [
+            ("kvq_generation_tokens", "Generated tokens", s.num_generated_tokens),
+            ("kvq_prompt_tokens", "Prefilled prompt tokens", s.num_prompt_tokens),
+            ("kvq_num_preemptions", "Requests preempted for lack of KV blocks", s.num_preemptions),
+        ]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(name, doc, value=value)
+
+
+# -- the asyncio side of one HTTP request ---------------------------------------------------------
+class Run:
+    """One HTTP request's engine requests (one per prompt) and the events coming back for them."""
+
+    def __init__(self, loop: EngineLoop, base_id: str, n: int) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        aio = asyncio.get_running_loop()
+        self.deliver = lambda ev: aio.call_soon_threadsafe(self.queue.put_nowait, ev)
+        self.ids = [base_id] if n == 1 else [f"{base_id}-{i}" for i in range(n)]
+        self.done = [False] * n
+        self.backlog: list = []
+        self.usage = [(0, 0)] * n
+
+    async def start(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Submit every prompt; raises the first rejection (after aborting the accepted ones)."""
+        for i, ids in enumerate(prompts):
+            self.loop.submit(Submission(self.ids[i], i, ids, params, self.deliver))
+        answered, error = 0, None
+        while answered < len(prompts):
+            ev = await self.queue.get()
+            if isinstance(ev, Accepted | Failed):
+                answered += 1
+                if isinstance(ev, Failed):
+                    self.done[ev.index] = True
+                    error = error or ev.error
+            else:  # an early prompt's output while later ones are still being admitted
+                self.backlog.append(ev)
+        if error is not None:
+            self.abort_unfinished()
+            raise error
+
+    async def events(self) -> AsyncIterator[Delta | Failed]:
+        while self.backlog or not all(self.done):
+            ev = self.backlog.pop(0) if self.backlog else await self.queue.get()
+            if isinstance(ev, Failed):
+                self.done[ev.index] = True
+            elif ev.finished:
+                self.done[ev.index] = True
+                self.usage[ev.index] = (ev.prompt_tokens, ev.completion_tokens)
+            yield ev
+
+    def abort_unfinished(self) -> None:
+        for rid, done in zip(self.ids, self.done, strict=True):
+            if not done:
+                self.loop.abort(rid)
+        self.done = [True] * len(self.done)
+
+    def total_usage(self) -> dict:
+        return P.usage(sum(u[0] for u in self.usage), sum(u[1] for u in self.usage))
+
+    async def collect(self, request) -> tuple[list[str], list[str | None]]:
+        """All text and finish reasons; the requests are aborted if the client goes away first."""
+        texts: list[list[str]] = [[] for _ in self.ids]
+        reasons: list[str | None] = [None] * len(self.ids)
+
+        async def consume() -> None:
+            async for ev in self.events():
+                if isinstance(ev, Failed):
+                    raise ev.error
+                texts[ev.index].append(ev.text)
+                reasons[ev.index] = ev.finish_reason if ev.finished else None
+
+        task = asyncio.ensure_future(consume())
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+            self.abort_unfinished()
+        if task.cancelled():
+            raise _ClientGone
+        task.result()  # re-raises a Failed's error
+        return ["".join(t) for t in texts], reasons
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _disconnected(request) -> None:
+    """Returns when the client closes the connection (the body was read already, so the next ASGI
+    message can only be http.disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# -- the app --------------------------------------------------------------------------------------
+def create_app(engine, *, model_name: str, api_key: str | None = None, root: str | None = None):
+    """The FastAPI app serving `engine`; its lifespan starts and stops the engine thread."""
+    metrics = Metrics()
+    loop = EngineLoop(engine, metrics)
+    metrics.loop = loop
+    tok, template, cfg = engine.tokenizer, engine.template, engine.config
+    created = P.now()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loop.start()
+        yield
+        loop.shutdown()
+
+    app = FastAPI(title="kvq", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine_loop = loop
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e):
+        return JSONResponse(
+            P.error_body(str(e.detail), P.ERROR_TYPES.get(e.status_code, "Error"), None, e.status_code), e.status_code
+        )
+
+    def check_auth(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'")
+        if not hmac.compare_digest(header[7:].strip().encode(), api_key.encode()):
+            raise APIError(401, "invalid API key")
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model != model_name:
+            raise APIError(404, f"The model `{model}` does not exist (this server has `{model_name}`).", "model")
+
+    def check_engine() -> None:
+        if not loop.healthy:
+            raise APIError(503, f"engine loop is not running: {loop.error!r}")
+
+    def encode(prompt: str | list[int], where: str) -> list[int]:
+        if isinstance(prompt, str):
+            ids = tok.encode(prompt, add_special_tokens=False)
+            ids = [cfg.start_id, *ids] if template.add_bos else ids
+        else:
+            for j, t in enumerate(prompt):
+                if not 0 <= t < cfg.vocab_size:
+                    raise APIError(400, f"{where}[{j}] = {t}: token id out of range [0, {cfg.vocab_size})", "prompt")
+            ids = list(prompt)
+        if not ids:
+            raise APIError(400, f"{where}: the prompt is empty (0 tokens)", where.split("[")[0])
+        return ids
+
+    def stream(run: Run, chunk: Callable[[Delta], dict], head: list[dict], usage_obj: str, include_usage: bool):
+        created_at = P.now()
+
+        async def body():
+            try:
+                for c in head:
+                    yield P.sse(c)
+                async for ev in run.events():
+                    if isinstance(ev, Failed):  # the status line is sent already: the error goes in-stream
+                        yield P.sse(ev.error.body())
+                        break
+                    c = chunk(ev)
+                    if include_usage:
+                        c["usage"] = None
+                    yield P.sse(c)
+                else:
+                    if include_usage:
+                        yield P.sse(P.usage_chunk(run.ids[0], created_at, model_name, usage_obj, run.total_usage()))
+                yield P.sse("[DONE]")
+            finally:  # also on cancellation when the client disconnects: free the blocks
+                run.abort_unfinished()
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_auth(request)
+        req = P.parse_request(P.CompletionRequest, await request.body())
+        check_model(req.model)
+        check_engine()
+        prompts = req.prompts()
+        ids = [encode(p, "prompt" if len(prompts) == 1 else f"prompt[{i}]") for i, p in enumerate(prompts)]
+        params = req.sampling_params(req.max_tokens or P.DEFAULT_COMPLETION_MAX_TOKENS)
+        run = Run(loop, P.new_id("cmpl"), len(ids))
+        await run.start(ids, params)
+        if req.stream:
+            rid, t0 = run.ids[0], P.now()
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return stream(
+                run,
+                lambda ev: P.completion_chunk(rid, t0, model_name, ev.index, ev.text, ev.finish_reason),
+                [],
+                "text_completion",
+                include,
+            )
+        try:
+            texts, reasons = await run.collect(request)
+        except _ClientGone:
+            return Response(status_code=499)
+        return P.completion_response(run.ids[0], P.now(), model_name, texts, reasons, run.total_usage())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_auth(request)
+        req = P.parse_request(P.ChatCompletionRequest, await request.body())
+        check_model(req.model)
+        check_engine()
+        try:
+            text = template.render_messages(req.conversation())
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
+        ids = encode(text, "messages")
+        max_tokens = req.requested_max_tokens
+        if max_tokens is None:  # vLLM's default: whatever room the session (and the pool) leaves
+            room = min(engine.session_len, loop.snapshot.kv_cache_tokens)
+            max_tokens = room - len(ids)
+            if max_tokens < 1:
+                raise APIError(
+                    400,
+                    f"the conversation is {len(ids)} tokens; it leaves no room to answer in "
+                    f"session_len {engine.session_len} / KV pool {loop.snapshot.kv_cache_tokens} tokens",
+                    "messages",
+                )
+        params = req.sampling_params(max_tokens, extra_stop=template.stop_words)
+        run = Run(loop, P.new_id("chatcmpl"), 1)
+        await run.start([ids], params)
+        rid = run.ids[0]
+        if req.stream:
+            t0 = P.now()
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            head = [P.chat_chunk(rid, t0, model_name, {"role": "assistant", "content": ""}, None)]
+            if include:
+                head[0]["usage"] = None
+            return stream(
+                run,
+                lambda ev: P.chat_chunk(rid, t0, model_name, {"content": ev.text} if ev.text else {}, ev.finish_reason),
+                head,
+                "chat.completion.chunk",
+                include,
+            )
+        try:
+            texts, reasons = await run.collect(request)
+        except _ClientGone:
+            return Response(status_code=499)
+        return P.chat_response(rid, P.now(), model_name, texts[0], reasons[0], run.total_usage())
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        return P.models_list(model_name, root or model_name, engine.session_len, created)
+
+    @app.get("/health")
+    async def health():
+        if loop.healthy:
+            return {"status": "ok"}
+        return JSONResponse({"status": f"engine loop is not running: {loop.error!r}"}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# -- command line ---------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.split("\n")[0])
+    p.add_argument("workspace", help="workspace directory written by python -m deploy")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp16", "int8", "fp8", "fp8_e4m3", "fp8_e5m2"],
+        help="KV cache storage (auto = config.ini kv_cache_dtype)",
+    )
+    p.add_argument("--calculate-kv-scales", action="store_true", help="FP8: per-layer scales from the first prompt")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--cache-max-entry-count", type=float, help="fraction of free memory for the KV pool")
+    budget.add_argument("--kv-cache-gib", type=float, help="KV pool size in GiB")
+    p.add_argument(
+        "--api-key", default=os.environ.get("KVQ_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1/*"
+    )
+    p.add_argument("--served-model-name", help="the model name clients send (default: the workspace path)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (engine default float32)")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--session-len", type=int, help="longest prompt + answer (default: config.ini session_len)")
+    p.add_argument("--use-context-fmha", type=int, choices=[0, 1])
+    p.add_argument("--kv-granularity", choices=["tensor", "head"], help="which scale files to load")
+    p.add_argument("--block-size", type=int, help="tokens per KV block")
+    p.add_argument("--max-prefill-token-num", type=int, help="prompt tokens per scheduler step")
+    p.add_argument("--max-batch-size", type=int, help="most requests running at once")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--disable-access-log", action="store_true", help="no uvicorn line per HTTP request")
+    return p.parse_args(argv)
+
+
+ENGINE_OPTIONS = (
+    "kv_cache_dtype",
+    "calculate_kv_scales",
+    "dtype",
+    "device",
+    "session_len",
+    "use_context_fmha",
+    "kv_granularity",
+    "block_size",
+    "cache_max_entry_count",
+    "kv_cache_gib",
+    "max_prefill_token_num",
+    "max_batch_size",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import uvicorn
+
+    from runtime.engine import Engine
+
+    # Only what was given: the engine's own defaults stay the single source of truth.
+    kwargs = {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k) not in (None, False)}
+    try:
+        engine = Engine(args.workspace, **kwargs)
+    except (ValueError, FileNotFoundError) as e:  # WorkspaceError / bad option: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or args.workspace
+    app = create_app(engine, model_name=name, api_key=args.api_key, root=args.workspace)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(engine.banner())
+    print(
+        f"serving {name!r} on http://{host}:{args.port}/v1 (OpenAI API; /health, /metrics)"
+        f"{'; API key required' if args.api_key else ''} - Ctrl-C to stop",
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=not args.disable_access_log,
+        timeout_graceful_shutdown=5,  # open streams get 5 s to finish, then they are cancelled (and aborted)
+    )
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled: already shut down
+        server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
