@@ -633,8 +633,6 @@ ENGINE_OPTIONS = (
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import uvicorn
-
     from runtime.engine import Engine
 
     # Only what was given: the engine's own defaults stay the single source of truth.
@@ -653,17 +651,45 @@ def main(argv: list[str] | None = None) -> int:
         f"{'; API key required' if args.api_key else ''} - Ctrl-C to stop",
         flush=True,
     )
+    return run_server(app, args.host, args.port, log_level=args.log_level, access_log=not args.disable_access_log)
+
+
+class _Stop(BaseException):
+    """Raised by our SIGTERM handler, which uvicorn restores and re-raises after its graceful shutdown."""
+
+
+def run_server(app, host: str, port: int, *, log_level: str = "info", access_log: bool = True) -> int:
+    """Serve until Ctrl-C or SIGTERM, then shut down cleanly: stop listening, stop the engine thread
+    (requests still running end at once with a 503 error, in-stream for streams, so no connection is left
+    hanging), close the connections, exit 0."""
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # uvicorn would wait for open connections before the lifespan's shutdown; a long stream
+            # would then be cut without its [DONE]. Stopping the engine first ends every request properly.
+            await asyncio.to_thread(app.state.engine_loop.shutdown)
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        access_log=not args.disable_access_log,
-        timeout_graceful_shutdown=5,  # open streams get 5 s to finish, then they are cancelled (and aborted)
+        app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=10
     )
-    server = uvicorn.Server(config)
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled: already shut down
+    server = Server(config)
+
+    def stop(signum, frame):
+        raise _Stop
+
+    # uvicorn handles the signal itself, then re-raises it with the handler it found: these end the
+    # process quietly once everything has shut down (instead of a traceback or death by SIGTERM).
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
         server.run()
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0 if server.started else 1
 
 
