@@ -159,9 +159,20 @@ def mode_params(spec: ModeSpec, wdir: Path, cfg):
 
 
 def build_engine(
-    workspace, spec: ModeSpec, params, *, dtype: str, batch_size: int, seqlen: int, use_context_fmha: int, model=None
+    workspace,
+    spec: ModeSpec,
+    params,
+    *,
+    dtype: str,
+    batch_size: int,
+    seqlen: int,
+    use_context_fmha: int,
+    model=None,
+    cache_max_entry_count: float | None = None,
+    kv_cache_gib: float | None = None,
 ):
-    """One runtime Engine in this mode, its cache sized for one batch of windows (model: weights to share)."""
+    """One runtime Engine in this mode (model: weights to share). Its pool holds one batch of windows
+    (max_batch_size x session_len caps it) unless the budget is smaller; score then runs fewer rows a pass."""
     from runtime.engine import Engine
 
     kw = dict(
@@ -171,6 +182,8 @@ def build_engine(
         max_batch_size=batch_size,
         session_len=seqlen,
         use_context_fmha=use_context_fmha,
+        cache_max_entry_count=cache_max_entry_count,
+        kv_cache_gib=kv_cache_gib,
     )
     if params is not None:
         kw.update(kv_params=params, kv_granularity=params.granularity)
@@ -178,23 +191,24 @@ def build_engine(
 
 
 def check_cache_bytes(engine, kv_dtype: str) -> dict:
-    """Bytes/token from the formula against what the engine allocated: slots * session_len * bytes/token plus
+    """Bytes/token from the formula against what the engine allocated: blocks * block_size * bytes/token plus
     its fp32 parameters (4 per layer and KV head, as `runtime.kv_cache.StaticQuantizer` holds them)."""
     from lite.memory import bytes_per_token
 
     cfg = engine.config
     per_token = bytes_per_token(cfg, kv_dtype)
-    expected = engine.max_batch_size * engine.session_len * per_token + 16 * cfg.num_layer * cfg.kv_head_num
+    expected = engine.kv_cache_tokens * per_token + 16 * cfg.num_layer * cfg.kv_head_num
     if engine.cache_bytes() != expected:
         warnings.warn(
-            f"{kv_dtype}: engine.cache_bytes() = {engine.cache_bytes()}, formula {expected} ({engine.max_batch_size}"
-            f" slots x {engine.session_len} tokens x {per_token} B + parameters)",
+            f"{kv_dtype}: engine.cache_bytes() = {engine.cache_bytes()}, formula {expected} ({engine.num_kv_blocks}"
+            f" blocks x {engine.block_size} tokens x {per_token} B + parameters)",
             stacklevel=2,
         )
     return {
         "bytes_per_token": per_token,
         "engine_cache_bytes": engine.cache_bytes(),
         "formula_cache_bytes": expected,
+        "kv_cache_tokens": engine.kv_cache_tokens,
         "scale_bytes": 0 if kv_dtype == "fp16" else 16 * cfg.num_layer * cfg.kv_head_num,
     }
 
@@ -240,6 +254,8 @@ def evaluate(
     seed: int = 0,
     calib_dataset: str | None = None,
     progress: bool = True,
+    cache_max_entry_count: float | None = None,
+    kv_cache_gib: float | None = None,
 ) -> dict:
     """Score the seeded windows with one runtime Engine per mode; the eval.json document."""
     from tqdm import tqdm
@@ -281,6 +297,8 @@ def evaluate(
             seqlen=seqlen,
             use_context_fmha=use_context_fmha,
             model=shared,
+            cache_max_entry_count=cache_max_entry_count,
+            kv_cache_gib=kv_cache_gib,
         )
     cache = {s.name: {"kv_dtype": s.kv_dtype, **check_cache_bytes(engines[s.name], s.kv_dtype)} for s in specs}
     ref = engines[specs[0].name]
@@ -365,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for eval.json and eval.png")
     p.add_argument(
+        "--cache-max-entry-count",
+        type=float,
+        help="each mode's KV pool = this fraction of free memory (default: one batch of windows, or 0.2 of "
+        "MemAvailable on cpu / 0.8 of free GPU memory if that is smaller)",
+    )
+    p.add_argument("--kv-cache-gib", type=float, help="each mode's KV pool in GiB (wins over --cache-max-entry-count)")
+    p.add_argument(
         "--calib-dataset", default=None, help="the calibration text or work dir: warns when it is the eval text"
     )
     args = p.parse_args(argv)
@@ -385,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 seed=args.seed,
                 calib_dataset=args.calib_dataset,
+                cache_max_entry_count=args.cache_max_entry_count,
+                kv_cache_gib=args.kv_cache_gib,
             )
     except (ValueError, OSError) as e:  # WorkspaceError, KVParamsError, DatasetError and EvalError are ValueErrors
         print(f"error: {e}", file=sys.stderr)

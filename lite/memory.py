@@ -127,8 +127,10 @@ def measure_cache(cfg: WorkspaceConfig, kv_dtype: str, batch: int, session_len: 
 
     device = "cpu" if batch * session_len * bytes_per_token(cfg, kv_dtype) <= MEASURE_ON_CPU_LIMIT else "meta"
     quantizer = StaticQuantizer.identity(kv_dtype, cfg.num_layer, cfg.kv_head_num)
+    # one block of session_len tokens per session, so the pool is exactly batch x session_len tokens (the
+    # engine's 64-token blocks round each session up to a multiple of 64)
     cache = KVCache(cfg.num_layer, batch, cfg.kv_head_num, session_len, cfg.size_per_head, quantizer, device=device)
-    data = sum(t.untyped_storage().nbytes() for t in cache.k + cache.v)  # each (batch, H_kv, S, D)
+    data = sum(t.untyped_storage().nbytes() for t in cache.k + cache.v)  # each (batch, H_kv, session_len, D)
     params = cache.nbytes() - sum(t.numel() * t.element_size() for t in cache.k + cache.v)
     del cache
     return data, params, device

@@ -2,7 +2,7 @@
 
 Behaviour follows the 2023 LMDeploy `turbomind.chat`:
 - input ends on an empty line (prompt "double enter to end input >>> "); `exit` quits;
-  `end` closes the session (frees its KV cache slot, resets the step) and starts a new one;
+  `end` closes the session (frees its KV blocks, resets the step) and starts a new one;
 - each turn sends only its own tokens (template.get_prompt(text, sequence_start) → tokenizer,
   BOS on the first turn when the template asks); the KV cache keeps the history;
 - a turn that would overflow session_len (history + input + max new tokens) is refused with a
@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from runtime.detokenize import IncrementalDetokenizer, StopStringChecker
-from runtime.engine import SessionLengthError
+from runtime.engine import RequestError, add_engine_arguments, engine_kwargs
 from runtime.sampling import SamplingParams
 
 PROMPT = "double enter to end input >>> "
@@ -108,7 +108,7 @@ class ChatSession:
         ids = self.encode_turn(text)
         try:
             tokens = self.engine.stream(self.session, ids, self.params)
-        except SessionLengthError as e:
+        except RequestError as e:
             self._say(
                 f"warning: this turn does not fit in the session ({e}). Type `end` to close the session "
                 "and start a new one."
@@ -203,28 +203,14 @@ def sampling_params(args: argparse.Namespace, engine) -> SamplingParams:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runtime.chat", description=__doc__.split("\n")[0])
     p.add_argument("workspace", help="workspace directory written by python -m deploy")
-    p.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=["auto", "fp16", "int8", "fp8", "fp8_e4m3", "fp8_e5m2"],
-        help="KV cache storage (auto = config.ini kv_cache_dtype)",
-    )
-    p.add_argument("--calculate-kv-scales", action="store_true", help="FP8: per-layer scales from the first prompt")
     p.add_argument("--temperature", type=float, help="0 = greedy (default: the chat template's)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the chat template's)")
     p.add_argument("--top-k", type=int, help="-1 or 0 = off (default: the chat template's)")
     p.add_argument("--repetition-penalty", type=float, help="1.0 = off (default: the chat template's)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--seed", type=int, help="sampling seed for reproducible answers (each turn restarts it)")
-    p.add_argument("--session-len", type=int, help="tokens per session (default: config.ini session_len)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument(
-        "--use-context-fmha",
-        type=int,
-        choices=[0, 1],
-        help="1 = prefill attends over unquantized K/V, 0 = over the just-quantized cache (default: config.ini)",
-    )
+    # one conversation at a time: the pool holds max_batch_size x session_len tokens at most
+    add_engine_arguments(p, max_batch_size_default=1)
     return p.parse_args(argv)
 
 
@@ -240,16 +226,7 @@ def main(
     from runtime.engine import Engine
 
     try:
-        engine = Engine(
-            args.workspace,
-            kv_cache_dtype=args.kv_cache_dtype,
-            calculate_kv_scales=args.calculate_kv_scales,
-            dtype=args.dtype,
-            device=args.device,
-            max_batch_size=1,
-            session_len=args.session_len,
-            use_context_fmha=args.use_context_fmha,
-        )
+        engine = Engine(args.workspace, **engine_kwargs(args))
         params = sampling_params(args, engine)
     except (ValueError, FileNotFoundError) as e:  # WorkspaceError is a ValueError: one line, no traceback
         stderr.write(f"error: {e}\n")

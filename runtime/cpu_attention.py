@@ -299,7 +299,14 @@ def cpp_usable(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     return ok and _cpp_module() is not None
 
 
-def decode_attention(q, k_cache, v_cache, slots, lengths, k_scale, k_zp, v_scale, v_zp, softmax_scale):
-    """The fastest available implementation (C++ kernel if it builds, else the torch one); same contract."""
-    impl = decode_attention_cpp if cpp_usable(q, k_cache) else decode_attention_torch
-    return impl(q, k_cache, v_cache, slots, lengths, k_scale, k_zp, v_scale, v_zp, softmax_scale)
+def decode_attention(q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp, v_scale, v_zp, softmax_scale):
+    """Paged layout: gather each sequence's blocks into a contiguous (B, H_kv, S, D) view, then attend."""
+    B = q.shape[0]
+    _, Hkv, bs, D = k_pool.shape
+    n = -(-int(lengths.max()) // bs)
+    bt = block_tables[:, :n]
+    kc = k_pool[bt].transpose(1, 2).flatten(2, 3)  # (B, H_kv, n*bs, D)
+    vc = v_pool[bt].transpose(1, 2).flatten(2, 3)
+    slots = torch.arange(B)
+    impl = decode_attention_cpp if cpp_usable(q, kc) else decode_attention_torch
+    return impl(q, kc, vc, slots, lengths, k_scale, k_zp, v_scale, v_zp, softmax_scale)

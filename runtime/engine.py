@@ -1,23 +1,37 @@
-"""The engine: a workspace loaded into a `Transformer`, a KV cache of `max_batch_size` slots, and sessions.
+"""The engine: a workspace's weights, a paged KV pool sized by a memory budget, and the step loop.
 
-A session owns one cache slot for its lifetime. `stream` appends a turn's new tokens (prefill) and
-decodes token by token; the generated tokens stay in the session's history, so the next turn sends
-only its new tokens. The last yielded token is fed to the cache lazily, at the start of the next
-turn (`Session.pending`), which keeps a session consistent even when the consumer stops early.
-`generate` runs several sequences of different lengths in one forward pass per step; `score` is a
-teacher-forced prefill through a fresh cache in the engine's KV mode.
+    engine = Engine("./workspace", kv_cache_dtype="int8", kv_cache_gib=2)
+    rid = engine.add_request(prompt_ids, SamplingParams(max_tokens=64))
+    while engine.has_unfinished_requests():
+        for out in engine.step(): ...          # StepOutput: request_id, new_token_ids, finished, finish_reason
+
+The pool: `num_blocks` blocks of `block_size` tokens per layer in the KV storage dtype, as many as the
+budget holds (`kv_cache_gib`, or `cache_max_entry_count` x the memory free after the weights are loaded;
+see `pool_budget`). INT8/FP8 blocks are half the bytes of fp16 ones, so the same budget holds twice the
+tokens, and the scheduler (`runtime.scheduler`) runs twice the sequences at once.
+
+Each `step` asks the scheduler what to run, then makes at most two forward passes: one over the prefill
+chunks (right-padded to the longest) and one over every running decode (one token each). Sequences whose
+fed tokens reached their end sample a token; EOS (unless ignore_eos), a stop token or max_tokens ends them.
+Stop *strings* are the caller's (it detokenizes and calls `abort_request`).
+
+On top of that loop: `generate` (many prompts, results in order), chat sessions that keep their blocks
+between turns (`new_session` / `stream` / `end_session`) and `score`, a teacher-forced prefill for lite.eval.
+The engine is not thread-safe: one thread owns it.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from runtime import kv_params, quant
-from runtime.kv_cache import KVCache, StaticQuantizer
+from runtime.kv_cache import KVCache, StaticQuantizer, block_bytes
 from runtime.model import Batch, Transformer
+from runtime.scheduler import RequestError, Scheduler, Sequence, Status
 from runtime.workspace import (
     KV_GRANULARITIES,
     WorkspaceError,
@@ -27,26 +41,35 @@ from runtime.workspace import (
     weights_dir,
 )
 
+__all__ = ["Engine", "EngineStats", "RequestError", "Session", "StepOutput"]
+
 KV_ALIASES = {"fp8": "fp8_e4m3", "fp16": "fp16", "int8": "int8", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class SessionLengthError(ValueError):
-    """A turn would overflow the session's cache (history + new tokens + max_tokens > session_len)."""
+# Fraction of free memory given to the KV pool when neither kv_cache_gib nor cache_max_entry_count is set.
+# GPU: LMDeploy's 0.8 of the memory free after the weights. CPU: 0.2 of MemAvailable, because there the
+# same RAM also holds the page cache of the memory-mapped weights, the activations of 4096-token prefill
+# chunks, the tokenizer and every other process, and the pool is zero-filled (touched) when allocated.
+DEFAULT_CACHE_FRACTION = {"cuda": 0.8, "cpu": 0.2}
+DEFAULT_BLOCK_SIZE = 64  # tokens per block, as LMDeploy
+DEFAULT_MAX_BATCH_SIZE = 256  # running sequences at once (vLLM's max_num_seqs); the pool is the usual limit
 
 
 @dataclass
 class EngineSettings:
-    """Run-time choices, validated once. None / "auto" = the workspace's config.ini value."""
+    """Run-time choices, validated once. None / "auto" = the workspace's config.ini value or the default."""
 
     kv_cache_dtype: str = "auto"  # auto | fp16 | int8 | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2
     calculate_kv_scales: bool = False  # FP8 only: per-layer scales from the first prompt's amax
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     device: str = "cpu"
-    max_batch_size: int | None = None  # cache slots
-    session_len: int | None = None
+    max_batch_size: int | None = None  # running sequences at once
+    session_len: int | None = None  # per-request limit (prompt + output), <= max_position_embeddings
     use_context_fmha: int | None = None
     kv_granularity: str | None = None  # tensor | head: which scale files to load (default: config.ini)
+    block_size: int = DEFAULT_BLOCK_SIZE
+    cache_max_entry_count: float | None = None  # fraction of free memory for the pool
+    kv_cache_gib: float | None = None  # explicit pool size; wins over cache_max_entry_count
+    max_prefill_token_num: int = 4096  # prefill tokens per step (longer prompts go in chunks)
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_ALIASES:
@@ -57,9 +80,16 @@ class EngineSettings:
             raise ValueError(f"dtype = {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device = {self.device!r}: expected cpu or cuda")
-        for key in ("max_batch_size", "session_len"):
+        for key in ("max_batch_size", "session_len", "block_size", "max_prefill_token_num"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"{key} = {getattr(self, key)!r}: must be positive")
+        if self.cache_max_entry_count is not None and not 0 < self.cache_max_entry_count <= 1:
+            raise ValueError(
+                f"cache_max_entry_count = {self.cache_max_entry_count!r}: must be a fraction in (0, 1] of the "
+                "free memory (use kv_cache_gib for an absolute size)"
+            )
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib = {self.kv_cache_gib!r}: must be positive")
         if self.use_context_fmha not in (None, 0, 1):
             raise ValueError(f"use_context_fmha = {self.use_context_fmha!r}: must be 0 or 1")
         if self.kv_granularity not in (None, *KV_GRANULARITIES):
@@ -75,17 +105,47 @@ class EngineSettings:
 
 
 @dataclass
-class Session:
-    """One conversation's cache slot. num_tokens = tokens in its history (cached + the pending last reply token)."""
+class StepOutput:
+    """What one step produced for one request."""
 
-    slot: int
-    cached: int = 0
-    pending: list[int] = field(default_factory=list)
-    history: list[int] = field(default_factory=list)
+    request_id: str
+    new_token_ids: list[int]  # 0 or 1 token
+    finished: bool
+    finish_reason: str | None  # stop | length (abort: only reported to whoever aborted)
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    block_size: int
+    kv_dtype: str
+    kv_cache_tokens: int
+    num_preemptions: int  # cumulative
+    num_generated_tokens: int  # cumulative
+    num_prompt_tokens: int  # cumulative prompt tokens of added requests
+
+
+@dataclass
+class Session:
+    """A chat conversation: one sequence whose blocks stay in the pool between turns (unless evicted)."""
+
+    seq: Sequence
+    ended: bool = False
 
     @property
     def num_tokens(self) -> int:
-        return self.cached + len(self.pending)
+        """Tokens in the conversation so far (cached or not)."""
+        return len(self.seq.token_ids)
+
+
+@dataclass
+class _RequestState:
+    generator: torch.Generator | None
 
 
 class Engine:
@@ -101,6 +161,10 @@ class Engine:
         session_len: int | None = None,
         use_context_fmha: int | None = None,
         kv_granularity: str | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        cache_max_entry_count: float | None = None,
+        kv_cache_gib: float | None = None,
+        max_prefill_token_num: int = 4096,
         kv_params: kv_params.KVParams | None = None,
         model: Transformer | None = None,
     ) -> None:
@@ -118,12 +182,21 @@ class Engine:
             session_len,
             use_context_fmha,
             kv_granularity,
+            block_size,
+            cache_max_entry_count,
+            kv_cache_gib,
+            max_prefill_token_num,
         )
         self.wdir = weights_dir(workspace_path)
         self.config = cfg = load_config(self.wdir)
         self.kv_dtype = s.resolve_kv_dtype(cfg.kv_cache_dtype)
+        if s.session_len is not None and s.session_len > max(cfg.max_position_embeddings, cfg.session_len):
+            raise ValueError(
+                f"session_len = {s.session_len} > the model's max_position_embeddings {cfg.max_position_embeddings} "
+                f"(config.ini); use at most {max(cfg.max_position_embeddings, cfg.session_len)}"
+            )
         self.session_len = s.session_len or cfg.session_len
-        self.max_batch_size = s.max_batch_size or cfg.max_batch_size
+        self.max_batch_size = s.max_batch_size or DEFAULT_MAX_BATCH_SIZE
         self.use_context_fmha = cfg.use_context_fmha if s.use_context_fmha is None else s.use_context_fmha
         self.device = torch.device(s.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -143,18 +216,29 @@ class Engine:
         self.model = model
         self.kv_granularity = s.kv_granularity or cfg.kv_granularity
         self.quantizer, self.scale_source = self._make_quantizer(kv_params)
+        self.block_size = s.block_size
+        num_blocks, self.budget_source = self.pool_budget()
         self.cache = KVCache(
             cfg.num_layer,
-            self.max_batch_size,
+            num_blocks,
             cfg.kv_head_num,
-            self.session_len,
+            self.block_size,
             cfg.size_per_head,
             self.quantizer,
             self.device,
             kernels=_kernels(self.device),
         )
-        self.free_slots = list(range(self.max_batch_size))
+        self.scheduler = Scheduler(
+            num_blocks,
+            self.block_size,
+            max_running=self.max_batch_size,
+            max_prefill_tokens=s.max_prefill_token_num,
+            session_len=self.session_len,
+        )
         self.eos_ids = {cfg.end_id, *self.template.stop_token_ids(self.tokenizer)}
+        self._ids = itertools.count()
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
 
     def _make_quantizer(self, explicit: kv_params.KVParams | None) -> tuple[StaticQuantizer, str]:
         cfg, kv = self.config, self.kv_dtype
@@ -176,160 +260,340 @@ class Engine:
             source = f"loaded from {self.wdir}/{name.replace('.0.weight', '.*.weight')}"
         return StaticQuantizer(kv, p.k_scale, p.k_zp, p.v_scale, p.v_zp, device=self.device), source
 
-    # ------------------------------------------------------------------------------------------
-    def banner(self) -> str:
+    # -- the memory budget ------------------------------------------------------------------------
+    def block_bytes(self) -> int:
         cfg = self.config
-        per_token = kv_bytes_per_token(cfg, quant.BYTES_PER_ELEM[self.kv_dtype])
-        capacity = self.max_batch_size * self.session_len
-        return (
-            f"KV cache {self.kv_dtype} ({'int8 quant_policy 4' if self.kv_dtype == 'int8' else 'no quant_policy bit'}), "
-            f"granularity {self.kv_granularity if self.kv_dtype != 'fp16' else '-'}, scales {self.scale_source}; "
-            f"{per_token:.0f} bytes/token, capacity {self.max_batch_size} slots x {self.session_len} = "
-            f"{capacity} tokens ({self.cache_bytes() / 2**20:.1f} MiB); use_context_fmha={self.use_context_fmha}, "
-            f"compute {self.settings.dtype} on {self.device}"
+        return block_bytes(
+            cfg.num_layer, cfg.kv_head_num, self.block_size, cfg.size_per_head, quant.BYTES_PER_ELEM[self.kv_dtype]
         )
+
+    def pool_budget(self) -> tuple[int, str]:
+        """(num_blocks, how the budget was chosen). Blocks = (budget - quantization parameters) // block bytes,
+        at most what max_batch_size full-length sequences could use."""
+        s = self.settings
+        if s.kv_cache_gib is not None:
+            budget, how = s.kv_cache_gib * 2**30, f"kv_cache_gib {s.kv_cache_gib:g}"
+        else:
+            frac = s.cache_max_entry_count or DEFAULT_CACHE_FRACTION[self.device.type]
+            free = _free_memory(self.device)
+            budget = frac * free
+            how = f"cache_max_entry_count {frac:g} x {free / 2**30:.1f} GiB free"
+        per_block = self.block_bytes()
+        num_blocks = int((budget - self.quantizer.param_bytes()) // per_block)
+        useful = self.max_batch_size * -(-self.session_len // self.block_size)
+        if num_blocks > useful:
+            num_blocks, how = useful, f"{how}, capped at max_batch_size {self.max_batch_size} x session_len"
+        if num_blocks < 1:
+            raise ValueError(
+                f"the KV budget ({how} = {budget / 2**20:.1f} MiB) holds no {self.kv_dtype} block of "
+                f"{self.block_size} tokens ({per_block / 2**20:.2f} MiB); raise kv_cache_gib or cache_max_entry_count"
+            )
+        return num_blocks, how
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.scheduler.num_blocks
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.scheduler.capacity_tokens
 
     def cache_bytes(self) -> int:
         return self.cache.nbytes()
 
-    def new_session(self) -> Session:
-        if not self.free_slots:
-            raise RuntimeError(
-                f"all {self.max_batch_size} cache slots are in use; end a session or raise max_batch_size"
-            )
-        return Session(slot=self.free_slots.pop(0))
-
-    def end_session(self, session: Session) -> None:
-        if session.slot >= 0 and session.slot not in self.free_slots:
-            self.free_slots.append(session.slot)
-            self.free_slots.sort()
-        session.slot, session.cached, session.pending, session.history = -1, 0, [], []
-
-    def _check_length(self, session_tokens: int, new: int, max_tokens: int) -> None:
-        if session_tokens + new + max_tokens > self.session_len:
-            raise SessionLengthError(
-                f"{session_tokens} tokens in the session + {new} new + max_tokens {max_tokens} "
-                f"> session_len {self.session_len}; end the session or ask for fewer tokens"
-            )
-
-    # ------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _step(self, sessions: list[Session], token_lists: list[list[int]], all_logits: bool = False) -> torch.Tensor:
-        """Append token_lists[b] to sessions[b]'s cache in one forward pass; logits (B, V) at each last token."""
-        B, T = len(sessions), max(len(t) for t in token_lists)
-        tokens = torch.zeros(B, T, dtype=torch.long)  # (B, T), right-padded
-        for b, toks in enumerate(token_lists):
-            tokens[b, : len(toks)] = torch.tensor(toks)
-        batch = Batch(
-            slots=torch.tensor([s.slot for s in sessions]),
-            starts=torch.tensor([s.cached for s in sessions]),
-            counts=[len(t) for t in token_lists],
+    def banner(self) -> str:
+        """The 'what fits' line: pool size in tokens, bytes per token, concurrency at the session length."""
+        cfg = self.config
+        per_token = kv_bytes_per_token(cfg, quant.BYTES_PER_ELEM[self.kv_dtype])
+        fits = self.kv_cache_tokens / self.session_len
+        return (
+            f"KV cache {self.kv_dtype} ({'int8 quant_policy 4' if self.kv_dtype == 'int8' else 'no quant_policy bit'}), "
+            f"granularity {self.kv_granularity if self.kv_dtype != 'fp16' else '-'}, scales {self.scale_source}; "
+            f"KV cache size: {self.num_kv_blocks} blocks x {self.block_size} = {self.kv_cache_tokens} tokens, "
+            f"{per_token:.0f} bytes/token, {self.cache_bytes() / 2**20:.1f} MiB ({self.budget_source}); "
+            f"maximum concurrency for {self.session_len} tokens per request: {fits:.2f}x; "
+            f"use_context_fmha={self.use_context_fmha}, compute {self.settings.dtype} on {self.device}"
         )
-        logits = self.model.forward(
-            tokens.to(self.device), self.cache, batch, use_context_fmha=self.use_context_fmha, all_logits=all_logits
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params, request_id: str | None = None) -> str:
+        """Queue a request; RequestError (with the numbers) if it can never run. Returns its id."""
+        if not prompt_token_ids:
+            raise RequestError("empty prompt: give at least one token")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params)
+        seq.state = _new_state(params)
+        self.scheduler.add(seq)
+        self.num_prompt_tokens += len(prompt_token_ids)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.abort(str(request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        sch = self.scheduler
+        return EngineStats(
+            num_running=len(sch.running),
+            num_waiting=len(sch.waiting),
+            num_blocks=sch.num_blocks,
+            num_free_blocks=sch.allocator.num_free,
+            block_size=self.block_size,
+            kv_dtype=self.kv_dtype,
+            kv_cache_tokens=self.kv_cache_tokens,
+            num_preemptions=sch.num_preemptions,
+            num_generated_tokens=self.num_generated_tokens,
+            num_prompt_tokens=self.num_prompt_tokens,
         )
-        for s, toks in zip(sessions, token_lists, strict=True):
-            s.cached += len(toks)
-        return logits.float().cpu()
-
-    def _sample(self, logits: torch.Tensor, history: list[int], params, generator) -> int:
-        from runtime.sampling import sample_next
-
-        return sample_next(logits, history, params, generator)
 
     def stops(self, token: int, params) -> bool:
         """Does `token` end generation (EOS unless ignore_eos, or one of params.stop_token_ids)?"""
         return (not params.ignore_eos and token in self.eos_ids) or token in (params.stop_token_ids or ())
 
-    def stream(self, session: Session, new_token_ids: list[int], params) -> Iterator[int]:
-        """Prefill the new tokens, then yield generated token ids (see module docstring)."""
-        if session.slot < 0:
-            raise ValueError("this session was ended; start a new one with engine.new_session()")
-        self._check_length(session.num_tokens, len(new_token_ids), params.max_tokens)
-        if not new_token_ids and not session.pending:
-            raise ValueError("stream needs at least one new token")
-        return self._stream(session, list(new_token_ids), params)
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """One scheduler iteration: prefill chunks in one forward pass, every decode in another."""
+        from runtime.sampling import sample_next
 
-    def _stream(self, session: Session, new: list[int], params) -> Iterator[int]:
-        from runtime.sampling import make_generator
+        plan = self.scheduler.schedule()
+        outputs = []
+        for chunks in (plan.prefills, plan.decodes):
+            if not chunks:
+                continue
+            logits = self._forward(chunks)  # (len(chunks), V) fp32
+            for chunk, row in zip(chunks, logits, strict=True):
+                self.scheduler.commit(chunk)
+                seq = chunk.seq
+                if not chunk.samples:
+                    continue
+                token = sample_next(row, seq.token_ids, seq.params, seq.state.generator)
+                seq.token_ids.append(token)
+                self.num_generated_tokens += 1
+                reason = (
+                    "stop"
+                    if self.stops(token, seq.params)
+                    else "length"
+                    if seq.num_output_tokens >= seq.params.max_tokens
+                    else None
+                )
+                if reason is not None:
+                    self.scheduler.finish(seq, reason)
+                outputs.append(
+                    StepOutput(
+                        seq.request_id,
+                        [token],
+                        reason is not None,
+                        reason,
+                        seq.num_prompt_tokens,
+                        seq.num_output_tokens,
+                    )
+                )
+        return outputs
 
-        generator = make_generator(params.seed)
-        session.pending = session.pending + new
-        session.history.extend(new)
-        logits = self._feed_pending(session)
-        for n in range(params.max_tokens):
-            token = self._sample(logits, session.history, params, generator)
-            session.pending = [token]
-            session.history.append(token)
-            yield token
-            if self.stops(token, params) or n + 1 == params.max_tokens:
-                return
-            logits = self._feed_pending(session)
-
-    def _feed_pending(self, session: Session) -> torch.Tensor:
-        """Cache the session's pending tokens; they stay pending if the forward pass is interrupted (Ctrl-C)."""
-        logits = self._step([session], [session.pending])[0]
-        session.pending = []
-        return logits
+    def _forward(self, chunks, all_logits: bool = False) -> torch.Tensor:
+        """Feed each chunk's tokens through the model into its sequence's blocks; logits at each last token."""
+        T = max(c.length for c in chunks)
+        tokens = torch.zeros(len(chunks), T, dtype=torch.long)  # (B, T), right-padded
+        for b, c in enumerate(chunks):
+            tokens[b, : c.length] = torch.tensor(c.seq.token_ids[c.start : c.start + c.length])
+        batch = Batch.build(
+            [c.seq.block_ids for c in chunks], [c.start for c in chunks], [c.length for c in chunks], self.block_size
+        )
+        logits = self.model.forward(
+            tokens.to(self.device), self.cache, batch, use_context_fmha=self.use_context_fmha, all_logits=all_logits
+        )
+        return logits.float().cpu()
 
     def generate(self, prompts: list[list[int]], params: list, stop_check=None) -> list[list[int]]:
-        """Generated token ids per prompt; prompts of different lengths share each forward pass.
+        """Generated token ids per prompt, in order, however many prompts (the scheduler queues them).
 
         stop_check(b, generated_ids) -> bool may end sequence b early (e.g. on a stop string).
         """
         if len(prompts) != len(params):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        for p, sp in zip(prompts, params, strict=True):
+        for p, sp in zip(prompts, params, strict=True):  # check all before queueing any
             if not p:
-                raise ValueError("empty prompt: give at least one token")
-            self._check_length(0, len(p), sp.max_tokens)
+                raise RequestError("empty prompt: give at least one token")
+            self.scheduler.check_fits(len(p), sp.max_tokens)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        index = {rid: b for b, rid in enumerate(ids)}
         results: list[list[int]] = [[] for _ in prompts]
-        wave = max(1, len(self.free_slots))
-        for lo in range(0, len(prompts), wave):
-            idx = list(range(lo, min(lo + wave, len(prompts))))
-            check = None if stop_check is None else (lambda b, toks, idx=idx: stop_check(idx[b], toks))
-            self._generate_wave([prompts[i] for i in idx], [params[i] for i in idx], [results[i] for i in idx], check)
+        try:
+            while self.has_unfinished_requests():
+                for out in self.step():
+                    b = index.get(out.request_id)
+                    if b is None:
+                        continue
+                    results[b].extend(out.new_token_ids)
+                    if not out.finished and stop_check is not None and stop_check(b, results[b]):
+                        self.abort_request(out.request_id)
+        finally:
+            for rid in ids:  # on an exception (Ctrl-C), nothing stays queued or holds blocks
+                self.abort_request(rid)
         return results
 
-    def _generate_wave(self, prompts, params, outs, stop_check) -> None:
-        from runtime.sampling import make_generator
+    # -- chat sessions ----------------------------------------------------------------------------
+    def new_session(self) -> Session:
+        rid = f"session-{next(self._ids)}"
+        return Session(Sequence(rid, [], 0, None, is_session=True, status=Status.PARKED))
 
-        sessions = [self.new_session() for _ in prompts]
+    def end_session(self, session: Session) -> None:
+        """Free the session's blocks; the session object cannot be used again."""
+        self.scheduler.abort(session.seq.request_id)
+        session.ended = True
+
+    def stream(self, session: Session, new_token_ids: list[int], params) -> Iterator[int]:
+        """Append a turn's tokens to the session and yield the reply's token ids as they are sampled.
+
+        The history stays in the pool between turns, so a turn sends only its new tokens; the reply's last
+        token is fed at the start of the next turn. Closing the iterator early (or Ctrl-C) ends the turn and
+        keeps the session. Drives `step` itself: do not mix with other requests on the same engine.
+        """
+        if session.ended:
+            raise ValueError("this session was ended; start a new one with engine.new_session()")
+        seq = session.seq
+        if not new_token_ids and seq.num_uncached == 0:
+            raise ValueError("stream needs at least one new token")
+        self.scheduler.check_fits(len(seq.token_ids) + len(new_token_ids), params.max_tokens, "session")
+        return self._stream(seq, list(new_token_ids), params)
+
+    def _stream(self, seq: Sequence, new: list[int], params) -> Iterator[int]:
+        seq.token_ids.extend(new)
+        seq.num_prompt_tokens, seq.params, seq.state = len(seq.token_ids), params, _new_state(params)
+        self.scheduler.add(seq)
         try:
-            gens = [make_generator(sp.seed) for sp in params]
-            for s, p in zip(sessions, prompts, strict=True):
-                s.history = list(p)
-            logits = self._step(sessions, [list(p) for p in prompts])  # (B, V)
-            active = list(range(len(prompts)))
-            while active:
-                nxt, toks = [], []
-                for row, b in enumerate(active):
-                    token = self._sample(logits[row], sessions[b].history, params[b], gens[b])
-                    outs[b].append(token)
-                    sessions[b].history.append(token)
-                    done = self.stops(token, params[b]) or len(outs[b]) == params[b].max_tokens
-                    if not (done or (stop_check is not None and stop_check(b, outs[b]))):
-                        nxt.append(b)
-                        toks.append([token])
-                active = nxt
-                if active:
-                    logits = self._step([sessions[b] for b in active], toks)
+            while seq.status in (Status.WAITING, Status.RUNNING):
+                for out in self.step():
+                    if out.request_id == seq.request_id:
+                        yield from out.new_token_ids
         finally:
-            for s in sessions:
-                self.end_session(s)
+            if seq.status in (Status.WAITING, Status.RUNNING):  # stopped early: park, keep the history
+                self.scheduler.finish(seq, "abort")
 
+    # -- scoring (lite.eval) ----------------------------------------------------------------------
+    @torch.inference_mode()
     def score(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits (B, T, V) fp32 through a fresh cache in this engine's KV mode."""
+        """Teacher-forced logits (B, T, V) fp32, each row prefilled into fresh blocks of this engine's KV mode
+        (as many rows per forward pass as free blocks allow)."""
+        from runtime.scheduler import Chunk
+
         token_ids = torch.as_tensor(token_ids, dtype=torch.long)
         B, T = token_ids.shape
         if T > self.session_len:
-            raise SessionLengthError(f"{T} tokens > session_len {self.session_len}")
-        sessions = [self.new_session() for _ in range(B)]
-        try:
-            return self._step(sessions, token_ids.tolist(), all_logits=True)
-        finally:
-            for s in sessions:
-                self.end_session(s)
+            raise RequestError(f"{T} tokens > session_len {self.session_len}")
+        sch = self.scheduler
+        need = sch.blocks_for(T)
+        sch.check_fits(T, 0, "window")
+        sch._evict_parked(need)
+        rows_per_pass = min(B, sch.allocator.num_free // need)
+        if rows_per_pass == 0:
+            raise RuntimeError(
+                f"score needs {need} free KV blocks; {sch.allocator.num_free} are free (requests running)"
+            )
+        out = []
+        for lo in range(0, B, rows_per_pass):
+            seqs = [
+                Sequence(f"score-{b}", token_ids[b].tolist(), T, None) for b in range(lo, min(B, lo + rows_per_pass))
+            ]
+            for s in seqs:
+                s.block_ids = sch.allocator.allocate(need)
+            try:
+                out.append(self._forward([Chunk(s, 0, T) for s in seqs], all_logits=True))
+            finally:
+                for s in seqs:
+                    sch.allocator.release(s.block_ids)
+        return torch.cat(out)
+
+
+def add_engine_arguments(p, *, max_batch_size_default: int | None = None) -> None:
+    """The engine's command-line options, shared by runtime.chat, runtime.serve and the tools."""
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", *KV_ALIASES],
+        help="KV cache storage (default auto = config.ini kv_cache_dtype; fp8 = fp8_e4m3)",
+    )
+    p.add_argument(
+        "--calculate-kv-scales", action="store_true", help="FP8: per-layer scales from the first prompt (default off)"
+    )
+    p.add_argument(
+        "--kv-granularity",
+        choices=list(KV_GRANULARITIES),
+        help="which calibrated scale files to load: tensor (per layer) | head (default: config.ini kv_granularity)",
+    )
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype (default float32)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
+    p.add_argument(
+        "--session-len",
+        type=int,
+        help="tokens per request or chat session, prompt + output (default: config.ini session_len; at most the "
+        "model's max_position_embeddings)",
+    )
+    p.add_argument(
+        "--use-context-fmha",
+        type=int,
+        choices=[0, 1],
+        help="1 = prefill attends over unquantized K/V, 0 = over the just-quantized cache (default: config.ini)",
+    )
+    p.add_argument(
+        "--cache-max-entry-count",
+        type=float,
+        help="KV pool = this fraction of the memory free after loading the weights (default 0.8 on cuda, "
+        "0.2 of MemAvailable on cpu)",
+    )
+    p.add_argument("--kv-cache-gib", type=float, help="KV pool size in GiB; wins over --cache-max-entry-count")
+    p.add_argument(
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help=f"tokens per KV block (default {DEFAULT_BLOCK_SIZE})"
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=max_batch_size_default,
+        help=f"sequences running at once (default {max_batch_size_default or DEFAULT_MAX_BATCH_SIZE})",
+    )
+    p.add_argument(
+        "--max-prefill-token-num",
+        type=int,
+        default=4096,
+        help="prompt tokens prefilled per step; longer prompts go in chunks (default 4096)",
+    )
+
+
+def engine_kwargs(args) -> dict:
+    """Engine(...) keyword arguments from the options of `add_engine_arguments`."""
+    return dict(
+        kv_cache_dtype=args.kv_cache_dtype,
+        calculate_kv_scales=args.calculate_kv_scales,
+        kv_granularity=args.kv_granularity,
+        dtype=args.dtype,
+        device=args.device,
+        session_len=args.session_len,
+        use_context_fmha=args.use_context_fmha,
+        cache_max_entry_count=args.cache_max_entry_count,
+        kv_cache_gib=args.kv_cache_gib,
+        block_size=args.block_size,
+        max_batch_size=args.max_batch_size,
+        max_prefill_token_num=args.max_prefill_token_num,
+    )
+
+
+def _new_state(params) -> _RequestState:
+    from runtime.sampling import make_generator
+
+    return _RequestState(make_generator(params.seed))
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free for the pool: free device memory (after the weights are loaded) or MemAvailable on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo; pass kv_cache_gib")
 
 
 def _kernels(device: torch.device):

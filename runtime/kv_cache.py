@@ -1,8 +1,10 @@
-"""The KV cache: preallocated per-layer K and V in their storage dtype, quantize on write, dequantize on read.
+"""The KV cache: a pool of fixed-size blocks per layer in the storage dtype; quantize on write, dequantize on read.
 
-Layout (shared with the CUDA kernels): per layer, K and V are `(B_slots, H_kv, S, D)` contiguous, indexed
-[slot, kv_head, position, channel], in torch.float16 | torch.int8 | torch.float8_e4m3fn | torch.float8_e5m2.
-K is stored after RoPE in TurboMind's interleaved channel order.
+Layout (shared with the C++ and CUDA kernels): per layer, K and V pools are `(num_blocks, H_kv, block_size, D)`
+contiguous, in torch.float16 | torch.int8 | torch.float8_e4m3fn | torch.float8_e5m2. A sequence owns a list
+of blocks (its block table): token t lives in block `block_table[t // block_size]`, row `t % block_size`.
+Writes address the pool through a slot mapping, slot = block * block_size + row. K is stored after RoPE
+in TurboMind's interleaved channel order. Which blocks belong to whom is `runtime.scheduler`'s business.
 
 Every format-specific step goes through one `KVQuantizer` (quantize / dequantize / the per-head affine
 map x^ = scale * q + zp used by the fused attention). The formulas live in `runtime.quant`:
@@ -10,9 +12,9 @@ map x^ = scale * q + zp used by the fused attention). The formulas live in `runt
     fp8:   f = cast(clamp(x / scale, +-fp8_max));                      x^ = f * scale
     fp16:  plain cast (scale 1, zp 0)
 Parameters come from the workspace files (`runtime.kv_params`) or, for FP8 with calculate_kv_scales,
-from the first prompt's per-layer amax with headroom (later, larger values saturate).
-A later online mode (scale/zp computed per token and stored beside it) implements the same protocol
-and keeps its side tensors inside the quantizer; the model only calls `KVCache.write` and the attention.
+from the first prompt's per-layer amax with headroom (later, larger values saturate). They are per
+layer and KV head, not per block: 16 bytes per (layer, KV head) outside the pool. A later online mode
+(scale/zp per token) keeps its side data inside the blocks and counts it in `block_bytes`.
 """
 
 from __future__ import annotations
@@ -92,77 +94,74 @@ class StaticQuantizer:
         return scale[layer], zp[layer]
 
 
+def block_bytes(num_layer: int, kv_heads: int, block_size: int, head_dim: int, bytes_per_elem: float) -> int:
+    """Bytes of one block across all layers, K and V (plus per-block side data, none for static scales)."""
+    return int(2 * num_layer * kv_heads * block_size * head_dim * bytes_per_elem)
+
+
 class KVCache:
-    """Per-layer K/V `(B_slots, H_kv, S, D)` in the quantizer's storage dtype."""
+    """Per-layer K/V block pools `(num_blocks, H_kv, block_size, D)` in the quantizer's storage dtype."""
 
     def __init__(
         self,
         num_layer: int,
-        num_slots: int,
+        num_blocks: int,
         kv_heads: int,
-        max_len: int,
+        block_size: int,
         head_dim: int,
         quantizer: KVQuantizer,
         device: str | torch.device = "cpu",
         kernels=None,
     ) -> None:
         # kernels: a module with kv_cache_write / decode_attention over this layout (runtime.cuda on a GPU;
-        # runtime.cuda.host_ops runs the same kernels on the CPU in tests); None = the PyTorch path.
+        # runtime.cuda.host_ops runs the same kernels on the CPU in tests); None = the PyTorch/C++ CPU path.
         self.kernels = kernels
         self.quantizer = quantizer
-        self.shape = (num_slots, kv_heads, max_len, head_dim)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.shape = (num_blocks, kv_heads, block_size, head_dim)
         dt = quantizer.storage_dtype
+        # zeros, not empty: a never-written row must be finite in case a reader's mask lets 0 * x through
         self.k = [torch.zeros(self.shape, dtype=dt, device=device) for _ in range(num_layer)]
         self.v = [torch.zeros(self.shape, dtype=dt, device=device) for _ in range(num_layer)]
 
     @property
-    def max_len(self) -> int:
-        return self.shape[2]
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
     def nbytes(self) -> int:
         data = sum(t.numel() * t.element_size() for t in self.k + self.v)
         side = getattr(self.quantizer, "param_bytes", lambda: 0)()
         return data + side
 
-    def write(
-        self, layer: int, slots: torch.Tensor, starts: torch.Tensor, counts: list[int], k: torch.Tensor, v: torch.Tensor
-    ) -> None:
-        """Store k, v `(B, H_kv, T, D)`: sequence b's first counts[b] tokens at positions starts[b]... of slots[b]."""
+    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v `(N, H_kv, D)` (the step's valid tokens) at slot_mapping (N,) = block * block_size + row."""
         self.quantizer.observe(layer, k, v)
         if self.kernels is not None:
-            self._kernel_write(layer, slots, starts, counts, k, v)
+            ks, kz = self.quantizer.affine(layer, "k")
+            vs, vz = self.quantizer.affine(layer, "v")
+            self.kernels.kv_cache_write(
+                self.k[layer],
+                self.v[layer],
+                k.contiguous(),
+                v.contiguous(),
+                slot_mapping.to(k.device),
+                ks,
+                kz,
+                vs,
+                vz,
+                self.quantizer.kv_dtype,
+            )
             return
-        kq = self.quantizer.quantize(k, layer, "k")  # (B, H_kv, T, D) storage dtype
-        vq = self.quantizer.quantize(v, layer, "v")
-        if k.shape[2] == 1:  # decode: one token per sequence, one indexed store
-            self.k[layer][slots, :, starts] = kq[:, :, 0]
-            self.v[layer][slots, :, starts] = vq[:, :, 0]
-            return
-        for b, n in enumerate(counts):
-            s, p = int(slots[b]), int(starts[b])
-            self.k[layer][s, :, p : p + n] = kq[b, :, :n]
-            self.v[layer][s, :, p : p + n] = vq[b, :, :n]
-
-    def _kernel_write(self, layer: int, slots, starts, counts: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Flatten the valid tokens to (N, H_kv, D) with their (slot, position) and let the kernel quantize them."""
-        B, _, T, _ = k.shape
-        dev = k.device
-        t = torch.arange(T, device=dev).view(1, T)
-        valid = t < torch.tensor(counts, device=dev).view(B, 1)  # (B, T)
-        slot_ids = slots.to(dev).view(B, 1).expand(B, T)[valid]  # (N,)
-        positions = (starts.to(dev).view(B, 1) + t)[valid]  # (N,)
-        k_new = k.transpose(1, 2)[valid].contiguous()  # (N, H_kv, D)
-        v_new = v.transpose(1, 2)[valid].contiguous()
-        ks, kz = self.quantizer.affine(layer, "k")
-        vs, vz = self.quantizer.affine(layer, "v")
-        self.kernels.kv_cache_write(
-            self.k[layer], self.v[layer], k_new, v_new, slot_ids, positions, ks, kz, vs, vz, self.quantizer.kv_dtype
-        )
+        kq = self.quantizer.quantize(k.transpose(0, 1), layer, "k").transpose(0, 1)  # (N, H_kv, D) storage
+        vq = self.quantizer.quantize(v.transpose(0, 1), layer, "v").transpose(0, 1)
+        blocks, rows = slot_mapping // self.block_size, slot_mapping % self.block_size
+        self.k[layer][blocks, :, rows] = kq  # advanced indices on dims 0 and 2: (N, H_kv, D)
+        self.v[layer][blocks, :, rows] = vq
 
     def decode_attention(
-        self, layer: int, q: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, softmax_scale: float
+        self, layer: int, q: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor, softmax_scale: float
     ) -> torch.Tensor:
-        """q (B, H, D), one token per sequence, over the first lengths[b] cached tokens of slots[b] -> (B, H, D).
+        """q (B, H, D), one token per sequence, over the first lengths[b] tokens of block_tables[b] -> (B, H, D).
 
         Dequantization happens inside the attention arithmetic; no full-precision copy of the cache is made.
         """
@@ -171,14 +170,16 @@ class KVCache:
         if self.kernels is None:
             from runtime.cpu_attention import decode_attention
 
-            return decode_attention(q, self.k[layer], self.v[layer], slots, lengths, ks, kz, vs, vz, softmax_scale)
+            return decode_attention(
+                q, self.k[layer], self.v[layer], block_tables, lengths, ks, kz, vs, vz, softmax_scale
+            )
         dev = q.device
         return self.kernels.decode_attention(
             q.contiguous(),
             self.k[layer],
             self.v[layer],
-            slots.to(dev),
-            lengths.to(dev),
+            block_tables.to(dev, torch.int32),
+            lengths.to(dev, torch.int32),
             ks,
             kz,
             vs,
@@ -189,9 +190,15 @@ class KVCache:
         )
 
     def read(
-        self, layer: int, slots: torch.Tensor, length: int, dtype: torch.dtype
+        self, layer: int, block_tables: torch.Tensor, length: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized K, V `(B, H_kv, length, D)` of the first `length` positions (prefill only)."""
-        k = self.quantizer.dequantize(self.k[layer][slots, :, :length], layer, "k", dtype)
-        v = self.quantizer.dequantize(self.v[layer][slots, :, :length], layer, "v", dtype)
-        return k, v
+        """Dequantized K, V `(B, H_kv, length, D)` of the first `length` positions of each block table
+        (prefill only; positions past a sequence's own length hold other data and must be masked)."""
+        n = -(-length // self.block_size)
+        bt = block_tables[:, :n].to(self.k[layer].device)  # (B, n)
+        out = []
+        for which, pool in (("k", self.k[layer]), ("v", self.v[layer])):
+            x = pool[bt]  # (B, n, H_kv, bs, D)
+            x = x.transpose(1, 2).flatten(2, 3)[:, :, :length]  # (B, H_kv, length, D)
+            out.append(self.quantizer.dequantize(x, layer, which, dtype))
+        return out[0], out[1]

@@ -1,12 +1,15 @@
 """The vLLM-shaped Python API over the engine:
 
     from runtime import LLM, SamplingParams
-    llm = LLM("./workspace", kv_cache_dtype="int8")          # auto | fp16 | int8 | fp8 | fp8_e4m3 | fp8_e5m2
+    llm = LLM("./workspace", kv_cache_dtype="int8", kv_cache_gib=1)  # auto | fp16 | int8 | fp8 | fp8_e4m3 | fp8_e5m2
     out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=32))
     print(out[0].outputs[0].text, out[0].outputs[0].finish_reason)
+    print(llm.kv_cache_tokens, llm.num_kv_blocks)          # what the KV budget holds
 
 Prompts are raw text (tokenized with BOS when the chat template says add_bos) or token-id lists;
-several prompts share each forward pass. `token_ids` holds the generated tokens only (an EOS or
+any number of them go through the engine's scheduler (as many at once as the KV pool holds).
+Engine options are keyword arguments (`kv_cache_gib`, `cache_max_entry_count`, `block_size`,
+`max_batch_size`, `max_prefill_token_num`, `session_len`, `kv_granularity`, ...; see `runtime.engine`). `token_ids` holds the generated tokens only (an EOS or
 stop token included, as vLLM does); stop strings cut the text and end that sequence. The heavy
 engine (transformers, the model) is imported only when an LLM is built.
 """
@@ -57,6 +60,15 @@ class LLM:
             **engine_kwargs,
         )
         self.tokenizer = self.engine.tokenizer
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Tokens the KV pool holds (blocks x block_size)."""
+        return self.engine.kv_cache_tokens
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.engine.num_kv_blocks
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)

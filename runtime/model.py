@@ -33,12 +33,26 @@ from runtime.workspace import WorkspaceConfig, hidden_size
 
 @dataclass
 class Batch:
-    """Where a forward step's tokens go: sequence b of the (B, T) token block lives in cache slot slots[b],
-    already holds starts[b] tokens, and contributes its first counts[b] tokens (the rest is padding)."""
+    """Where a forward step's tokens go: sequence b of the (B, T) token block already has starts[b] tokens
+    cached, contributes its first counts[b] tokens (the rest is padding) and owns the pool blocks
+    block_tables[b] (padded with any valid block id). slot_mapping lists the pool slot of every valid
+    token, sequence by sequence: slot = block * block_size + row."""
 
-    slots: torch.Tensor  # (B,) long
+    block_tables: torch.Tensor  # (B, max_blocks) long
     starts: torch.Tensor  # (B,) long
     counts: list[int]
+    slot_mapping: torch.Tensor  # (sum(counts),) long
+
+    @classmethod
+    def build(cls, block_ids: list[list[int]], starts: list[int], counts: list[int], block_size: int) -> Batch:
+        width = max(len(b) for b in block_ids)
+        tables = torch.zeros(len(block_ids), width, dtype=torch.long)
+        slots = []
+        for b, (ids, start, n) in enumerate(zip(block_ids, starts, counts, strict=True)):
+            tables[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            pos = torch.arange(start, start + n)
+            slots.append(tables[b, pos // block_size] * block_size + pos % block_size)
+        return cls(tables, torch.tensor(starts, dtype=torch.long), list(counts), torch.cat(slots))
 
 
 class Transformer:
@@ -119,6 +133,7 @@ class Transformer:
         pos = pos.clamp_(max=self.cos.shape[0] - 1).to(self.cos.device)  # clamp: padding tokens only
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, T, D/2)
         H, Hkv, D = self.H, self.Hkv, self.D
+        valid = (torch.arange(T).view(1, T) < torch.tensor(batch.counts).view(B, 1)).to(x.device)  # (B, T)
         for i, L in enumerate(self.layers):
             h = self.rms_norm(x, L["attention_norm.weight"])
             qkv = h @ L["attention.w_qkv.weight"]  # (B, T, (H + 2 H_kv) D)
@@ -128,7 +143,10 @@ class Transformer:
             qk = self.rope(qk.view(B, T, H + Hkv, D).transpose(1, 2), cos, sin)  # q and k heads in one rotation
             q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, H_kv, T, D)
             v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, H_kv, T, D)
-            cache.write(i, batch.slots, batch.starts, batch.counts, k, v)
+            if T == 1:  # decode: every row is one valid token
+                cache.write(i, batch.slot_mapping, k[:, :, 0], v[:, :, 0])
+            else:
+                cache.write(i, batch.slot_mapping, k.transpose(1, 2)[valid], v.transpose(1, 2)[valid])  # (N, H_kv, D)
             o = self.attention(i, q, k, v, cache, batch, use_context_fmha)  # (B, T, H D)
             x = x + o @ L["attention.wo.weight"]
             if L["attention.wo.bias"] is not None:
@@ -148,7 +166,7 @@ class Transformer:
         B, H, T, D = q.shape
         scale = 1.0 / math.sqrt(D)
         if T == 1:  # decode: the new token is in the cache already
-            o = cache.decode_attention(i, q[:, :, 0], batch.slots, batch.starts + 1, scale)  # (B, H, D)
+            o = cache.decode_attention(i, q[:, :, 0], batch.block_tables, batch.starts + 1, scale)  # (B, H, D)
             return o.reshape(B, 1, H * D)
         no_history = bool((batch.starts == 0).all())
         if use_context_fmha and no_history:  # causal over the chunk's own unquantized K/V
@@ -156,21 +174,16 @@ class Transformer:
             return o.transpose(1, 2).reshape(B, T, H * D)
         dev = q.device
         starts = batch.starts.to(dev)  # (B,) for the masks; batch tensors live on the CPU
-        ends = batch.starts + torch.tensor(batch.counts)  # (B,) tokens in cache after this write
         P = int(batch.starts.max())
-        total = P + T if use_context_fmha else int(ends.max())
-        kf, vf = cache.read(i, batch.slots, min(total, cache.max_len), q.dtype)  # (B, H_kv, total, D)
-        if kf.shape[2] < total:  # padding past the cache end: never attended
-            pad = total - kf.shape[2]
-            kf, vf = F.pad(kf, (0, 0, 0, pad)), F.pad(vf, (0, 0, 0, pad))
         if use_context_fmha:  # keys = [history (padded to P) | this chunk unquantized]
-            kf = torch.cat([kf[:, :, :P], k], dim=2)
-            vf = torch.cat([vf[:, :, :P], v], dim=2)
+            kf, vf = cache.read(i, batch.block_tables, P, q.dtype)  # (B, H_kv, P, D)
+            kf, vf = torch.cat([kf, k], dim=2), torch.cat([vf, v], dim=2)
             j = torch.arange(P + T, device=dev).view(1, 1, -1)
             i_q = torch.arange(T, device=dev).view(1, -1, 1)
-            hist = starts.view(-1, 1, 1)
-            mask = torch.where(j < P, j < hist, (j - P) <= i_q)  # (B, T, P + T)
+            mask = torch.where(j < P, j < starts.view(-1, 1, 1), (j - P) <= i_q)  # (B, T, P + T)
         else:  # keys = the cache prefix, this chunk read back after quantization
+            total = int((batch.starts + torch.tensor(batch.counts)).max())
+            kf, vf = cache.read(i, batch.block_tables, total, q.dtype)  # (B, H_kv, total, D)
             j = torch.arange(total, device=dev).view(1, 1, -1)
             mask = j <= starts.view(-1, 1, 1) + torch.arange(T, device=dev).view(1, -1, 1)  # (B, T, total)
         o = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from runtime.chat import PROMPT, ChatSession, main
-from runtime.engine import SessionLengthError
+from runtime.engine import RequestError
 from runtime.sampling import SamplingParams
 from runtime.templates import get_template
 
@@ -53,7 +53,7 @@ class FakeEngine:
 
     def stream(self, session, new_token_ids, params):
         if session.num_tokens + len(new_token_ids) + params.max_tokens > self.session_len:
-            raise SessionLengthError(
+            raise RequestError(
                 f"{session.num_tokens} + {len(new_token_ids)} + {params.max_tokens} > {self.session_len}"
             )
         call = dict(slot=session.slot, before=session.num_tokens, ids=list(new_token_ids), yielded=[], closed=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from rt_workspace import make_workspace, write_params
 
-from runtime.engine import Engine, SessionLengthError
+from runtime.engine import Engine, RequestError
 from runtime.kv_params import KVParamsError, file_name
 from runtime.sampling import SamplingParams
 
@@ -33,21 +33,32 @@ def test_batch_of_different_lengths_equals_each_alone(ws_int8, kv):
     batched = engine.generate(PROMPTS, [GREEDY] * 3)
     alone = [engine.generate([p], [GREEDY])[0] for p in PROMPTS]
     assert batched == alone and all(len(t) == 12 for t in batched)
-    assert engine.free_slots == [0, 1, 2]
-    more = engine.generate(PROMPTS * 2, [GREEDY] * 6)  # more prompts than slots: run in waves
+    assert engine.stats().num_free_blocks == engine.num_kv_blocks
+    more = engine.generate(PROMPTS * 2, [GREEDY] * 6)  # more prompts than max_batch_size: they queue
     assert more == alone * 2
 
 
 @pytest.mark.parametrize("kv", ["fp16", "int8"])
-def test_second_turn_sends_only_new_tokens(ws_int8, kv):
+def test_second_turn_sends_only_new_tokens(ws_int8, kv, monkeypatch):
+    import runtime.sampling
+
     engine = Engine(ws_int8, kv_cache_dtype=kv, max_batch_size=2, use_context_fmha=0)
+    rows, sample = [], runtime.sampling.sample_next
+    monkeypatch.setattr(runtime.sampling, "sample_next", lambda row, *a: rows.append(row) or sample(row, *a))
+    fed = []
+    forward = engine.model.forward
+    monkeypatch.setattr(
+        engine.model, "forward", lambda tokens, *a, **k: fed.append(tokens.shape) or forward(tokens, *a, **k)
+    )
     first, second = PROMPTS[1], PROMPTS[2]
     s = engine.new_session()
-    engine._step([s], [first])
-    logits_turns = engine._step([s], [second])[0]
-    assert s.num_tokens == len(first) + len(second)
-    whole = engine.score(torch.tensor([first + second]))[0, -1]
-    torch.testing.assert_close(logits_turns, whole, atol=1e-5, rtol=0)
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    reply = list(engine.stream(s, first, one))
+    list(engine.stream(s, second, one))
+    assert fed == [(1, len(first)), (1, 1 + len(second))]  # turn 2 feeds the reply token + its own tokens
+    assert s.num_tokens == len(first) + 1 + len(second) + 1
+    whole = engine.score(torch.tensor([first + reply + second]))[0, -1]
+    torch.testing.assert_close(rows[-1], whole, atol=1e-5, rtol=0)
 
 
 def test_stream_keeps_history_and_survives_early_close(ws):
@@ -56,7 +67,7 @@ def test_stream_keeps_history_and_survives_early_close(ws):
     it = engine.stream(s, PROMPTS[0], GREEDY)
     got = [next(it) for _ in range(3)]
     it.close()  # the consumer stops (e.g. Ctrl-C): what was yielded stays in the session
-    assert s.num_tokens == len(PROMPTS[0]) + 3 and s.history == PROMPTS[0] + got
+    assert s.num_tokens == len(PROMPTS[0]) + 3 and s.seq.token_ids == PROMPTS[0] + got
     rest = list(engine.stream(s, PROMPTS[1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
     # the same as one stream over the concatenated history (the yielded tokens were fed back first)
     engine.end_session(s)
@@ -79,12 +90,12 @@ def test_stream_stops_at_stop_token_ids(ws):
 def test_session_length_error_before_anything(ws):
     engine = Engine(ws, max_batch_size=1)
     s = engine.new_session()
-    with pytest.raises(SessionLengthError, match="session_len 128"):
+    with pytest.raises(RequestError, match="session_len 128"):
         engine.stream(s, list(range(100)), SamplingParams(max_tokens=29))
     assert s.num_tokens == 0
     list(engine.stream(s, list(range(100)), SamplingParams(temperature=0, max_tokens=28, ignore_eos=True)))
     assert s.num_tokens == 128
-    with pytest.raises(SessionLengthError):
+    with pytest.raises(RequestError):
         engine.generate([list(range(120))], [SamplingParams(max_tokens=9)])
 
 

@@ -40,33 +40,47 @@ def params(kv: str, H: int, seed: int = 0):
 
 @pytest.mark.parametrize("kv", KV_DTYPES)
 def test_write_quantizes_like_the_hand_formula(kv):
-    L, H, S, D = 2, 3, 16, 8
+    L, H, NB, BS, D = 2, 3, 6, 4, 8
     ks, kz, vs, vz = params(kv, H)
     quantizer = StaticQuantizer(
         kv, torch.stack([ks, ks * 2]), torch.stack([kz, kz]), torch.stack([vs, vs]), torch.stack([vz, vz])
     )
-    cache = KVCache(L, 4, H, S, D, quantizer)
+    cache = KVCache(L, NB, H, BS, D, quantizer)
     torch.manual_seed(1)
-    k, v = torch.randn(2, H, 5, D) * 2, torch.randn(2, H, 5, D) * 3  # two sequences, padded to 5 tokens
+    k, v = torch.randn(7, H, D) * 2, torch.randn(7, H, D) * 3  # seven new tokens
     if kv != "fp16":
-        k[0, 0, 0, 0] = 1e6  # saturates, never overflows
-    cache.write(1, torch.tensor([3, 1]), torch.tensor([4, 0]), [5, 2], k, v)
-    assert cache.k[1].dtype == quantizer.storage_dtype and cache.k[1].shape == (4, H, S, D)
-    want_k = ref_quantize(k, kv, ks * 2 if kv != "fp16" else ks, kz)
-    want_v = ref_quantize(v, kv, vs, vz)
-    assert torch.equal(cache.k[1][3, :, 4:9].float(), want_k[0].float())
-    assert torch.equal(cache.v[1][1, :, 0:2].float(), want_v[1, :, :2].float())
+        k[0, 0, 0] = 1e6  # saturates, never overflows
+    # a sequence on blocks [5, 2] from position 2 (5 tokens: rows 2, 3 of block 5, then 0..2 of block 2),
+    # another on block [0] (2 tokens)
+    slots = torch.tensor([5 * BS + 2, 5 * BS + 3, 2 * BS, 2 * BS + 1, 2 * BS + 2, 0, 1])
+    cache.write(1, slots, k, v)
+    assert cache.k[1].dtype == quantizer.storage_dtype and cache.k[1].shape == (NB, H, BS, D)
+    want_k = ref_quantize(k.transpose(0, 1), kv, ks * 2 if kv != "fp16" else ks, kz).transpose(0, 1)  # (N, H, D)
+    want_v = ref_quantize(v.transpose(0, 1), kv, vs, vz).transpose(0, 1)
+    for n, slot in enumerate(slots.tolist()):
+        assert torch.equal(cache.k[1][slot // BS, :, slot % BS].float(), want_k[n].float())
+        assert torch.equal(cache.v[1][slot // BS, :, slot % BS].float(), want_v[n].float())
     assert torch.isfinite(cache.k[1].float()).all()
-    assert (cache.k[1][1, :, 2:] == 0).all() and (cache.k[0] == 0).all()  # padding and other layers untouched
-    # decode write: one token per sequence at its own position
-    k1 = torch.randn(2, H, 1, D)
-    cache.write(0, torch.tensor([0, 2]), torch.tensor([7, 3]), [1, 1], k1, k1)
-    assert torch.equal(cache.k[0][2, :, 3].float(), ref_quantize(k1, kv, ks, kz)[1, :, 0].float())
+    untouched = [b for b in range(NB) if b not in (0, 2, 5)]
+    assert (cache.k[1][untouched] == 0).all() and (cache.k[0] == 0).all()  # other blocks and layers
+    assert (cache.k[1][5, :, :2] == 0).all() and (cache.k[1][2, :, 3:] == 0).all()  # rows before/after
+
+
+def test_read_gathers_blocks_in_table_order():
+    H, BS, D = 2, 4, 8
+    cache = KVCache(1, 5, H, BS, D, StaticQuantizer.identity("fp16", 1, H))
+    x = torch.randn(10, H, D)
+    table = [3, 0, 4]  # tokens 0-3 in block 3, 4-7 in block 0, 8-9 in block 4
+    slots = torch.tensor([table[t // BS] * BS + t % BS for t in range(10)])
+    cache.write(0, slots, x, -x)
+    k, v = cache.read(0, torch.tensor([table]), 10, torch.float32)  # (1, H, 10, D)
+    torch.testing.assert_close(k[0], x.half().float().transpose(0, 1))
+    torch.testing.assert_close(v[0], -x.half().float().transpose(0, 1))
 
 
 def test_int8_and_fp8_store_half_the_bytes_of_fp16():
     sizes = {kv: KVCache(2, 3, 2, 10, 8, StaticQuantizer.identity(kv, 2, 2)).nbytes() for kv in KV_DTYPES}
-    data16 = 2 * 2 * 3 * 2 * 10 * 8 * 2
+    data16 = 2 * 2 * 3 * 2 * 10 * 8 * 2  # K and V, 2 layers, 3 blocks of 10 tokens, 2 KV heads, D 8, 2 bytes
     side = 4 * 2 * 2 * 4  # four (layers, H_kv) fp32 parameter tensors
     assert sizes["fp16"] == data16 + side
     for kv in ("int8", "fp8_e4m3", "fp8_e5m2"):

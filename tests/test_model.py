@@ -37,10 +37,16 @@ def hf_decode_logits(model, ids: list[int], n: int) -> tuple[list[int], torch.Te
 
 def engine_step_logits(engine: Engine, ids: list[int], tokens: list[int]) -> torch.Tensor:
     """Our logits for the prompt then each token fed one by one through the cache (n, V)."""
-    s = engine.new_session()
-    rows = [engine._step([s], [ids])[0]]
-    rows += [engine._step([s], [[t]])[0] for t in tokens[:-1]]
-    engine.end_session(s)
+    from runtime.scheduler import Chunk, Sequence
+
+    seq = Sequence("probe", list(ids), len(ids), None)
+    seq.block_ids = engine.scheduler.allocator.allocate(engine.scheduler.blocks_for(len(ids) + len(tokens)))
+    with torch.inference_mode():
+        rows = [engine._forward([Chunk(seq, 0, len(ids))])[0]]
+        for t in tokens[:-1]:
+            seq.token_ids.append(t)
+            rows.append(engine._forward([Chunk(seq, len(seq.token_ids) - 1, 1)])[0])
+    engine.scheduler.allocator.release(seq.block_ids)
     return torch.stack(rows)
 
 
@@ -121,8 +127,9 @@ def test_quantized_cache_holds_reference_quantization_of_hf_kv(tiny_hf, tmp_path
     wdir = fp16.wdir
     write(wdir, fp16.config, p)
     engine = Engine(ws, max_batch_size=1, kv_cache_dtype=kv)
-    logits = engine.score(torch.tensor([ids]))[0]  # fills slot 0
+    logits = engine.score(torch.tensor([ids]))[0]  # fills block 0 (the first free one)
     T = len(ids)
+    assert T <= engine.block_size
     for i, (k, v) in enumerate(layers):
         ks, kz, vs, vz = (t[i, j].expand(H) for j in range(4))
         for got, x, s, z in ((engine.cache.k[i], k, ks, kz), (engine.cache.v[i], v, vs, vz)):
