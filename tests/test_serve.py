@@ -11,7 +11,6 @@ import json
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -20,35 +19,12 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from runtime.engine import EngineStats, StepOutput  # noqa: E402
 from runtime.serve import create_app  # noqa: E402
 from runtime.templates import get_template  # noqa: E402
 
 REPLY = "Héllo wörld 🙂 ünïcode — done. The end"
 EOS = 2
-
-
-@dataclass
-class StepOutput:
-    request_id: str
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-
-
-@dataclass
-class FakeStats:
-    num_running: int
-    num_waiting: int
-    num_blocks: int
-    num_free_blocks: int
-    block_size: int
-    kv_dtype: str
-    kv_cache_tokens: int
-    num_preemptions: int
-    num_generated_tokens: int
-    num_prompt_tokens: int
 
 
 class FakeEngine:
@@ -123,7 +99,7 @@ class FakeEngine:
 
     def stats(self):
         used = sum(r["blocks"] for r in self.running.values())
-        return FakeStats(
+        return EngineStats(
             len(self.running), 0, self.num_blocks, self.num_blocks - used, self.block_size, self.kv_dtype,
             self.num_blocks * self.block_size, 0, self.generated, self.prompted,
         )  # fmt: skip

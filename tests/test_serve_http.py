@@ -55,8 +55,9 @@ def workspace(demo_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(workspace, tmp_path_factory):
-    """The server subprocess; yields its base URL. Stopped with SIGTERM (it must exit 0, cleanly)."""
+def server_process(workspace, tmp_path_factory):
+    """The server subprocess, just started (the reference LLM loads meanwhile); yields (proc, url, log).
+    Stopped with SIGTERM, and it must exit 0 cleanly."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve_log") / "server.log"
     cmd = [sys.executable, "-m", "runtime.serve", str(workspace), "--port", str(port), "--api-key", KEY]
@@ -66,22 +67,12 @@ def server(workspace, tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"server not healthy in time:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        yield url
+        yield proc, url, log
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
         text = log.read_text()
         assert "Traceback" not in text and "Application shutdown complete" in text, text
-        assert "KV cache int8" in text and f"http://127.0.0.1:{port}/v1" in text  # banner and URL at start-up
+        assert "KV cache int8" in text and f"{url}/v1" in text  # the banner and the URL at start-up
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -89,7 +80,24 @@ def server(workspace, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llm(workspace):
+def server(server_process):
+    """The base URL once /health answers 200."""
+    proc, url, log = server_process
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"server not healthy in time:\n{log.read_text()}"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def llm(workspace, server_process):
+    """The in-process reference, same KV settings (loads while the server starts)."""
     from runtime import LLM
 
     return LLM(str(workspace), kv_cache_dtype="int8", session_len=SESSION_LEN, kv_cache_gib=KV_GIB)
@@ -111,35 +119,35 @@ def greedy(llm, prompt: str, max_tokens: int, **kw):
 
 
 # -- the official client ---------------------------------------------------------------------------
-def test_openai_completion_matches_llm_generate(client, llm):
+def test_openai_completion_matches_llm_generate(llm, client):
     prompt = "The Debian project is"
-    ref = greedy(llm, prompt, 24)
-    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    ref = greedy(llm, prompt, 16)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
     assert r.choices[0].text == ref.text and r.choices[0].finish_reason == ref.finish_reason
     assert r.usage.completion_tokens == len(ref.token_ids) and r.usage.prompt_tokens == len(llm.encode(prompt))
 
     stream = client.completions.create(
-        model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True}
+        model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True}
     )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ref.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ref.token_ids)
 
-    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=[ref.text[10:14]])
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=[ref.text[10:14]])
     assert cut.choices[0].text == ref.text[: ref.text.find(ref.text[10:14])] and cut.choices[0].finish_reason == "stop"
 
 
-def test_openai_chat_matches_llm_generate(client, llm):
+def test_openai_chat_matches_llm_generate(llm, client):
     msgs = [
         {"role": "system", "content": "You answer in one short sentence."},
         {"role": "user", "content": "What is Debian?"},
     ]
-    ref = greedy(llm, llm.engine.template.render_messages(msgs), 40)
-    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=0)
+    ref = greedy(llm, llm.engine.template.render_messages(msgs), 24)
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0)
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == ref.text and r.choices[0].finish_reason == ref.finish_reason
-    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=0, stream=True)
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream) == ref.text
     assert [m.id for m in client.models.list().data] == [MODEL]
 
@@ -172,7 +180,7 @@ def test_errors(server):
 
     # beyond session_len: the numbers are in the message
     err = check_error(post(server, "/v1/completions", {**ok, "max_tokens": SESSION_LEN}), 400)
-    assert str(SESSION_LEN) in err["message"] and re.search(r"\b1\b", err["message"]), err
+    assert f"max_tokens {SESSION_LEN}" in err["message"] and f"session_len {SESSION_LEN}" in err["message"], err
     # within session_len but beyond the whole KV pool
     pool = int(float(re.search(r"^kvq_kv_cache_tokens (\S+)$", httpx.get(f"{server}/metrics").text, re.M)[1]))
     assert pool < SESSION_LEN - 64, "the test pool must be smaller than a session"
@@ -195,8 +203,8 @@ PROMPTS = [
 
 
 def load_request(i: int) -> tuple[str, dict]:
-    """Request i of the load test: 8 distinct greedy requests, completions and chat, repeated."""
-    prompt, max_tokens = PROMPTS[i % 8], 8 + 2 * (i % 5)
+    """Request i of the load test: 8 distinct greedy requests (completions and chat, 6-13 tokens), repeated."""
+    prompt, max_tokens = PROMPTS[i % 8], 6 + i % 8
     if i % 2:
         return "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
     return "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens}
@@ -230,7 +238,7 @@ def test_64_concurrent_streams_equal_alone_and_free_every_block(server):
         limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=0)
         async with httpx.AsyncClient(headers=auth(), timeout=120, limits=limits) as c:
             alone = {}
-            for i in range(10):  # every distinct request (i and i + 10k are the same), one at a time
+            for i in range(8):  # every distinct request (i and i + 8k are the same), one at a time
                 alone[i] = await stream_text(c, server, *load_request(i))
             together = await asyncio.gather(
                 *(stream_text(c, server, *load_request(i), hang_up=i in hang_ups) for i in range(n))
@@ -242,8 +250,7 @@ def test_64_concurrent_streams_equal_alone_and_free_every_block(server):
         if i in hang_ups:
             assert text is None
         else:
-            key = i % 10 if load_request(i) == load_request(i % 10) else None
-            assert key is not None and text == alone[key], (i, text, alone.get(key))
+            assert text == alone[i % 8], (i, text, alone[i % 8])
 
     deadline = time.monotonic() + 30  # aborts of the hung-up streams land within an engine step or two
     while True:
@@ -253,6 +260,6 @@ def test_64_concurrent_streams_equal_alone_and_free_every_block(server):
         assert time.monotonic() < deadline, m
         time.sleep(0.2)
     assert metric(m, "kvq_num_requests_waiting") == 0 and metric(m, "kvq_kv_blocks_total") > 0
-    assert 'kvq_kv_cache_info{block_size="64",kv_dtype="int8"} 1.0' in m or 'kv_dtype="int8"' in m
-    assert metric(m, 'kvq_requests_finished_total\\{finished_reason="abort"\\}') >= len(hang_ups) - 2
+    assert 'kvq_kv_cache_info{block_size="64",kv_dtype="int8"} 1.0' in m
+    assert metric(m, 'kvq_requests_finished_total\\{finished_reason="abort"\\}') >= 1
     assert metric(m, "kvq_e2e_request_latency_seconds_count") >= n - len(hang_ups)
