@@ -62,11 +62,11 @@ def make_prompts(tokenizer, dataset: str, n: int, input_len: int, seed: int) -> 
     from lite.datasets import local_files, read_documents
 
     ids: list[int] = []
-    for path in local_files(dataset):
-        for doc in read_documents(path):
-            ids += tokenizer.encode(doc.strip() + "\n\n", add_special_tokens=False)
-            if len(ids) > 50 * input_len + 200_000:  # plenty of distinct windows; no need to read it all
-                break
+    docs = (doc for path in local_files(dataset) for doc in read_documents(path))
+    for doc in docs:
+        ids += tokenizer.encode(doc.strip() + "\n\n", add_special_tokens=False)
+        if len(ids) > 50 * input_len + 200_000:  # plenty of distinct windows; no need to read it all
+            break
     if len(ids) < input_len + 1:
         raise SystemExit(f"{dataset}: {len(ids)} tokens, fewer than --input-len {input_len}")
     rng = random.Random(seed)
