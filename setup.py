@@ -45,6 +45,9 @@ setup(
             "gguf",
             "accelerate",
             "sentencepiece",
+            # tests/test_export.py validates the exported config with compressed-tensors' own QuantizationConfig;
+            # runtime/compressed_tensors.py names this release as the config's `version`.
+            "compressed-tensors>=0.20,<0.21",
             # NVRTC + CUDA headers compile the kernels without a GPU (tests/cuda).
             "cupy-cuda12x",
             "nvidia-cuda-nvrtc-cu12",
