@@ -45,16 +45,17 @@ def check_paged_args(q, k_pool, v_pool, block_tables, lengths, params) -> None:
         raise ValueError(
             f"v_pool {v_pool.dtype} {tuple(v_pool.shape)} must match k_pool {k_pool.dtype} {tuple(k_pool.shape)}"
         )
-    if Dk != D or H % Hkv or block_size < 1:
+    if Dk != D or Hkv < 1 or H % Hkv or block_size < 1:
         raise ValueError(
-            f"q {tuple(q.shape)} does not fit the pool {tuple(k_pool.shape)} (same D, H a multiple of H_kv)"
+            f"q {tuple(q.shape)} does not fit the pool {tuple(k_pool.shape)} "
+            "(same D, H a multiple of H_kv, block_size >= 1)"
         )
     if block_tables.dim() != 2 or block_tables.shape[0] != B or block_tables.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"block_tables must be (B={B}, max_blocks) int32/int64; got {block_tables.dtype} {tuple(block_tables.shape)}"
         )
-    if lengths.shape != (B,):
-        raise ValueError(f"lengths must be (B={B},); got {tuple(lengths.shape)}")
+    if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lengths must be (B={B},) int32/int64; got {lengths.dtype} {tuple(lengths.shape)}")
     for name, p in zip(("k_scale", "k_zp", "v_scale", "v_zp"), params, strict=True):
         if p.shape != (Hkv,):
             raise ValueError(f"{name} must be (H_kv={Hkv},); got {tuple(p.shape)}")
@@ -430,6 +431,9 @@ def decode_attention_cpp(
             f"the C++ decode kernel takes contiguous fp16/int8/fp8 pools with head size 64 or 128; got D={D}, "
             f"{k_pool.dtype} (use decode_attention, which falls back to torch)"
         )
+    tensors = (q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp, v_scale, v_zp)
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError("the C++ decode kernel takes CPU tensors only (runtime.cuda has the GPU kernels)")
     qf = q.to(torch.float32).contiguous()
     out = torch.empty(B, H, D, dtype=torch.float32)
     tables = block_tables.to(torch.int64).contiguous()
