@@ -52,6 +52,9 @@ setup(
             # the server tests talk to it with the official client and raw HTTP
             "openai>=1.40",
             "httpx>=0.27",
+            # tests/test_export.py validates the exported config with compressed-tensors' own QuantizationConfig;
+            # runtime/compressed_tensors.py names this release as the config's `version`.
+            "compressed-tensors>=0.20,<0.21",
             # NVRTC + CUDA headers compile the kernels without a GPU (tests/cuda).
             "cupy-cuda12x",
             "nvidia-cuda-nvrtc-cu12",

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from deploy.checkpoint import DeployError, HFCheckpoint, load_checkpoint
+from deploy.kv_scales import import_kv_scales
 from deploy.tree import build_tree, check_destination, install, staging, tokenizer_files
+from runtime import kv_params
 from runtime.templates import get_template
 from runtime.workspace import WorkspaceConfig, WorkspaceError, padded_vocab, ranked, save_config, weight_table
 
@@ -311,11 +313,16 @@ def deploy(
             f"{cfg.session_len} (template {template.name}); sliding-window attention is not supported"
         )
     jobs = plan(ck, cfg)
+    cfg, kv_scales = import_kv_scales(ck, cfg)  # FP8 KV scales the checkpoint carries (None: none)
     tok_files = tokenizer_files(Path(tokenizer_path) if tokenizer_path else ck.path)
     dst = check_destination(Path(dst_path), force)
     with staging(dst) as tmp:
         wdir = build_tree(tmp, tp, tok_files)
         write_weights(jobs, ck, cfg, wdir, progress)
+        if kv_scales:
+            kv_params.write(wdir, cfg, kv_scales.params)
         save_config(cfg, wdir)
         install(tmp, dst)
+    if kv_scales and notes:
+        notes(f"imported {kv_scales.summary()}; config.ini selects kv_cache_dtype {cfg.kv_cache_dtype}")
     return dst

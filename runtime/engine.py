@@ -399,7 +399,11 @@ class Engine:
         for b, c in enumerate(chunks):
             tokens[b, : c.length] = torch.tensor(c.seq.token_ids[c.start : c.start + c.length])
         batch = Batch.build(
-            [c.seq.block_ids for c in chunks], [c.start for c in chunks], [c.length for c in chunks], self.block_size
+            [c.seq.block_ids for c in chunks],
+            [c.start for c in chunks],
+            [c.length for c in chunks],
+            self.block_size,
+            self.device,
         )
         logits = self.model.forward(
             tokens.to(self.device), self.cache, batch, use_context_fmha=self.use_context_fmha, all_logits=all_logits

@@ -144,7 +144,7 @@ class KVCache:
                 self.v[layer],
                 k.contiguous(),
                 v.contiguous(),
-                slot_mapping.to(k.device),
+                slot_mapping,
                 ks,
                 kz,
                 vs,
@@ -159,7 +159,13 @@ class KVCache:
         self.v[layer][blocks, :, rows] = vq
 
     def decode_attention(
-        self, layer: int, q: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor, softmax_scale: float
+        self,
+        layer: int,
+        q: torch.Tensor,
+        block_tables: torch.Tensor,
+        lengths: torch.Tensor,
+        softmax_scale: float,
+        max_length: int | None = None,
     ) -> torch.Tensor:
         """q (B, H, D), one token per sequence, over the first lengths[b] tokens of block_tables[b] -> (B, H, D).
 
@@ -173,20 +179,19 @@ class KVCache:
             return decode_attention(
                 q, self.k[layer], self.v[layer], block_tables, lengths, ks, kz, vs, vz, softmax_scale
             )
-        dev = q.device
         return self.kernels.decode_attention(
             q.contiguous(),
             self.k[layer],
             self.v[layer],
-            block_tables.to(dev, torch.int32),
-            lengths.to(dev, torch.int32),
+            block_tables,
+            lengths,
             ks,
             kz,
             vs,
             vz,
             self.quantizer.kv_dtype,
             softmax_scale,
-            max_length=int(lengths.max()),
+            max_length=int(lengths.max()) if max_length is None else max_length,
         )
 
     def read(

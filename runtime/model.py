@@ -38,13 +38,18 @@ class Batch:
     block_tables[b] (padded with any valid block id). slot_mapping lists the pool slot of every valid
     token, sequence by sequence: slot = block * block_size + row."""
 
-    block_tables: torch.Tensor  # (B, max_blocks) long
-    starts: torch.Tensor  # (B,) long
+    block_tables: torch.Tensor  # (B, max_blocks) int32, on the cache's device (the kernels take int32)
+    starts: torch.Tensor  # (B,) long, on the CPU (masks and positions)
     counts: list[int]
-    slot_mapping: torch.Tensor  # (sum(counts),) long
+    slot_mapping: torch.Tensor  # (sum(counts),) long, on the cache's device
+    lengths: torch.Tensor  # (B,) int32 = starts + counts: tokens in the cache after this step, on the device
+    max_length: int  # max(lengths), known on the host (no device sync per layer)
 
     @classmethod
-    def build(cls, block_ids: list[list[int]], starts: list[int], counts: list[int], block_size: int) -> Batch:
+    def build(
+        cls, block_ids: list[list[int]], starts: list[int], counts: list[int], block_size: int, device="cpu"
+    ) -> Batch:
+        """Tables and slot mapping built once per step (not per layer), moved to the device once."""
         width = max(len(b) for b in block_ids)
         tables = torch.zeros(len(block_ids), width, dtype=torch.long)
         slots = []
@@ -52,7 +57,15 @@ class Batch:
             tables[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             pos = torch.arange(start, start + n)
             slots.append(tables[b, pos // block_size] * block_size + pos % block_size)
-        return cls(tables, torch.tensor(starts, dtype=torch.long), list(counts), torch.cat(slots))
+        lengths = torch.tensor([s + n for s, n in zip(starts, counts, strict=True)], dtype=torch.int32)
+        return cls(
+            tables.to(device=device, dtype=torch.int32),
+            torch.tensor(starts, dtype=torch.long),
+            list(counts),
+            torch.cat(slots).to(device),
+            lengths.to(device),
+            int(lengths.max()),
+        )
 
 
 class Transformer:
@@ -166,7 +179,9 @@ class Transformer:
         B, H, T, D = q.shape
         scale = 1.0 / math.sqrt(D)
         if T == 1:  # decode: the new token is in the cache already
-            o = cache.decode_attention(i, q[:, :, 0], batch.block_tables, batch.starts + 1, scale)  # (B, H, D)
+            o = cache.decode_attention(
+                i, q[:, :, 0], batch.block_tables, batch.lengths, scale, batch.max_length
+            )  # (B, H, D)
             return o.reshape(B, 1, H * D)
         no_history = bool((batch.starts == 0).all())
         if use_context_fmha and no_history:  # causal over the chunk's own unquantized K/V

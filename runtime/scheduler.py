@@ -102,10 +102,10 @@ class Chunk:
     seq: Sequence
     start: int
     length: int
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        return self.start + self.length == len(self.seq.token_ids)
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.length == len(self.seq.token_ids)
 
 
 @dataclass

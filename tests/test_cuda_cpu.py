@@ -1,9 +1,11 @@
 """The CUDA kernels executed on the CPU (same .cu files, g++ + cuda_host_emulation.h) against PyTorch references.
 
-References: runtime/quant.py (the project's formulas) and torch's own float16 / bfloat16 / float8 casts.
+References: runtime/quant.py (the project's formulas), torch's own float16 / bfloat16 / float8 casts, and the
+paged decode-attention reference runtime.cpu_attention.decode_attention_torch (itself checked against a dense
+float64 attention in tests/test_paged_attention.py, whose poisoned paged pools these tests share).
 Tolerances:
   - cache writes (fp16 / int8 / fp8) and every conversion: bit-exact;
-  - decode attention vs a float64 reference on the dequantized cache: fp32 output |err| <= 1e-5 + 1e-4 |ref|
+  - decode attention vs the fp32 reference on the same q values: fp32 output |err| <= 1e-5 + 1e-4 |ref|
     (fp32 accumulation, exp2f); fp16 output 1e-5 + 1e-3 |ref| (one fp16 rounding); bf16 1e-5 + 8e-3 |ref|.
 """
 
@@ -13,8 +15,10 @@ import math
 
 import pytest
 import torch
+from test_paged_attention import PagedCase, lengths_for, make_case
 
 from runtime import quant
+from runtime.cpu_attention import decode_attention_torch
 from runtime.cuda import kernels
 
 host_ops = pytest.importorskip("runtime.cuda.host_ops")
@@ -115,7 +119,8 @@ def test_int8_store_rounds_half_to_even_and_saturates():
 
 
 def make_params(kv_dtype: str, x: torch.Tensor, symmetric: bool = False) -> dict:
-    """Per-head (H_kv,) parameters from x (..., H_kv, D), deliberately tight so some values saturate."""
+    """Per-head (H_kv,) parameters from x (..., H_kv, D), deliberately tight so some values saturate; None where
+    the mode does not read them (the launchers accept None there)."""
     per_head = x.transpose(0, -2).reshape(x.shape[-2], -1)  # (H_kv, everything else)
     mx, mn, amax = per_head.amax(1) * 0.8, per_head.amin(1) * 0.8, per_head.abs().amax(1) * 0.8
     if kv_dtype == "fp16":
@@ -133,133 +138,144 @@ def full_params(p: dict, num_kv_heads: int) -> tuple:
     return pick(p["k_scale"], ones), pick(p["k_zp"], zeros), pick(p["v_scale"], ones), pick(p["v_zp"], zeros)
 
 
+def kernel_params(case: PagedCase) -> dict:
+    """A paged case's parameters as the launchers take them: None where the mode does not read them."""
+    names = ("k_scale", "k_zp", "v_scale", "v_zp")
+    used = {"fp16": (), "int8": names, "fp8_e4m3": ("k_scale", "v_scale"), "fp8_e5m2": ("k_scale", "v_scale")}
+    return {n: (p if n in used[case.kv_dtype] else None) for n, p in zip(names, case.params, strict=True)}
+
+
 @pytest.mark.parametrize("kv_dtype", list(kernels.KV_MODES))
 @pytest.mark.parametrize("act", [torch.float32, torch.float16, torch.bfloat16])
 def test_kv_write_is_bit_exact(kv_dtype, act):
-    gen = torch.Generator().manual_seed(hash((kv_dtype, str(act))) % 2**31)
-    num_slots, hkv, max_seq, dim = 3, 3, 23, 64 if act != torch.float16 else 128
-    n = 29  # tokens: distinct (slot, position) pairs, scattered
-    flat = torch.randperm(num_slots * max_seq, generator=gen)[:n]
-    slots, positions = flat // max_seq, flat % max_seq
+    """Every token lands, quantized exactly like quant.quantize, at row slot % block_size of block
+    slot // block_size; negative and out-of-pool slots write nothing, every other byte is untouched."""
+    seed = list(kernels.KV_MODES).index(kv_dtype) * 3 + list(kernels.ACT_TYPES).index(act)
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks, hkv, block_size, dim = 4, 3, 7, 64 if act != torch.float16 else 128
+    n = 19  # tokens at distinct, scattered slots
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
     k_new = (torch.randn(n, hkv, dim, generator=gen) * 3).to(act)
     v_new = (torch.randn(n, hkv, dim, generator=gen) * 2 + 0.5).to(act)
     params = make_params(kv_dtype, k_new.float())
     storage = quant.STORAGE_DTYPES[kv_dtype]
     sentinel = torch.randint(
-        0, 256, (2, num_slots, hkv, max_seq, dim * storage.itemsize), dtype=torch.uint8, generator=gen
+        0, 256, (2, num_blocks, hkv, block_size, dim * storage.itemsize), dtype=torch.uint8, generator=gen
     )
-    k_cache, v_cache = (sentinel[i].clone().view(storage) for i in range(2))
-    # Two extra tokens that must be skipped: position past S and slot -1.
-    bad_k = torch.randn(2, hkv, dim).to(act)
+    k_pool, v_pool = (sentinel[i].clone().view(storage) for i in range(2))
+    # Tokens that must be skipped: slot -1, -7, one past the pool, and (int64) one that wraps to slot 3 as int32.
+    skipped = torch.tensor([-1, -7, num_blocks * block_size, 2**32 + 3])
+    bad = torch.randn(len(skipped), hkv, dim).to(act)
+    slot_dtype = torch.int64 if seed % 2 else torch.int32  # both index dtypes; the wrap test needs int64
+    slot_mapping = torch.cat([slots, skipped if slot_dtype == torch.int64 else skipped[:3]]).to(slot_dtype)
+    nbad = len(slot_mapping) - n
     host_ops.kv_cache_write(
-        k_cache,
-        v_cache,
-        torch.cat([k_new, bad_k]),
-        torch.cat([v_new, bad_k]),
-        torch.cat([slots, torch.tensor([0, -1])]).to(torch.int32),
-        torch.cat([positions, torch.tensor([max_seq + 5, 0])]),
+        k_pool,
+        v_pool,
+        torch.cat([k_new, bad[:nbad]]),
+        torch.cat([v_new, bad[:nbad]]),
+        slot_mapping,
         **params,
         kv_dtype=kv_dtype,
     )
     k_scale, k_zp, v_scale, v_zp = full_params(params, hkv)
     want_k, want_v = (sentinel[i].clone().view(storage) for i in range(2))
     # quant.quantize wants (..., H_kv, T, D): treat the N tokens as T.
-    want_k[slots, :, positions] = quant.quantize(k_new.transpose(0, 1), kv_dtype, k_scale, k_zp).transpose(0, 1)
-    want_v[slots, :, positions] = quant.quantize(v_new.transpose(0, 1), kv_dtype, v_scale, v_zp).transpose(0, 1)
-    assert torch.equal(k_cache.view(torch.uint8), want_k.view(torch.uint8))
-    assert torch.equal(v_cache.view(torch.uint8), want_v.view(torch.uint8))
+    want_k[slots // block_size, :, slots % block_size] = quant.quantize(
+        k_new.transpose(0, 1), kv_dtype, k_scale, k_zp
+    ).transpose(0, 1)
+    want_v[slots // block_size, :, slots % block_size] = quant.quantize(
+        v_new.transpose(0, 1), kv_dtype, v_scale, v_zp
+    ).transpose(0, 1)
+    assert torch.equal(k_pool.view(torch.uint8), want_k.view(torch.uint8))
+    assert torch.equal(v_pool.view(torch.uint8), want_v.view(torch.uint8))
 
 
 # ---- decode attention ------------------------------------------------------------------------------------
 
-
-def reference_attention(q, k_cache, v_cache, slots, lengths, params: dict, kv_dtype: str, softmax_scale: float):
-    """float64 attention over quant.dequantize(cache); zero output for empty sequences."""
-    num_kv_heads, max_seq = k_cache.shape[1], k_cache.shape[2]
-    k_scale, k_zp, v_scale, v_zp = full_params(params, num_kv_heads)
-    keys = quant.dequantize(k_cache.cpu(), kv_dtype, k_scale.cpu(), k_zp.cpu()).double()
-    values = quant.dequantize(v_cache.cpu(), kv_dtype, v_scale.cpu(), v_zp.cpu()).double()
-    batch, num_heads, dim = q.shape
-    group = num_heads // num_kv_heads
-    out = torch.zeros(batch, num_heads, dim, dtype=torch.float64)
-    for b in range(batch):
-        length = max(0, min(int(lengths[b]), max_seq))
-        if length == 0:
-            continue
-        k = keys[int(slots[b]), :, :length].repeat_interleave(group, 0)  # (H, L, D)
-        v = values[int(slots[b]), :, :length].repeat_interleave(group, 0)
-        p = torch.softmax(torch.einsum("hd,hld->hl", q[b].cpu().double(), k) * softmax_scale, dim=-1)
-        out[b] = torch.einsum("hl,hld->hd", p, v)
-    return out
-
-
-def random_cache(kv_dtype, num_slots, hkv, max_seq, dim, symmetric, gen):
-    """Caches quantized by quant.quantize from K with channel outliers and shifted V, and their parameters."""
-    k = torch.randn(num_slots, hkv, max_seq, dim, generator=gen) * (1 + 4 * torch.rand(dim, generator=gen))
-    v = torch.randn(num_slots, hkv, max_seq, dim, generator=gen) + 0.3
-    params = make_params(kv_dtype, k.permute(0, 2, 1, 3).reshape(-1, hkv, dim), symmetric)
-    if kv_dtype == "int8":  # V gets its own range
-        v_scale, v_zp = quant.int8_params(
-            *(
-                f(v.transpose(0, 1).reshape(hkv, -1))
-                for f in (lambda t: t.amax(1), lambda t: t.amin(1), lambda t: t.abs().amax(1))
-            ),
-            symmetric,
-        )
-        params.update(v_scale=v_scale, v_zp=v_zp)
-    k_scale, k_zp, v_scale, v_zp = full_params(params, hkv)
-    return quant.quantize(k, kv_dtype, k_scale, k_zp), quant.quantize(v, kv_dtype, v_scale, v_zp), params
-
-
-ATTENTION_CASES = [  # kv_dtype, head_dim, H, H_kv, q dtype, symmetric int8
-    ("fp16", 128, 8, 8, torch.float32, False),
-    ("int8", 64, 9, 3, torch.float32, False),  # SmolLM2 shape
-    ("int8", 128, 16, 2, torch.float16, True),
-    ("fp8_e4m3", 128, 8, 1, torch.float32, False),
-    ("fp8_e5m2", 64, 3, 3, torch.bfloat16, False),
-    ("fp8_e4m3", 64, 6, 2, torch.float16, False),
-    ("fp16", 64, 6, 2, torch.float16, False),
+ATTENTION_CASES = [  # kv_dtype, head_dim, H, H_kv, q dtype, symmetric int8, block_size
+    ("fp16", 128, 2, 2, torch.float32, False, 16),
+    ("int8", 64, 9, 3, torch.float32, False, 5),  # SmolLM2 shape, odd block size
+    ("int8", 128, 8, 1, torch.float16, True, 64),
+    ("fp8_e4m3", 128, 3, 1, torch.float32, False, 5),
+    ("fp8_e5m2", 64, 2, 2, torch.bfloat16, False, 16),
+    ("fp8_e4m3", 64, 8, 1, torch.float16, False, 64),
+    ("fp16", 64, 6, 2, torch.float16, False, 5),
 ]
 
 
-@pytest.mark.parametrize(
-    "case", ATTENTION_CASES, ids=lambda c: f"{c[0]}-D{c[1]}-H{c[2]}-KV{c[3]}-{c[4]}".replace("torch.", "")
-)
+def case_id(c) -> str:
+    return f"{c[0]}-D{c[1]}-H{c[2]}-KV{c[3]}-{c[4]}-bs{c[6]}".replace("torch.", "")
+
+
+def attention_case(case: tuple, seed: int) -> PagedCase:
+    """A paged case from an ATTENTION_CASES row: int32 block tables and lengths, as the launchers take them."""
+    kv_dtype, dim, num_heads, hkv, act, symmetric, block_size = case
+    return make_case(
+        kv_dtype, dim, hkv, num_heads // hkv, block_size, lengths_for(block_size), seed, act, symmetric, torch.int32
+    )
+
+
+def emulated_attention(c: PagedCase, block_tables: torch.Tensor | None = None, num_splits: int | None = None):
+    """host_ops.decode_attention on a paged case (optionally with other block tables)."""
+    tables = c.block_tables if block_tables is None else block_tables
+    return host_ops.decode_attention(
+        c.q,
+        c.k_pool,
+        c.v_pool,
+        tables,
+        c.lengths,
+        **kernel_params(c),
+        kv_dtype=c.kv_dtype,
+        softmax_scale=c.softmax_scale,
+        num_splits=num_splits,
+    )
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=case_id)
 def test_decode_attention_matches_reference(case):
-    kv_dtype, dim, num_heads, hkv, act, symmetric = case
-    gen = torch.Generator().manual_seed(sum(map(ord, str(case))))
-    num_slots, max_seq = 5, 261
-    k_cache, v_cache, params = random_cache(kv_dtype, num_slots, hkv, max_seq, dim, symmetric, gen)
-    slots = torch.tensor([3, 0, 4, 1, 2], dtype=torch.int32)
-    lengths = torch.tensor([1, max_seq, 129, 0, 200])  # length 1, full, not a multiple of any block, empty
-    q = torch.randn(5, num_heads, dim, generator=gen).to(act)
-    scale = 1 / math.sqrt(dim)
-    want = reference_attention(q, k_cache, v_cache, slots, lengths, params, kv_dtype, scale)
-    tol = ACT_TOL[act]
-    # one block per (head, sequence), and split-K over 5 chunks of 53 keys (some empty) plus the combine pass
-    for splits in (1, 5):
-        got = host_ops.decode_attention(
-            q, k_cache, v_cache, slots, lengths, **params, kv_dtype=kv_dtype, softmax_scale=scale, num_splits=splits
-        )
-        assert got.dtype == act and got.shape == q.shape
+    """Shuffled blocks in a NaN / garbage pool, padded block tables, lengths 1, one block, 0 and ragged."""
+    c = attention_case(case, seed=ATTENTION_CASES.index(case))
+    want = decode_attention_torch(c.q.float(), *c.args()[1:])  # fp32 reference on the same q values
+    tol = ACT_TOL[c.q.dtype]
+    # one block per (head, sequence), and split-K over 3 chunks (some empty) plus the combine pass
+    for splits in (1, 3):
+        got = emulated_attention(c, num_splits=splits)
+        assert got.dtype == c.q.dtype and got.shape == c.q.shape
         err = (got.double() - want).abs()
         bound = 1e-5 + tol * want.abs()
         assert (err <= bound).all(), f"splits={splits}: max err {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
-    assert got[3].abs().max() == 0  # the empty sequence
+        assert got[2].abs().max() == 0  # the empty sequence
+
+
+def test_decode_attention_never_dereferences_bad_block_ids():
+    """A block id outside the pool inside a sequence's range is skipped, not read (memory safety): the result is
+    attention over that sequence's other keys (decode attention does not depend on the keys' order)."""
+    c = attention_case(ATTENTION_CASES[0], seed=1)  # block size 16; sequence 3 has 46 tokens in 3 blocks
+    tables = c.block_tables.clone()
+    tables[3, 1] = 1 << 30  # positions 16..31 now point far outside the pool
+    got = emulated_attention(c, block_tables=tables, num_splits=2)
+    # the same keys without block column 1: blocks 0 and 2, 16 + 14 positions
+    ref_tables, ref_lengths = c.block_tables.clone(), c.lengths.clone()
+    ref_tables[3, 1] = c.block_tables[3, 2]
+    ref_lengths[3] = 30
+    want = decode_attention_torch(c.q, c.k_pool, c.v_pool, ref_tables, ref_lengths, *c.params, c.softmax_scale)
+    assert ((got.double() - want.double()).abs() <= 1e-5 + 1e-4 * want.double().abs()).all()
 
 
 # ---- argument checks and planning ------------------------------------------------------------------------
 
 
 def test_launch_checks_name_the_bad_argument():
-    k_cache = torch.zeros(2, 2, 16, 64, dtype=torch.int8)
-    q = torch.zeros(1, 4, 64)
+    k_pool = torch.zeros(6, 2, 16, 64, dtype=torch.int8)
+    q = torch.zeros(2, 4, 64)
     one = torch.ones(2)
     ok = dict(k_scale=one, k_zp=one, v_scale=one, v_zp=one, kv_dtype="int8", max_length=None, num_sms=1)
-    idx = torch.zeros(1, dtype=torch.int32)
-    kernels.prepare_attention(q, k_cache, k_cache, idx, idx, **ok)
+    tables = torch.zeros(2, 3, dtype=torch.int32)
+    lengths = torch.zeros(2, dtype=torch.int32)
+    kernels.prepare_attention(q, k_pool, k_pool, tables, lengths, **ok)
     bad = [
-        (dict(kv_dtype="fp8_e4m3"), "k_cache.dtype"),
+        (dict(kv_dtype="fp8_e4m3"), "k_pool.dtype"),
         (dict(kv_dtype="int4"), "kv_dtype"),
         (dict(k_zp=None), "k_zp"),
         (dict(v_scale=torch.ones(3)), "v_scale.shape"),
@@ -267,29 +283,32 @@ def test_launch_checks_name_the_bad_argument():
     ]
     for override, needle in bad:
         with pytest.raises(kernels.CudaOpError, match=needle.replace(".", r"\.")):
-            kernels.prepare_attention(q, k_cache, k_cache, idx, idx, **{**ok, **override})
-    with pytest.raises(kernels.CudaOpError, match="num_heads % num_kv_heads"):
-        kernels.prepare_attention(torch.zeros(1, 3, 64), k_cache, k_cache, idx, idx, **ok)
-    with pytest.raises(kernels.CudaOpError, match="non-contiguous"):
-        kernels.prepare_attention(torch.zeros(1, 64, 4).transpose(1, 2), k_cache, k_cache, idx, idx, **ok)
-    with pytest.raises(kernels.CudaOpError, match="head_dim"):
-        kernels.prepare_attention(q, torch.zeros(2, 2, 16, 96, dtype=torch.int8), k_cache, idx, idx, **ok)
-    with pytest.raises(kernels.CudaOpError, match="slots.dtype"):
-        kernels.prepare_attention(q, k_cache, k_cache, idx.float(), idx, **ok)
-    with pytest.raises(kernels.CudaOpError, match="positions.shape"):
-        kernels.prepare_write(
-            k_cache,
-            k_cache,
-            torch.zeros(3, 2, 64),
-            torch.zeros(3, 2, 64),
-            torch.zeros(3, dtype=torch.int32),
-            torch.zeros(2, dtype=torch.int64),
-            one,
-            one,
-            one,
-            one,
-            "int8",
-        )
+            kernels.prepare_attention(q, k_pool, k_pool, tables, lengths, **{**ok, **override})
+    calls = [  # (q, k_pool, v_pool, block_tables, lengths), the argument the message must name
+        ((torch.zeros(2, 3, 64), k_pool, k_pool, tables, lengths), "num_heads % num_kv_heads"),
+        ((torch.zeros(2, 64, 4).transpose(1, 2), k_pool, k_pool, tables, lengths), "non-contiguous"),
+        ((q, torch.zeros(6, 2, 16, 96, dtype=torch.int8), k_pool, tables, lengths), "head_dim"),
+        ((q, k_pool[..., 0], k_pool, tables, lengths), "k_pool.shape"),
+        ((q, k_pool, k_pool[:5], tables, lengths), "v_pool.shape"),
+        ((q, k_pool, k_pool, tables.long(), lengths), "block_tables.dtype"),
+        ((q, k_pool, k_pool, tables[:1], lengths), "block_tables.shape"),
+        ((q, k_pool, k_pool, tables[0], lengths), "block_tables.shape"),
+        ((q, k_pool, k_pool, tables.t().contiguous().t(), lengths), "non-contiguous"),
+        ((q, k_pool, k_pool, tables, lengths.long()), "lengths.dtype"),
+        ((q, k_pool, k_pool, tables, lengths[:1]), "lengths.shape"),
+    ]
+    for args, needle in calls:
+        with pytest.raises(kernels.CudaOpError, match=needle.replace(".", r"\.")):
+            kernels.prepare_attention(*args, **ok)
+    new = torch.zeros(3, 2, 64)
+    write = dict(k_scale=one, k_zp=one, v_scale=one, v_zp=one, kv_dtype="int8")
+    kernels.prepare_write(k_pool, k_pool, new, new, torch.zeros(3, dtype=torch.int64), **write)
+    with pytest.raises(kernels.CudaOpError, match=r"slot_mapping\.shape"):
+        kernels.prepare_write(k_pool, k_pool, new, new, torch.zeros(2, dtype=torch.int32), **write)
+    with pytest.raises(kernels.CudaOpError, match=r"slot_mapping\.dtype"):
+        kernels.prepare_write(k_pool, k_pool, new, new, torch.zeros(3), **write)
+    with pytest.raises(kernels.CudaOpError, match=r"k_new\.shape"):
+        kernels.prepare_write(k_pool, k_pool, new[..., :32], new, torch.zeros(3, dtype=torch.int32), **write)
 
 
 def test_plan_splits():

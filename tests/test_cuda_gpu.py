@@ -1,11 +1,11 @@
 """Real RawKernel launches on a CUDA device, compared with the CPU emulation and the PyTorch references.
 
-Marked `gpu`; skipped cleanly where CuPy finds no device (no driver, no GPU).
+Marked `gpu`; skipped cleanly where CuPy finds no device (no driver, no GPU). Same paged cases as the CPU tests
+(tests/test_paged_attention.py make_case: shuffled blocks in a NaN / garbage pool, padded block tables), with
+longer sequences so that the split-K plan and many key tiles are exercised.
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -28,8 +28,10 @@ def _gpu_available() -> bool:
 if not _gpu_available():
     pytest.skip("needs a CUDA device (cupy.cuda.runtime.getDeviceCount() failed or is 0)", allow_module_level=True)
 
-from test_cuda_cpu import ACT_TOL, ATTENTION_CASES, make_params, random_cache, reference_attention  # noqa: E402
+from test_cuda_cpu import ACT_TOL, ATTENTION_CASES, case_id, kernel_params, make_params  # noqa: E402
+from test_paged_attention import make_case  # noqa: E402
 
+from runtime.cpu_attention import decode_attention_torch  # noqa: E402
 from runtime.cuda import decode_attention, host_ops, kv_cache_write  # noqa: E402
 
 
@@ -41,48 +43,44 @@ def _cuda(p: dict) -> dict:
 @pytest.mark.parametrize("act", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_kv_write_matches_reference_bit_exactly(kv_dtype, act):
     gen = torch.Generator().manual_seed(7)
-    num_slots, hkv, max_seq, dim, n = 4, 4, 1000, 128, 700
-    flat = torch.randperm(num_slots * max_seq, generator=gen)[:n]
-    slots, positions = flat // max_seq, flat % max_seq
+    num_blocks, hkv, block_size, dim, n = 64, 4, 16, 128, 700
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
+    slots[::50] = -1  # skipped tokens
     k_new = (torch.randn(n, hkv, dim, generator=gen) * 3).to(act)
     v_new = (torch.randn(n, hkv, dim, generator=gen) * 2).to(act)
     params = make_params(kv_dtype, k_new.float())
     storage = quant.STORAGE_DTYPES[kv_dtype]
-    k_cache = torch.zeros(num_slots, hkv, max_seq, dim, dtype=storage, device="cuda")
-    v_cache = torch.zeros_like(k_cache)
-    kv_cache_write(
-        k_cache, v_cache, k_new.cuda(), v_new.cuda(), slots.cuda(), positions.cuda(), **_cuda(params), kv_dtype=kv_dtype
-    )
-    k_host, v_host = torch.zeros_like(k_cache, device="cpu"), torch.zeros_like(v_cache, device="cpu")
-    host_ops.kv_cache_write(k_host, v_host, k_new, v_new, slots, positions, **params, kv_dtype=kv_dtype)
-    assert torch.equal(k_cache.cpu().view(torch.uint8), k_host.view(torch.uint8))
-    assert torch.equal(v_cache.cpu().view(torch.uint8), v_host.view(torch.uint8))
+    k_pool = torch.zeros(num_blocks, hkv, block_size, dim, dtype=storage, device="cuda")
+    v_pool = torch.zeros_like(k_pool)
+    slot_mapping = slots.to(torch.int32)
+    kv_cache_write(k_pool, v_pool, k_new.cuda(), v_new.cuda(), slot_mapping.cuda(), **_cuda(params), kv_dtype=kv_dtype)
+    k_host, v_host = torch.zeros_like(k_pool, device="cpu"), torch.zeros_like(v_pool, device="cpu")
+    host_ops.kv_cache_write(k_host, v_host, k_new, v_new, slot_mapping, **params, kv_dtype=kv_dtype)
+    assert torch.equal(k_pool.cpu().view(torch.uint8), k_host.view(torch.uint8))
+    assert torch.equal(v_pool.cpu().view(torch.uint8), v_host.view(torch.uint8))
 
 
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=case_id)
 @pytest.mark.parametrize("splits", [None, 1, 7])
 def test_gpu_decode_attention_matches_reference(case, splits):
-    kv_dtype, dim, num_heads, hkv, act, symmetric = case
-    gen = torch.Generator().manual_seed(11)
-    num_slots, max_seq = 6, 2049
-    k_cache, v_cache, params = random_cache(kv_dtype, num_slots, hkv, max_seq, dim, symmetric, gen)
-    slots = torch.tensor([5, 0, 3, 1, 2, 4], dtype=torch.int32)
-    lengths = torch.tensor([1, max_seq, 1000, 0, 77, 1500], dtype=torch.int32)
-    q = torch.randn(6, num_heads, dim, generator=gen).to(act)
-    scale = 1 / math.sqrt(dim)
-    want = reference_attention(q, k_cache, v_cache, slots, lengths, params, kv_dtype, scale)
+    kv_dtype, dim, num_heads, hkv, act, symmetric, block_size = case
+    lengths = [1, block_size, 0, 1000, 77, 2049]
+    c = make_case(kv_dtype, dim, hkv, num_heads // hkv, block_size, lengths, 11, act, symmetric, torch.int32)
+    want = decode_attention_torch(c.q.float(), *c.args()[1:])  # fp32 reference on the same q values
     got = decode_attention(
-        q.cuda(),
-        k_cache.cuda(),
-        v_cache.cuda(),
-        slots.cuda(),
-        lengths.cuda(),
-        **_cuda(params),
+        c.q.cuda(),
+        c.k_pool.cuda(),
+        c.v_pool.cuda(),
+        c.block_tables.cuda(),
+        c.lengths.cuda(),
+        **_cuda(kernel_params(c)),
         kv_dtype=kv_dtype,
-        softmax_scale=scale,
+        softmax_scale=c.softmax_scale,
+        max_length=max(lengths),
         num_splits=splits,
     ).cpu()
-    err = (got.double() - want).abs()
+    err = (got.double() - want.double()).abs()
     # exp2f / division may use the GPU's approximate paths: allow a little more than on the CPU
-    bound = 2e-5 + 2 * ACT_TOL[act] * want.abs()
+    bound = 2e-5 + 2 * ACT_TOL[act] * want.double().abs()
     assert (err <= bound).all(), f"max err {err.max():.3g}"
+    assert (got[2] == 0).all()  # the empty sequence

@@ -41,15 +41,9 @@ def test_kernel_path_equals_torch_path(ws, kv):
     emu.cache.kernels = host_ops
     results = {}
     for name, engine in (("ref", ref), ("emu", emu)):
-        s = [engine.new_session() for _ in prompts]
-        # one batched prefill, then decode steps through engine._step so both sequences share each step
-        logits = engine._step(s, prompts)
-        tokens = [[int(x)] for x in logits.argmax(-1)]
-        for _ in range(params.max_tokens - 1):
-            logits = engine._step(s, [t[-1:] for t in tokens])
-            for b, t in enumerate(tokens):
-                t.append(int(logits[b].argmax()))
-        results[name] = (tokens, logits)
+        # the scheduler prefills both prompts in one pass, then both decode in each step
+        tokens = engine.generate(prompts, [params] * 2)
+        results[name] = (tokens, engine.score(torch.tensor([prompts[0] + tokens[0]])))
     (tok_ref, logit_ref), (tok_emu, logit_emu) = results["ref"], results["emu"]
     assert tok_emu == tok_ref
     torch.testing.assert_close(logit_emu, logit_ref, atol=1e-3, rtol=1e-4)

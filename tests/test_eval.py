@@ -137,6 +137,7 @@ def test_build_engine_passes_kv_params(monkeypatch, workspace):
             kv_params=None,
             kv_granularity=None,
             model=None,
+            **budget,
         ):
             calls.append(
                 dict(

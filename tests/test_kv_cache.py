@@ -1,12 +1,11 @@
-"""KV cache: quantize-on-write against hand formulas, decode attention against a naive reference, FP8
-on-the-fly scales, and the byte count. No model needed."""
+"""KV cache: quantize-on-write through a slot mapping against hand formulas, block gathers, FP8 on-the-fly
+scales, and the byte count. No model needed (decode attention: tests/test_paged_attention.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from runtime.cpu_attention import _cpp_module, decode_attention_cpp, decode_attention_torch
 from runtime.kv_cache import KVCache, StaticQuantizer
 
 KV_DTYPES = ("fp16", "int8", "fp8_e4m3", "fp8_e5m2")
@@ -22,10 +21,6 @@ def ref_quantize(x: torch.Tensor, kv: str, scale: torch.Tensor, zp: torch.Tensor
         return torch.clamp(torch.round((x - z) / s), -128, 127).to(torch.int8)
     dt, fmax = FP8[kv]
     return torch.clamp(x / s, -fmax, fmax).to(dt)
-
-
-def ref_dequantize(q: torch.Tensor, kv: str, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.view(-1, 1, 1) + zp.view(-1, 1, 1) if kv != "fp16" else q.float()
 
 
 def params(kv: str, H: int, seed: int = 0):
@@ -100,37 +95,3 @@ def test_calculate_kv_scales_sets_vllm_scales_once_then_saturates():
     big = q.quantize(k * 1000, 0, "k")
     assert torch.isfinite(big.float()).all() and big.float().abs().max() == 448.0
     assert torch.equal(q.affine(1, "k")[0], torch.ones(3))  # layer 1 not seen yet
-
-
-def naive_attention(q, kc, vc, slots, lengths, kv, ks, kz, vs, vz, scale):
-    out = []
-    H, D = q.shape[1:]
-    Hkv = kc.shape[1]
-    for b in range(q.shape[0]):
-        n = int(lengths[b])
-        kd = ref_dequantize(kc[slots[b]], kv, ks, kz)[:, :n]  # (H_kv, n, D)
-        vd = ref_dequantize(vc[slots[b]], kv, vs, vz)[:, :n]
-        qq = q[b].view(Hkv, H // Hkv, D)
-        p = torch.softmax(qq @ kd.transpose(-1, -2) * scale, -1)
-        out.append((p @ vd).reshape(H, D))
-    return torch.stack(out)
-
-
-@pytest.mark.parametrize("kv", KV_DTYPES)
-@pytest.mark.parametrize("impl, D, G", [("torch", 16, 3), ("cpp", 64, 3), ("cpp", 128, 1), ("cpp", 64, 8)])
-def test_decode_attention_matches_naive_dequantized_attention(kv, impl, D, G):
-    if impl == "cpp" and _cpp_module() is None:
-        pytest.skip("no C++ compiler: the kernel is not built")
-    fn = decode_attention_torch if impl == "torch" else decode_attention_cpp
-    torch.manual_seed(0)
-    B, Hkv, S = 3, 2, 1100  # 1100 > one torch chunk; lengths below are not multiples of the kernel's 8-row blocks
-    H = G * Hkv
-    ks, kz, vs, vz = params(kv, Hkv)
-    x, y = torch.randn(4, Hkv, S, D) * 0.5, torch.randn(4, Hkv, S, D) * 0.5
-    kc, vc = ref_quantize(x, kv, ks, kz), ref_quantize(y, kv, vs, vz)
-    q = torch.randn(B, H, D) * 4
-    slots, lengths = torch.tensor([2, 0, 3]), torch.tensor([1, 1100, 557])
-    got = fn(q, kc, vc, slots, lengths, ks, kz, vs, vz, 0.25)
-    want = naive_attention(q, kc, vc, slots, lengths, kv, ks, kz, vs, vz, 0.25)
-    assert got.shape == (B, H, D)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

@@ -4,7 +4,9 @@
     python tools/bench_cuda.py --quick         # fewer shapes
 
 For each model shape (7B: 32 heads, 32 KV heads, D 128; SmolLM2: 9 heads, 3 KV heads, D 64) and batch x
-context, it reports, for one layer, the bytes one decode step must read (K and V of every cached token, plus q and out),
+context, on a paged pool of BLOCK_SIZE-token blocks handed out in shuffled order (as after some allocation
+churn), it reports, for one layer, the bytes one decode step must read (K and V of every cached token, the block
+tables, plus q and out),
 the kernel time (CUDA events, median of repeats), the achieved bandwidth, that bandwidth as a fraction of
 the device's measured copy bandwidth (torch copy of 1 GiB: read + write bytes / time), and the speed-up
 of INT8 / FP8 over fp16. Targets (issue 4): INT8/FP8 >= 1.6x fp16 at long context, >= 70% of copy bandwidth.
@@ -28,12 +30,15 @@ SHAPES = {"7B": (32, 32, 128), "SmolLM2": (9, 3, 64)}  # heads, kv heads, head_d
 MODES = ("fp16", "int8", "fp8_e4m3")
 GRID = [(1, 8192), (8, 8192), (64, 1024), (64, 8192), (16, 4096)]
 QUICK_GRID = [(1, 8192), (64, 8192)]
+BLOCK_SIZE = 64  # the engine's default
 
 
 def step_bytes(batch: int, context: int, heads: int, kv_heads: int, dim: int, kv_dtype: str) -> int:
-    """Bytes a decode step must move: K and V of every cached token, q in and out (fp16), per-head params."""
+    """Bytes a decode step must move: K and V of every cached token, block tables (int32), q in and out (fp16),
+    per-head params."""
     cache = 2 * batch * context * kv_heads * dim * BYTES_PER_ELEM[kv_dtype]
-    return cache + 2 * batch * heads * dim * 2 + 4 * kv_heads * 4
+    tables = 4 * batch * math.ceil(context / BLOCK_SIZE)
+    return cache + tables + 2 * batch * heads * dim * 2 + 4 * kv_heads * 4
 
 
 def copy_bandwidth() -> float:
@@ -56,18 +61,21 @@ def time_step(batch: int, context: int, heads: int, kv_heads: int, dim: int, kv_
     from runtime.cuda import decode_attention
 
     dev = "cuda"
-    cache = torch.randint(-100, 100, (batch, kv_heads, context, dim), dtype=torch.int8, device=dev)
+    max_blocks = math.ceil(context / BLOCK_SIZE)
+    num_blocks = batch * max_blocks
+    pool = torch.randint(-100, 100, (num_blocks, kv_heads, BLOCK_SIZE, dim), dtype=torch.int8, device=dev)
     if kv_dtype == "fp16":
-        cache = cache.to(torch.float16) / 64
+        pool = pool.to(torch.float16) / 64
     elif kv_dtype != "int8":
-        cache = (cache.to(torch.float32) / 32).to(STORAGE_DTYPES[kv_dtype])
-    k_cache, v_cache = cache, cache.clone()
+        pool = (pool.to(torch.float32) / 32).to(STORAGE_DTYPES[kv_dtype])
+    k_pool, v_pool = pool, pool.clone()
+    # (batch, max_blocks) int32: every block used once, in shuffled order
+    block_tables = torch.randperm(num_blocks, device=dev).to(torch.int32).view(batch, max_blocks)
     q = torch.randn(batch, heads, dim, dtype=torch.float16, device=dev)
     scale = torch.full((kv_heads,), 0.02, device=dev)
     zp = torch.zeros(kv_heads, device=dev)
-    slots = torch.arange(batch, dtype=torch.int32, device=dev)
     lengths = torch.full((batch,), context, dtype=torch.int32, device=dev)
-    args = (q, k_cache, v_cache, slots, lengths, scale, zp, scale, zp, kv_dtype, 1 / math.sqrt(dim))
+    args = (q, k_pool, v_pool, block_tables, lengths, scale, zp, scale, zp, kv_dtype, 1 / math.sqrt(dim))
     decode_attention(*args, max_length=context)  # compile + warm up
     times = []
     for _ in range(repeats):

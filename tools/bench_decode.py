@@ -75,15 +75,20 @@ def run_one(args) -> dict:
             max_batch_size=args.batch,
             calculate_kv_scales=args.impl.startswith("fp8"),
         )
+        from runtime.sampling import SamplingParams
+
         ps = prompts(engine.tokenizer, args.batch, args.prompt_len)
-        sessions = [engine.new_session() for _ in ps]
+        params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+        for p in ps:
+            engine.add_request(p, params)
         t0 = time.perf_counter()
-        logits = engine._step(sessions, ps)  # (B, V) prefill
+        first = 0
+        while first < args.batch:  # prefill (in chunks of max_prefill_token_num) until every first token
+            first += len(engine.step())
         prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for _ in range(args.new_tokens - 1):
-            nxt = logits.argmax(-1).tolist()
-            logits = engine._step(sessions, [[t] for t in nxt])
+        while engine.has_unfinished_requests():  # new_tokens - 1 decode steps over the whole batch
+            engine.step()
         decode = time.perf_counter() - t0
         from runtime import quant
         from runtime.workspace import kv_bytes_per_token
@@ -118,7 +123,7 @@ def write_int8_params(ws: Path) -> None:
     from runtime import kv_params, quant
     from runtime.engine import Engine
 
-    e = Engine(ws, kv_cache_dtype="fp16", max_batch_size=1)
+    e = Engine(ws, kv_cache_dtype="fp16", max_batch_size=1, session_len=256)
     n = len(ids := prompts(e.tokenizer, 1, 256)[0])
     e.score(torch.tensor([ids]))
     H = e.config.kv_head_num

@@ -1,11 +1,11 @@
-"""CUDA kernels for the quantized KV cache (CuPy RawModule), and their CPU emulation for tests.
+"""CUDA kernels for the paged, quantized KV cache (CuPy RawModule), and their CPU emulation for tests.
 
     from runtime.cuda import kv_cache_write, decode_attention   # torch CUDA tensors; CuPy loaded on first call
 
-kv_write.cu (cache write with INT8 / FP8 quantization), decode_attention.cu (decode attention reading the
-fp16 / INT8 / FP8 cache directly), kernels.py (checks + launchers), toolchain.py (NVRTC / g++),
-host_ops.py + cuda_host_emulation.h + host_launch.cpp (the same kernels run on the CPU). Nothing here
-imports CuPy at import time.
+kv_write.cu (cache write by slot mapping with INT8 / FP8 quantization), decode_attention.cu (decode attention
+reading the fp16 / INT8 / FP8 pool directly through block tables), kernels.py (checks + launchers),
+toolchain.py (NVRTC / g++), host_ops.py + cuda_host_emulation.h + host_launch.cpp (the same kernels run on the
+CPU). Nothing here imports CuPy at import time.
 """
 
 from runtime.cuda.kernels import decode_attention, kv_cache_write

@@ -1,8 +1,8 @@
 // cuda_host_emulation.h: just enough of the CUDA execution model to run this project's kernels on the CPU.
 //
-// Used only by the tests (runtime/cuda/host_build.py compiles host_launch.cpp with g++ -std=c++17): the
-// very same .cu files the GPU runs are compiled as host C++ against this header, so the CPU tests execute
-// the kernels' own indexing, synchronisation and arithmetic.
+// Used only by the tests (runtime/cuda/toolchain.py build_host_library compiles host_launch.cpp with
+// g++ -std=c++17): the very same .cu files the GPU runs are compiled as host C++ against this header, so the
+// CPU tests execute the kernels' own indexing, synchronisation and arithmetic.
 //
 // What it provides:
 //   - NVIDIA's cuda_fp16.h / cuda_bf16.h / cuda_fp8.h compiled as host code: the half, bf16 and fp8

@@ -1,26 +1,33 @@
-// decode_attention.cu: one decode step of attention over a (quantized) KV cache, dequantizing in registers.
+// decode_attention.cu: one decode step of attention over a paged (quantized) KV pool, dequantizing in registers.
 //
 // Computes, for every sequence b and query head h (GQA: KV head kvh = h / (H / H_kv)):
-//     out[b, h] = softmax(softmax_scale * q[b, h] . K^[slot_b, kvh, :L_b]) @ V^[slot_b, kvh, :L_b]
-// with L_b = lengths[b], slot_b = slots[b], and K^, V^ the dequantized cache (kvq_common.cuh: int8
-// x^ = q*scale + zp, fp8 x^ = f*scale, per KV head). No dequantized copy is written anywhere: the
-// K scale is folded into q (and the INT8 zero point into one per-query constant zp * sum(q)), the V scale
-// and zero point are applied once to the output, so the inner loop only converts stored bytes to floats.
-// Online softmax in fp32, in the log2 domain (exp2f); a sequence with L_b = 0 gets a zero output.
+//     out[b, h] = softmax(softmax_scale * q[b, h] . K^[b, kvh, :L_b]) @ V^[b, kvh, :L_b]
+// with L_b = lengths[b] and K^[b, kvh, t] the dequantized pool row k_pool[block_tables[b, t / block_size], kvh,
+// t % block_size] (kvq_common.cuh: int8 x^ = q*scale + zp, fp8 x^ = f*scale, per KV head); V^ likewise. No
+// dequantized copy is written anywhere: the K scale is folded into q (and the INT8 zero point into one
+// per-query constant zp * sum(q)), the V scale and zero point are applied once to the output, so the inner
+// loop only converts stored bytes to floats. Online softmax in fp32, in the log2 domain (exp2f); a sequence
+// with L_b = 0 gets a zero output.
 //
 // Layout (contiguous, row-major):
-//   q, out              (B, H, D)          Tq = float | __half | __nv_bfloat16
-//   k_cache, v_cache    (S_B, H_kv, S, D)  KvStore<MODE>::T; rows are 16-byte aligned (D*bytes % 16 == 0)
-//   slots, lengths      (B,) int32         L_b is clamped to [0, S]; a slot outside [0, S_B) gives L_b = 0
+//   q, out              (B, H, D)                              Tq = float | __half | __nv_bfloat16
+//   k_pool, v_pool      (num_blocks, H_kv, block_size, D)      KvStore<MODE>::T; rows 16-byte aligned
+//                                                               (D * bytes % 16 == 0, pool base % 16 == 0)
+//   block_tables        (B, max_blocks) int32                   pool block of each block_size positions
+//   lengths             (B,) int32                              L_b, clamped to [0, max_blocks * block_size]
 //   k_scale ... v_zp    (H_kv,) fp32       not read in fp16 mode; zero points not read in fp8 modes
 //   part_o              (B, H, splits, D)  fp32, split-K partial outputs (normalised), splits > 1 only
 //   part_ml             (B, H, splits, 2)  fp32, each split's running max (log2 domain) and softmax sum
+// Only rows t < L_b are read, and only the block-table entries those rows fall in: rows past the length and
+// padding entries may hold anything (stale data, NaN). A block id outside [0, num_blocks) is never
+// dereferenced; its keys are masked out (memory-safe; the engine never passes one).
 //
 // Launch (flash-decoding):
 //   decode_attention<Tq, MODE, D>: grid (H, B, splits), block 128 threads = 4 warps. Block (h, b, z) reads
 //     keys [z*chunk, min(L_b, (z+1)*chunk)). Lanes work in groups of TPK = D / (16 / sizeof(elem)) lanes
-//     per key: each lane loads 16 bytes of a K row and of a V row, so a warp reads 32/TPK whole consecutive
-//     rows per load (fully coalesced). The block's 128/TPK groups take consecutive keys, UNROLL keys per
+//     per key: each lane loads 16 bytes of a K row and of a V row (a pool row is D contiguous elements, so a
+//     group reads one whole row); the group looks the key's block up in the block table (one int, the same
+//     address for the group's lanes). The block's 128/TPK groups take consecutive keys, UNROLL keys per
 //     group per iteration with all loads issued before the math; q.k is reduced across the group with
 //     __shfl_xor_sync. The groups' (max, sum, acc) are merged through shared memory at the end.
 //     splits == 1: the block writes out directly; splits > 1: it writes part_o / part_ml (empty splits
@@ -35,21 +42,19 @@
 #define KVQ_LOG2E 1.4426950408889634f
 #define KVQ_NEG_INF (-__int_as_float(0x7f800000))
 
-// Keys to read for sequence b: lengths[b] clamped to [0, S]; 0 for an out-of-range slot (nothing is read).
-__device__ __forceinline__ int sequence_length(const int* slots, const int* lengths, int b, int num_slots,
-                                               int max_seq) {
-    const int slot = slots[b];
-    return slot < 0 || slot >= num_slots ? 0 : max(0, min(lengths[b], max_seq));
+// Keys to read for sequence b: lengths[b] clamped to [0, max_blocks * block_size] (the block table's reach).
+__device__ __forceinline__ int sequence_length(const int* lengths, int b, int max_blocks, int block_size) {
+    return (int)max(0LL, min((long long)lengths[b], (long long)max_blocks * block_size));
 }
 
 template <typename Tq, int MODE, int D>
 __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
-    const Tq* __restrict__ q, const typename KvStore<MODE>::T* __restrict__ k_cache,
-    const typename KvStore<MODE>::T* __restrict__ v_cache, const int* __restrict__ slots,
+    const Tq* __restrict__ q, const typename KvStore<MODE>::T* __restrict__ k_pool,
+    const typename KvStore<MODE>::T* __restrict__ v_pool, const int* __restrict__ block_tables,
     const int* __restrict__ lengths, const float* __restrict__ k_scale, const float* __restrict__ k_zp,
     const float* __restrict__ v_scale, const float* __restrict__ v_zp, float softmax_scale, int num_heads,
-    int num_kv_heads, int num_slots, int max_seq, int chunk, Tq* __restrict__ out, float* __restrict__ part_o,
-    float* __restrict__ part_ml) {
+    int num_kv_heads, int num_blocks, int block_size, int max_blocks, int chunk, Tq* __restrict__ out,
+    float* __restrict__ part_o, float* __restrict__ part_ml) {
     constexpr int EPV = KvVec<MODE>::N;  // cache elements per 16-byte load: 8 (fp16) or 16 (int8/fp8)
     constexpr int TPK = D / EPV;         // lanes per key
     constexpr int NG = KVQ_ATTN_THREADS / TPK;  // key groups per block
@@ -58,7 +63,7 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
 
     const int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
     const int kvh = h / (num_heads / num_kv_heads);
-    const int len = sequence_length(slots, lengths, b, num_slots, max_seq);
+    const int len = sequence_length(lengths, b, max_blocks, block_size);
     const int start = split * chunk;
     const int end = min(len, start + chunk);
     if (num_splits > 1 && start >= end) return;  // block-uniform exit; the combine pass skips empty splits
@@ -87,8 +92,11 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
     }
     const float z_term = q_mul * k_add * q_sum;
 
-    // 64-bit offsets: a (64, 32, 8192, 128) cache has 2^31 elements.
-    const long long base = ((long long)slots[b] * num_kv_heads + kvh) * max_seq * D + c0;
+    // Element offset of (block, kvh, row, c0) = block * block_stride + head_base + row * D; 64-bit, since a
+    // pool of num_blocks * H_kv * block_size * D elements passes 2^31 easily.
+    const int* table = block_tables + (long long)b * max_blocks;
+    const long long block_stride = (long long)num_kv_heads * block_size * D;
+    const long long head_base = (long long)kvh * block_size * D + c0;
     float m = KVQ_NEG_INF, l = 0.0f, acc[EPV];
 #pragma unroll
     for (int i = 0; i < EPV; ++i) acc[i] = 0.0f;
@@ -96,12 +104,17 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
     // Trip count is the same for every thread of the block, so the shuffles below see the full warp.
     for (int t0 = start; t0 < end; t0 += NG * U) {
         uint4 k_raw[U], v_raw[U];
+        unsigned valid = 0u;  // bit u: key t0 + u*NG + group is read (inside the range and the pool)
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int t = t0 + u * NG + group;
-            if (t < end) {
-                k_raw[u] = *reinterpret_cast<const uint4*>(k_cache + base + (long long)t * D);
-                v_raw[u] = *reinterpret_cast<const uint4*>(v_cache + base + (long long)t * D);
+            const unsigned col = (unsigned)t / (unsigned)block_size;  // t >= 0, block_size >= 1
+            const int block = t < end ? table[col] : -1;
+            if ((unsigned)block < (unsigned)num_blocks) {
+                const long long off = block * block_stride + head_base + (long long)(t - (int)col * block_size) * D;
+                k_raw[u] = *reinterpret_cast<const uint4*>(k_pool + off);
+                v_raw[u] = *reinterpret_cast<const uint4*>(v_pool + off);
+                valid |= 1u << u;
             } else {
                 k_raw[u] = make_uint4(0u, 0u, 0u, 0u);
                 v_raw[u] = make_uint4(0u, 0u, 0u, 0u);
@@ -118,7 +131,7 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
             for (int i = 0; i < EPV; ++i) dot += qf[i] * kf[i];
 #pragma unroll
             for (int off = TPK / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-            s[u] = t0 + u * NG + group < end ? dot + z_term : KVQ_NEG_INF;
+            s[u] = ((valid >> u) & 1u) ? dot + z_term : KVQ_NEG_INF;
             tile_max = fmaxf(tile_max, s[u]);
         }
         const float m_new = fmaxf(m, tile_max);
@@ -177,11 +190,10 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
 
 template <typename Tq, int D>
 __global__ void __launch_bounds__(D) decode_attention_combine(
-    const float* __restrict__ part_o, const float* __restrict__ part_ml, const int* __restrict__ slots,
-    const int* __restrict__ lengths, int num_heads, int num_slots, int max_seq, int chunk, int num_splits,
-    Tq* __restrict__ out) {
+    const float* __restrict__ part_o, const float* __restrict__ part_ml, const int* __restrict__ lengths,
+    int num_heads, int max_blocks, int block_size, int chunk, int num_splits, Tq* __restrict__ out) {
     const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
-    const int len = sequence_length(slots, lengths, b, num_slots, max_seq);
+    const int len = sequence_length(lengths, b, max_blocks, block_size);
     const int used = min(num_splits, (len + chunk - 1) / chunk);  // the non-empty splits
     const long long row = (long long)b * num_heads + h;
     const float* ml = part_ml + row * num_splits * 2;

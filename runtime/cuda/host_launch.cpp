@@ -1,9 +1,9 @@
 // host_launch.cpp: extern "C" CPU entry points that run the project's CUDA kernels under cuda_host_emulation.h.
 //
-// Test-only. host_build.py compiles this file with g++ into a shared library and loads it with ctypes.
-// The entry points take the same arguments and grid choices as the GPU launchers in kernels.py (the
-// Python side computes grid / splits / chunk with the same functions), dispatch on runtime dtype codes to
-// the same template instantiations, and run them with kvq_emu::launch.
+// Test-only. toolchain.py (build_host_library) compiles this file with g++ into a shared library, host_ops.py
+// loads it with ctypes. The entry points take the same arguments and grid choices as the GPU launchers in
+// kernels.py (the Python side computes grid / splits / chunk with the same functions), dispatch on runtime
+// dtype codes to the same template instantiations, and run them with kvq_emu::launch.
 //   dtype codes: 0 float32, 1 float16, 2 bfloat16.   mode codes: kvq_common.cuh KVQ_MODE_*.
 // Return value: 0 on success, -1 for a variant that does not exist.
 #include "cuda_host_emulation.h"
@@ -14,24 +14,23 @@
 namespace {
 
 template <typename Tin, int MODE>
-void write_one(const void* k_new, const void* v_new, void* k_cache, void* v_cache, const int* slots,
-               const int* positions, const float* k_scale, const float* k_zp, const float* v_scale,
-               const float* v_zp, int num_tokens, int num_kv_heads, int num_slots, int max_seq, int head_dim,
-               int grid) {
+void write_one(const void* k_new, const void* v_new, void* k_pool, void* v_pool, const int* slot_mapping,
+               const float* k_scale, const float* k_zp, const float* v_scale, const float* v_zp, int num_tokens,
+               int num_kv_heads, int num_blocks, int block_size, int head_dim, int grid) {
     typedef typename KvStore<MODE>::T Store;
     kvq_emu::launch(dim3(grid), dim3(256), [&] {
-        kv_write<Tin, MODE>((const Tin*)k_new, (const Tin*)v_new, (Store*)k_cache, (Store*)v_cache, slots,
-                            positions, k_scale, k_zp, v_scale, v_zp, num_tokens, num_kv_heads, num_slots, max_seq,
+        kv_write<Tin, MODE>((const Tin*)k_new, (const Tin*)v_new, (Store*)k_pool, (Store*)v_pool, slot_mapping,
+                            k_scale, k_zp, v_scale, v_zp, num_tokens, num_kv_heads, num_blocks, block_size,
                             head_dim);
     });
 }
 
 template <typename Tin>
-int write_mode(int mode, const void* k_new, const void* v_new, void* k_cache, void* v_cache, const int* slots,
-               const int* positions, const float* k_scale, const float* k_zp, const float* v_scale,
-               const float* v_zp, int n, int hkv, int nslots, int s, int d, int grid) {
-#define KVQ_W(M) write_one<Tin, M>(k_new, v_new, k_cache, v_cache, slots, positions, k_scale, k_zp, v_scale, \
-                                   v_zp, n, hkv, nslots, s, d, grid)
+int write_mode(int mode, const void* k_new, const void* v_new, void* k_pool, void* v_pool, const int* slot_mapping,
+               const float* k_scale, const float* k_zp, const float* v_scale, const float* v_zp, int n, int hkv,
+               int num_blocks, int block_size, int d, int grid) {
+#define KVQ_W(M) write_one<Tin, M>(k_new, v_new, k_pool, v_pool, slot_mapping, k_scale, k_zp, v_scale, v_zp, n, hkv, \
+                                   num_blocks, block_size, d, grid)
     switch (mode) {
         case KVQ_MODE_FP16: KVQ_W(KVQ_MODE_FP16); return 0;
         case KVQ_MODE_INT8: KVQ_W(KVQ_MODE_INT8); return 0;
@@ -44,13 +43,13 @@ int write_mode(int mode, const void* k_new, const void* v_new, void* k_cache, vo
 
 struct AttnArgs {
     const void* q;
-    const void* k_cache;
-    const void* v_cache;
-    const int* slots;
+    const void* k_pool;
+    const void* v_pool;
+    const int* block_tables;
     const int* lengths;
     const float *k_scale, *k_zp, *v_scale, *v_zp;
     float softmax_scale;
-    int batch, num_heads, num_kv_heads, num_slots, max_seq, chunk, num_splits;
+    int batch, num_heads, num_kv_heads, num_blocks, block_size, max_blocks, chunk, num_splits;
     void* out;
     float* part_o;
     float* part_ml;
@@ -60,15 +59,15 @@ template <typename Tq, int MODE, int D>
 void attn_one(const AttnArgs& a) {
     typedef typename KvStore<MODE>::T Store;
     kvq_emu::launch(dim3(a.num_heads, a.batch, a.num_splits), dim3(KVQ_ATTN_THREADS), [&] {
-        decode_attention<Tq, MODE, D>((const Tq*)a.q, (const Store*)a.k_cache, (const Store*)a.v_cache, a.slots,
-                                      a.lengths, a.k_scale, a.k_zp, a.v_scale, a.v_zp, a.softmax_scale,
-                                      a.num_heads, a.num_kv_heads, a.num_slots, a.max_seq, a.chunk, (Tq*)a.out,
-                                      a.part_o, a.part_ml);
+        decode_attention<Tq, MODE, D>((const Tq*)a.q, (const Store*)a.k_pool, (const Store*)a.v_pool,
+                                      a.block_tables, a.lengths, a.k_scale, a.k_zp, a.v_scale, a.v_zp,
+                                      a.softmax_scale, a.num_heads, a.num_kv_heads, a.num_blocks, a.block_size,
+                                      a.max_blocks, a.chunk, (Tq*)a.out, a.part_o, a.part_ml);
     });
     if (a.num_splits > 1) {
         kvq_emu::launch(dim3(a.num_heads, a.batch), dim3(D), [&] {
-            decode_attention_combine<Tq, D>(a.part_o, a.part_ml, a.slots, a.lengths, a.num_heads, a.num_slots,
-                                            a.max_seq, a.chunk, a.num_splits, (Tq*)a.out);
+            decode_attention_combine<Tq, D>(a.part_o, a.part_ml, a.lengths, a.num_heads, a.max_blocks, a.block_size,
+                                            a.chunk, a.num_splits, (Tq*)a.out);
         });
     }
 }
@@ -95,30 +94,31 @@ int attn_mode(int mode, int head_dim, const AttnArgs& a) {
 
 extern "C" {
 
-int kvq_kv_write(int in_dtype, int mode, const void* k_new, const void* v_new, void* k_cache, void* v_cache,
-                 const int* slots, const int* positions, const float* k_scale, const float* k_zp,
-                 const float* v_scale, const float* v_zp, int num_tokens, int num_kv_heads, int num_slots,
-                 int max_seq, int head_dim, int grid) {
+int kvq_kv_write(int in_dtype, int mode, const void* k_new, const void* v_new, void* k_pool, void* v_pool,
+                 const int* slot_mapping, const float* k_scale, const float* k_zp, const float* v_scale,
+                 const float* v_zp, int num_tokens, int num_kv_heads, int num_blocks, int block_size, int head_dim,
+                 int grid) {
     switch (in_dtype) {
-        case 0: return write_mode<float>(mode, k_new, v_new, k_cache, v_cache, slots, positions, k_scale, k_zp,
-                                         v_scale, v_zp, num_tokens, num_kv_heads, num_slots, max_seq, head_dim, grid);
-        case 1: return write_mode<__half>(mode, k_new, v_new, k_cache, v_cache, slots, positions, k_scale, k_zp,
-                                          v_scale, v_zp, num_tokens, num_kv_heads, num_slots, max_seq, head_dim, grid);
-        case 2: return write_mode<__nv_bfloat16>(mode, k_new, v_new, k_cache, v_cache, slots, positions, k_scale,
-                                                 k_zp, v_scale, v_zp, num_tokens, num_kv_heads, num_slots, max_seq,
+        case 0: return write_mode<float>(mode, k_new, v_new, k_pool, v_pool, slot_mapping, k_scale, k_zp, v_scale,
+                                         v_zp, num_tokens, num_kv_heads, num_blocks, block_size, head_dim, grid);
+        case 1: return write_mode<__half>(mode, k_new, v_new, k_pool, v_pool, slot_mapping, k_scale, k_zp, v_scale,
+                                          v_zp, num_tokens, num_kv_heads, num_blocks, block_size, head_dim, grid);
+        case 2: return write_mode<__nv_bfloat16>(mode, k_new, v_new, k_pool, v_pool, slot_mapping, k_scale, k_zp,
+                                                 v_scale, v_zp, num_tokens, num_kv_heads, num_blocks, block_size,
                                                  head_dim, grid);
     }
     return -1;
 }
 
-int kvq_decode_attention(int q_dtype, int mode, int head_dim, const void* q, const void* k_cache,
-                         const void* v_cache, const int* slots, const int* lengths, const float* k_scale,
+int kvq_decode_attention(int q_dtype, int mode, int head_dim, const void* q, const void* k_pool,
+                         const void* v_pool, const int* block_tables, const int* lengths, const float* k_scale,
                          const float* k_zp, const float* v_scale, const float* v_zp, float softmax_scale, int batch,
-                         int num_heads, int num_kv_heads, int num_slots, int max_seq, int chunk, int num_splits,
-                         void* out,
-                         float* part_o, float* part_ml) {
-    const AttnArgs a{q,     k_cache,   v_cache,      slots,     lengths, k_scale, k_zp,  v_scale, v_zp,   softmax_scale,
-                     batch, num_heads, num_kv_heads, num_slots, max_seq, chunk,   num_splits, out, part_o, part_ml};
+                         int num_heads, int num_kv_heads, int num_blocks, int block_size, int max_blocks, int chunk,
+                         int num_splits, void* out, float* part_o, float* part_ml) {
+    const AttnArgs a{q,          k_pool,     v_pool,     block_tables, lengths,      k_scale,
+                     k_zp,       v_scale,    v_zp,       softmax_scale, batch,       num_heads,
+                     num_kv_heads, num_blocks, block_size, max_blocks,  chunk,        num_splits,
+                     out,        part_o,     part_ml};
     switch (q_dtype) {
         case 0: return attn_mode<float>(mode, head_dim, a);
         case 1: return attn_mode<__half>(mode, head_dim, a);

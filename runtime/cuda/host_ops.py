@@ -1,8 +1,9 @@
 """The CUDA kernels run on the CPU: the same .cu files compiled by g++ under cuda_host_emulation.h (tests only).
 
-Same signatures as kernels.kv_cache_write / kernels.decode_attention, but for CPU tensors, and through the
-same argument checks and grid planning (kernels.prepare_write / prepare_attention). Slow (every CUDA thread
-is an OS thread): meant for correctness tests on small shapes, not for serving.
+Same signatures as kernels.kv_cache_write / kernels.decode_attention (paged pools, block tables, slot mapping),
+but for CPU tensors, and through the same argument checks and grid planning (kernels.prepare_write /
+prepare_attention). Slow (every CUDA thread is an OS thread): meant for correctness tests on small shapes, not
+for serving.
 """
 
 from __future__ import annotations
@@ -21,32 +22,13 @@ _P, _I, _F, _LL = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_longlo
 @functools.cache
 def library() -> ctypes.CDLL:
     lib = build_host_library()
-    lib.kvq_kv_write.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I]
-    lib.kvq_decode_attention.argtypes = [
-        _I,
-        _I,
-        _I,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        _F,
-        _I,
-        _I,
-        _I,
-        _I,
-        _I,
-        _I,
-        _I,
-        _P,
-        _P,
-        _P,
-    ]
+    # kvq_kv_write(in_dtype, mode, k_new, v_new, k_pool, v_pool, slot_mapping, k_scale, k_zp, v_scale, v_zp,
+    #              num_tokens, num_kv_heads, num_blocks, block_size, head_dim, grid)
+    lib.kvq_kv_write.argtypes = [_I, _I, *[_P] * 9, *[_I] * 6]
+    # kvq_decode_attention(q_dtype, mode, head_dim, q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp,
+    #                      v_scale, v_zp, softmax_scale, batch, num_heads, num_kv_heads, num_blocks, block_size,
+    #                      max_blocks, chunk, num_splits, out, part_o, part_ml)
+    lib.kvq_decode_attention.argtypes = [_I, _I, _I, *[_P] * 9, _F, *[_I] * 8, _P, _P, _P]
     lib.kvq_probe_store.argtypes = [_I, _P, _LL, _F, _F, _P]
     lib.kvq_probe_store.restype = None
     lib.kvq_probe_unpack.argtypes = [_I, _P, _LL, _P]
@@ -60,11 +42,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def kv_cache_write(
-    k_cache, v_cache, k_new, v_new, slots, positions, k_scale, k_zp, v_scale, v_zp, kv_dtype: str
-) -> None:
+def kv_cache_write(k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype: str) -> None:
     """CPU emulation of kernels.kv_cache_write (same arguments, CPU tensors)."""
-    w = prepare_write(k_cache, v_cache, k_new, v_new, slots, positions, k_scale, k_zp, v_scale, v_zp, kv_dtype)
+    w = prepare_write(k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype)
     if w.num_tokens == 0:
         return
     rc = library().kvq_kv_write(
@@ -72,18 +52,17 @@ def kv_cache_write(
         w.mode,
         _ptr(k_new),
         _ptr(v_new),
-        _ptr(k_cache),
-        _ptr(v_cache),
-        _ptr(w.slots),
-        _ptr(w.positions),
+        _ptr(k_pool),
+        _ptr(v_pool),
+        _ptr(w.slot_mapping),
         _ptr(k_scale),
         _ptr(k_zp),
         _ptr(v_scale),
         _ptr(v_zp),
         w.num_tokens,
         w.num_kv_heads,
-        w.num_slots,
-        w.max_seq,
+        w.num_blocks,
+        w.block_size,
         w.head_dim,
         w.grid,
     )
@@ -93,9 +72,9 @@ def kv_cache_write(
 
 def decode_attention(
     q,
-    k_cache,
-    v_cache,
-    slots,
+    k_pool,
+    v_pool,
+    block_tables,
     lengths,
     k_scale,
     k_zp,
@@ -109,7 +88,19 @@ def decode_attention(
 ) -> torch.Tensor:
     """CPU emulation of kernels.decode_attention; num_sms stands in for the GPU's SM count in the split plan."""
     a = prepare_attention(
-        q, k_cache, v_cache, slots, lengths, k_scale, k_zp, v_scale, v_zp, kv_dtype, max_length, num_sms, num_splits
+        q,
+        k_pool,
+        v_pool,
+        block_tables,
+        lengths,
+        k_scale,
+        k_zp,
+        v_scale,
+        v_zp,
+        kv_dtype,
+        max_length,
+        num_sms,
+        num_splits,
     )
     out = torch.empty_like(q)
     if a.batch == 0:
@@ -123,10 +114,10 @@ def decode_attention(
         a.mode,
         a.head_dim,
         _ptr(q),
-        _ptr(k_cache),
-        _ptr(v_cache),
-        _ptr(a.slots),
-        _ptr(a.lengths),
+        _ptr(k_pool),
+        _ptr(v_pool),
+        _ptr(block_tables),
+        _ptr(lengths),
         _ptr(k_scale),
         _ptr(k_zp),
         _ptr(v_scale),
@@ -135,8 +126,9 @@ def decode_attention(
         a.batch,
         a.num_heads,
         a.num_kv_heads,
-        a.num_slots,
-        a.max_seq,
+        a.num_blocks,
+        a.block_size,
+        a.max_blocks,
         a.chunk,
         a.num_splits,
         _ptr(out),

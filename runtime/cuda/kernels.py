@@ -1,15 +1,19 @@
-"""GPU launchers for the KV-cache kernels (kv_write.cu, decode_attention.cu), compiled by CuPy at first use.
+"""GPU launchers for the paged KV-cache kernels (kv_write.cu, decode_attention.cu), compiled by CuPy at first use.
 
-    kv_cache_write(k_cache, v_cache, k_new, v_new, slots, positions, k_scale, k_zp, v_scale, v_zp, kv_dtype)
-    decode_attention(q, k_cache, v_cache, slots, lengths, k_scale, k_zp, v_scale, v_zp, kv_dtype,
+    kv_cache_write(k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype)
+    decode_attention(q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp, v_scale, v_zp, kv_dtype,
                      softmax_scale, max_length=None) -> out (B, H, D)
 
-Arguments are torch CUDA tensors in the runtime's layout: caches (B, H_kv, S, D) contiguous in the storage
-dtype of `kv_dtype` (runtime/quant.py STORAGE_DTYPES), new K/V (N, H_kv, D), q (B, H, D) in fp32 / fp16 /
-bf16, per-KV-head fp32 parameters (H_kv,) (None where the mode does not use them), int32 or int64 index
-vectors. Every argument is checked (dtype, shape, contiguity, device, alignment) before anything launches;
-`prepare_write` / `prepare_attention` do the checks and the grid choice without touching a GPU, and the
-CPU emulation (host_ops.py) goes through the same two functions.
+Arguments are torch CUDA tensors in the engine's paged layout: per-layer pools (num_blocks, H_kv, block_size, D)
+contiguous in the storage dtype of `kv_dtype` (runtime/quant.py STORAGE_DTYPES); token t of sequence b in block
+block_tables[b, t // block_size], row t % block_size. New K/V (N, H_kv, D) and q (B, H, D) in fp32 / fp16 / bf16;
+slot_mapping (N,) = block_id * block_size + row (negative = skip), int32 or int64; block_tables (B, max_blocks)
+and lengths (B,) int32 (built once per step and shared by every layer, so no per-layer conversion is hidden
+here); per-KV-head fp32 parameters (H_kv,) (None where the mode does not use them). Every argument is checked
+(dtype, shape, contiguity, device, alignment) before anything launches; `prepare_write` / `prepare_attention`
+do the checks and the grid choice without touching a GPU, and the CPU emulation (host_ops.py) goes through the
+same two functions. Values inside the index tensors are not checked (that would synchronise with the GPU): the
+kernels skip slots outside the pool and never dereference a block id outside it.
 
 CuPy is imported inside the functions that launch, so importing this module needs neither CuPy nor a GPU.
 """
@@ -33,6 +37,7 @@ HEAD_DIMS = (64, 128)
 WRITE_THREADS, ATTN_THREADS = 256, 128  # must match kv_write.cu / decode_attention.cu
 MAX_WRITE_BLOCKS = 65535  # kv_write is grid-stride, so any grid size is correct
 MIN_CHUNK = 256  # keys per split-K block: below this the combine pass costs more than it saves
+INT32_MAX = 2**31 - 1  # the kernels index positions and slots with int
 
 
 class CudaOpError(ValueError):
@@ -73,11 +78,10 @@ class WriteLaunch:
     act_ctype: str
     num_tokens: int
     num_kv_heads: int
-    num_slots: int
-    max_seq: int
+    num_blocks: int
+    block_size: int
     head_dim: int
-    slots: torch.Tensor  # (N,) int32 contiguous
-    positions: torch.Tensor  # (N,) int32 contiguous
+    slot_mapping: torch.Tensor  # (N,) int32 contiguous
     grid: int
 
 
@@ -91,11 +95,10 @@ class AttentionLaunch:
     batch: int
     num_heads: int
     num_kv_heads: int
-    num_slots: int
-    max_seq: int
+    num_blocks: int
+    block_size: int
+    max_blocks: int
     head_dim: int
-    slots: torch.Tensor  # (B,) int32
-    lengths: torch.Tensor  # (B,) int32
     num_splits: int
     chunk: int
 
@@ -117,16 +120,21 @@ def _check_tensor(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype |
         _fail(f"{name}.device", t.device, f"{device} (all arguments on one device)")
 
 
-def _check_mode(kv_dtype: str, k_cache: torch.Tensor) -> int:
+def _check_pools(kv_dtype: str, k_pool: torch.Tensor, v_pool: torch.Tensor) -> int:
+    """Both pools (num_blocks, H_kv, block_size, D) contiguous in kv_dtype's storage dtype; returns the mode code."""
     if kv_dtype not in KV_MODES:
         _fail("kv_dtype", repr(kv_dtype), f"one of {sorted(KV_MODES)}")
-    if k_cache.dim() != 4:
-        _fail("k_cache.shape", tuple(k_cache.shape), "(B, H_kv, S, D)")
+    if not isinstance(k_pool, torch.Tensor) or k_pool.dim() != 4:
+        _fail("k_pool.shape", tuple(getattr(k_pool, "shape", ())), "(num_blocks, H_kv, block_size, D)")
     want = STORAGE_DTYPES[kv_dtype]
-    if k_cache.dtype != want:
-        _fail("k_cache.dtype", k_cache.dtype, f"{want} for kv_dtype={kv_dtype!r}")
-    if k_cache.shape[-1] not in HEAD_DIMS:
-        _fail("head_dim", k_cache.shape[-1], f"one of {HEAD_DIMS} (kernels are instantiated for these)")
+    if k_pool.dtype != want:
+        _fail("k_pool.dtype", k_pool.dtype, f"{want} for kv_dtype={kv_dtype!r}")
+    if k_pool.shape[-1] not in HEAD_DIMS:
+        _fail("head_dim", k_pool.shape[-1], f"one of {HEAD_DIMS} (kernels are instantiated for these)")
+    if k_pool.shape[2] < 1:
+        _fail("block_size", k_pool.shape[2], ">= 1")
+    _check_tensor("k_pool", k_pool, tuple(k_pool.shape), want, k_pool.device)
+    _check_tensor("v_pool", v_pool, tuple(k_pool.shape), want, k_pool.device)
     return KV_MODES[kv_dtype]
 
 
@@ -141,11 +149,11 @@ def _check_params(kv_dtype: str, num_kv_heads: int, device: torch.device, **para
         _check_tensor(name, p, (num_kv_heads,), torch.float32, device)
 
 
-def _index_vector(name: str, t: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
-        _fail(f"{name}.dtype", getattr(t, "dtype", type(t).__name__), "torch.int32 or torch.int64")
-    _check_tensor(name, t, (n,), None, device)
-    return t.to(torch.int32).contiguous()
+def _check_index(name: str, t: torch.Tensor, shape: tuple, device: torch.device, dtypes: tuple) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in dtypes:
+        want = " or ".join(str(d) for d in dtypes)
+        _fail(f"{name}.dtype", getattr(t, "dtype", type(t).__name__), want)
+    _check_tensor(name, t, shape, None, device)
 
 
 def _check_activation(name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> tuple[int, str]:
@@ -174,42 +182,41 @@ def plan_splits(batch: int, num_heads: int, max_length: int, num_sms: int) -> tu
 
 
 def prepare_write(
-    k_cache, v_cache, k_new, v_new, slots, positions, k_scale, k_zp, v_scale, v_zp, kv_dtype: str
+    k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype: str
 ) -> WriteLaunch:
     """Check every kv_cache_write argument (any device) and choose the grid."""
-    mode = _check_mode(kv_dtype, k_cache)
-    num_slots, num_kv_heads, max_seq, head_dim = k_cache.shape
-    device = k_cache.device
-    _check_tensor("k_cache", k_cache, tuple(k_cache.shape), k_cache.dtype, device)
-    _check_tensor("v_cache", v_cache, tuple(k_cache.shape), k_cache.dtype, device)
+    mode = _check_pools(kv_dtype, k_pool, v_pool)
+    num_blocks, num_kv_heads, block_size, head_dim = k_pool.shape
+    device = k_pool.device
+    if num_blocks * block_size > INT32_MAX:
+        _fail("num_blocks * block_size", num_blocks * block_size, f"<= {INT32_MAX} (slots are int32 in the kernel)")
     if not isinstance(k_new, torch.Tensor) or k_new.dim() != 3:
         _fail("k_new.shape", tuple(getattr(k_new, "shape", ())), "(N, H_kv, D)")
     num_tokens = k_new.shape[0]
     act_code, act_ctype = _check_activation("k_new", k_new, (num_tokens, num_kv_heads, head_dim), device)
     _check_tensor("v_new", v_new, tuple(k_new.shape), k_new.dtype, device)
     _check_params(kv_dtype, num_kv_heads, device, k_scale=k_scale, k_zp=k_zp, v_scale=v_scale, v_zp=v_zp)
-    slots32 = _index_vector("slots", slots, num_tokens, device)
-    positions32 = _index_vector("positions", positions, num_tokens, device)
+    _check_index("slot_mapping", slot_mapping, (num_tokens,), device, (torch.int32, torch.int64))
     return WriteLaunch(
         mode,
         act_code,
         act_ctype,
         num_tokens,
         num_kv_heads,
-        num_slots,
-        max_seq,
+        num_blocks,
+        block_size,
         head_dim,
-        slots32,
-        positions32,
+        # int64 slots clamped first so that no out-of-range value wraps into the pool; int32 passes as is
+        slot_mapping if slot_mapping.dtype == torch.int32 else slot_mapping.clamp(-1, num_blocks * block_size).int(),
         write_grid(num_tokens * num_kv_heads * head_dim),
     )
 
 
 def prepare_attention(
     q,
-    k_cache,
-    v_cache,
-    slots,
+    k_pool,
+    v_pool,
+    block_tables,
     lengths,
     k_scale,
     k_zp,
@@ -222,15 +229,13 @@ def prepare_attention(
 ) -> AttentionLaunch:
     """Check every decode_attention argument (any device) and plan the split-K grid.
 
-    max_length bounds lengths (default: the cache capacity S; pass the true maximum to avoid empty splits);
-    num_splits forces a plan (tests), else plan_splits decides.
+    max_length bounds lengths (default: the block table's reach, max_blocks * block_size; pass the true
+    maximum to avoid empty splits); num_splits forces a plan (tests), else plan_splits decides.
     """
-    mode = _check_mode(kv_dtype, k_cache)
-    num_slots, num_kv_heads, max_seq, head_dim = k_cache.shape
-    device = k_cache.device
-    _check_tensor("k_cache", k_cache, tuple(k_cache.shape), k_cache.dtype, device)
-    _check_tensor("v_cache", v_cache, tuple(k_cache.shape), k_cache.dtype, device)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+    mode = _check_pools(kv_dtype, k_pool, v_pool)
+    num_blocks, num_kv_heads, block_size, head_dim = k_pool.shape
+    device = k_pool.device
+    for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
         if t.data_ptr() % 16:
             _fail(f"{name}.data_ptr() % 16", t.data_ptr() % 16, "0 (16-byte loads; use a fresh allocation)")
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
@@ -240,9 +245,15 @@ def prepare_attention(
     if num_heads % num_kv_heads:
         _fail("num_heads % num_kv_heads", f"{num_heads} % {num_kv_heads}", "0 (GQA groups of equal size)")
     _check_params(kv_dtype, num_kv_heads, device, k_scale=k_scale, k_zp=k_zp, v_scale=v_scale, v_zp=v_zp)
-    slots32 = _index_vector("slots", slots, batch, device)
-    lengths32 = _index_vector("lengths", lengths, batch, device)
-    max_length = max_seq if max_length is None else min(max_length, max_seq)
+    if not isinstance(block_tables, torch.Tensor) or block_tables.dim() != 2:
+        _fail("block_tables.shape", tuple(getattr(block_tables, "shape", ())), f"(B={batch}, max_blocks)")
+    max_blocks = block_tables.shape[1]
+    _check_index("block_tables", block_tables, (batch, max_blocks), device, (torch.int32,))
+    _check_index("lengths", lengths, (batch,), device, (torch.int32,))
+    capacity = max_blocks * block_size  # positions a block table reaches
+    if capacity > INT32_MAX:
+        _fail("max_blocks * block_size", capacity, f"<= {INT32_MAX} (positions are int32 in the kernel)")
+    max_length = capacity if max_length is None else min(max_length, capacity)
     if num_splits is None:
         num_splits, chunk = plan_splits(batch, num_heads, max_length, num_sms)
     else:
@@ -254,11 +265,10 @@ def prepare_attention(
         batch,
         num_heads,
         num_kv_heads,
-        num_slots,
-        max_seq,
+        num_blocks,
+        block_size,
+        max_blocks,
         head_dim,
-        slots32,
-        lengths32,
         num_splits,
         chunk,
     )
@@ -297,41 +307,38 @@ def _run(device: torch.device, name: str, expression: str, grid: tuple, block: t
         _module(name).get_function(expression)(grid, block, args)
 
 
-def kv_cache_write(
-    k_cache, v_cache, k_new, v_new, slots, positions, k_scale, k_zp, v_scale, v_zp, kv_dtype: str
-) -> None:
-    """Quantize k_new / v_new (N, H_kv, D) into k_cache / v_cache (B, H_kv, S, D) at (slots[n], positions[n])."""
+def kv_cache_write(k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype: str) -> None:
+    """Quantize k_new / v_new (N, H_kv, D) into the pools (num_blocks, H_kv, block_size, D) at slot_mapping[n]."""
     import numpy
 
-    w = prepare_write(k_cache, v_cache, k_new, v_new, slots, positions, k_scale, k_zp, v_scale, v_zp, kv_dtype)
+    w = prepare_write(k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype)
     if w.num_tokens == 0:
         return
     i32 = numpy.int32
     args = (
         _ptr(k_new),
         _ptr(v_new),
-        _ptr(k_cache),
-        _ptr(v_cache),
-        _ptr(w.slots),
-        _ptr(w.positions),
+        _ptr(k_pool),
+        _ptr(v_pool),
+        _ptr(w.slot_mapping),
         _ptr(k_scale),
         _ptr(k_zp),
         _ptr(v_scale),
         _ptr(v_zp),
         i32(w.num_tokens),
         i32(w.num_kv_heads),
-        i32(w.num_slots),
-        i32(w.max_seq),
+        i32(w.num_blocks),
+        i32(w.block_size),
         i32(w.head_dim),
     )
-    _run(k_cache.device, "kv_write.cu", f"kv_write<{w.act_ctype}, {w.mode}>", (w.grid,), (WRITE_THREADS,), args)
+    _run(k_pool.device, "kv_write.cu", f"kv_write<{w.act_ctype}, {w.mode}>", (w.grid,), (WRITE_THREADS,), args)
 
 
 def decode_attention(
     q,
-    k_cache,
-    v_cache,
-    slots,
+    k_pool,
+    v_pool,
+    block_tables,
     lengths,
     k_scale,
     k_zp,
@@ -342,13 +349,25 @@ def decode_attention(
     max_length: int | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Attention of q (B, H, D) over each sequence's first lengths[b] cached tokens in slot slots[b]."""
+    """Attention of q (B, H, D) over each sequence's first lengths[b] tokens, found through its block table."""
     import numpy
 
-    device = k_cache.device
+    device = k_pool.device
     num_sms = _num_sms(device.index) if device.type == "cuda" else 1
     a = prepare_attention(
-        q, k_cache, v_cache, slots, lengths, k_scale, k_zp, v_scale, v_zp, kv_dtype, max_length, num_sms, num_splits
+        q,
+        k_pool,
+        v_pool,
+        block_tables,
+        lengths,
+        k_scale,
+        k_zp,
+        v_scale,
+        v_zp,
+        kv_dtype,
+        max_length,
+        num_sms,
+        num_splits,
     )
     out = torch.empty_like(q)
     if a.batch == 0:
@@ -360,10 +379,10 @@ def decode_attention(
     i32 = numpy.int32
     args = (
         _ptr(q),
-        _ptr(k_cache),
-        _ptr(v_cache),
-        _ptr(a.slots),
-        _ptr(a.lengths),
+        _ptr(k_pool),
+        _ptr(v_pool),
+        _ptr(block_tables),
+        _ptr(lengths),
         _ptr(k_scale),
         _ptr(k_zp),
         _ptr(v_scale),
@@ -371,8 +390,9 @@ def decode_attention(
         numpy.float32(softmax_scale),
         i32(a.num_heads),
         i32(a.num_kv_heads),
-        i32(a.num_slots),
-        i32(a.max_seq),
+        i32(a.num_blocks),
+        i32(a.block_size),
+        i32(a.max_blocks),
         i32(a.chunk),
         _ptr(out),
         _ptr(part_o),
@@ -384,11 +404,10 @@ def decode_attention(
         args = (
             _ptr(part_o),
             _ptr(part_ml),
-            _ptr(a.slots),
-            _ptr(a.lengths),
+            _ptr(lengths),
             i32(a.num_heads),
-            i32(a.num_slots),
-            i32(a.max_seq),
+            i32(a.max_blocks),
+            i32(a.block_size),
             i32(a.chunk),
             i32(a.num_splits),
             _ptr(out),

@@ -1,0 +1,196 @@
+"""Offline serving throughput at a fixed KV budget: fp16 vs INT8 vs FP8 caches, in one process.
+
+    python tools/bench_serve.py [--requests 64] [--budgets-mib 24,48,96] [--kv fp16,int8,fp8] [--dtype bfloat16]
+
+N requests are submitted at once to the paged engine (`runtime.engine.Engine`, as a server drives it:
+add_request, then step until done). Prompt and output lengths are drawn from real text: the prompts are
+consecutive token windows of the Debian Reference (installed by tools/setup.sh) whose lengths follow the
+token lengths of its paragraphs (text blocks) (clipped to [--min-len, --max-prompt]); output lengths follow the lengths
+of other paragraphs (clipped to [--min-len, --max-output]), generated with ignore_eos so every mode
+produces exactly the same number of tokens. The same requests run for every KV dtype and budget; the
+weights are loaded once and shared.
+
+Per (budget, dtype): the pool's token capacity, the maximum number of sequences running at once,
+preemptions, request throughput, output tokens/s, TTFT and TPOT p50/p99 (TTFT from submission to the
+first token; TPOT = (finish - first token) / (output tokens - 1)). The dtypes take turns within each
+budget, so machine drift hits them alike; ratios to fp16 are what to read. Writes a JSON file and a PNG
+(request throughput against budget, one line per KV dtype) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_demo_model import ensure_demo_model  # noqa: E402
+
+TEXT_GLOB = "/usr/share/debian-reference/*.en.html"
+
+
+def paragraph_lengths(tokenizer, text: str) -> list[int]:
+    """Token length of each text block (html_to_text puts every HTML text block on its own line)."""
+    return [len(tokenizer.encode(p, add_special_tokens=False)) for p in text.splitlines() if p.strip()]
+
+
+def make_requests(tokenizer, n: int, seed: int, min_len: int, max_prompt: int, max_output: int):
+    """[(prompt token ids, output length)] drawn from the Debian Reference (see module doc)."""
+    import glob
+
+    from lite.datasets import html_to_text
+
+    files = sorted(glob.glob(TEXT_GLOB))
+    if not files:
+        raise SystemExit(f"no text under {TEXT_GLOB}: run bash tools/setup.sh (installs debian-reference-en)")
+    text = "\n".join(html_to_text(Path(f).read_text(errors="replace")) for f in files)
+    lengths = [m for m in paragraph_lengths(tokenizer, text) if m >= 4]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = min(max(rng.choice(lengths), min_len), max_prompt)
+        o = min(max(rng.choice(lengths), min_len), max_output)
+        start = rng.randrange(0, len(ids) - p)
+        out.append((ids[start : start + p], o))
+    return out
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def run_once(engine, requests) -> dict:
+    """Submit every request at t=0, step until all finish; the serving metrics."""
+    from runtime.sampling import SamplingParams
+
+    start = time.perf_counter()
+    ids = {}
+    for b, (prompt, out_len) in enumerate(requests):
+        ids[engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True))] = b
+    first, done, counts = {}, {}, {}
+    preempt0, max_running = engine.stats().num_preemptions, 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter() - start
+        max_running = max(max_running, engine.stats().num_running + sum(o.finished for o in outs))
+        for o in outs:
+            first.setdefault(o.request_id, now)
+            counts[o.request_id] = o.num_output_tokens
+            if o.finished:
+                done[o.request_id] = now
+    total = max(done.values())
+    n_out = sum(counts.values())
+    ttft = [first[r] for r in ids]
+    tpot = [(done[r] - first[r]) / (counts[r] - 1) for r in ids if counts[r] > 1]
+    return {
+        "kv_cache_tokens": engine.kv_cache_tokens,
+        "max_running": max_running,
+        "preemptions": engine.stats().num_preemptions - preempt0,
+        "seconds": total,
+        "requests_per_s": len(requests) / total,
+        "output_tok_per_s": n_out / total,
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
+        "tpot_p50_ms": 1000 * percentile(tpot, 50),
+        "tpot_p99_ms": 1000 * percentile(tpot, 99),
+    }
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for kv, style in zip(sorted({r["kv"] for r in results}), ("o-", "s--", "^:"), strict=False):
+        rows = sorted((r for r in results if r["kv"] == kv), key=lambda r: r["budget_mib"])
+        ax.plot([r["budget_mib"] for r in rows], [r["requests_per_s"] for r in rows], style, label=kv)
+    ax.set_xlabel("KV cache budget (MiB)")
+    ax.set_ylabel("requests / s")
+    ax.set_title("Offline serving throughput at a fixed KV budget (SmolLM2-135M, CPU)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="KV cache dtype")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=64, help="requests submitted at once (default 64)")
+    ap.add_argument("--budgets-mib", default="24,48,96", help="KV budgets in MiB (default 24,48,96)")
+    ap.add_argument("--kv", default="fp16,int8,fp8", help="KV dtypes (default fp16,int8,fp8)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--min-len", type=int, default=16, help="shortest prompt/output (default 16)")
+    ap.add_argument("--max-prompt", type=int, default=512, help="longest prompt (default 512)")
+    ap.add_argument("--max-output", type=int, default=128, help="longest output (default 128)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench_out", help="directory for bench_serve.json/.png (default bench_out)")
+    args = ap.parse_args()
+
+    import torch
+    from bench_decode import workspace_for
+
+    from runtime.engine import Engine
+
+    torch.set_num_threads(args.threads)
+    kvs = args.kv.split(",")
+    budgets = [float(b) for b in args.budgets_mib.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = workspace_for(ensure_demo_model(), Path(tmp) / "ws", session_len=args.max_prompt + args.max_output + 8)
+        shared = None
+        for budget in budgets:
+            engines = {}
+            for kv in kvs:  # int8 scales from the workspace files, fp8 computed from the first prompt
+                engines[kv] = Engine(
+                    ws,
+                    kv_cache_dtype=kv,
+                    calculate_kv_scales=kv.startswith("fp8"),
+                    dtype=args.dtype,
+                    kv_cache_gib=budget / 1024,
+                    max_batch_size=args.requests,
+                    model=shared,
+                )
+                shared = engines[kv].model
+            requests = make_requests(
+                engines[kvs[0]].tokenizer, args.requests, args.seed, args.min_len, args.max_prompt, args.max_output
+            )
+            for kv, engine in engines.items():
+                r = {"kv": kv, "budget_mib": budget, **run_once(engine, requests)}
+                results.append(r)
+                print(json.dumps(r), flush=True)
+    print_table(results, kvs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_serve.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+    plot(results, out / "bench_serve.png")
+    print(f"wrote {out / 'bench_serve.json'} and {out / 'bench_serve.png'}")
+
+
+def print_table(results: list[dict], kvs: list[str]) -> None:
+    print(
+        f"\n{'budget':>7} {'kv':>5} {'tokens':>7} {'max run':>7} {'preempt':>7} {'req/s':>7} {'x fp16':>6} "
+        f"{'out tok/s':>9} {'TTFT p50':>8} {'p99':>7} {'TPOT p50':>8} {'p99':>7}"
+    )
+    for r in results:
+        base = next(x for x in results if x["budget_mib"] == r["budget_mib"] and x["kv"] == kvs[0])
+        print(
+            f"{r['budget_mib']:>5g}Mi {r['kv']:>5} {r['kv_cache_tokens']:>7} {r['max_running']:>7} "
+            f"{r['preemptions']:>7} {r['requests_per_s']:>7.3f} {r['requests_per_s'] / base['requests_per_s']:>6.2f} "
+            f"{r['output_tok_per_s']:>9.1f} {r['ttft_p50_s']:>7.1f}s {r['ttft_p99_s']:>6.1f}s "
+            f"{r['tpot_p50_ms']:>6.0f}ms {r['tpot_p99_ms']:>5.0f}ms"
+        )
+    print("(TTFT from the submission of all requests at t=0; p50/p99 over requests)")
+
+
+if __name__ == "__main__":
+    main()
