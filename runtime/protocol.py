@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from runtime.sampling import SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+# vLLM's _SAMPLING_EPS: a temperature below it is greedy (dividing logits by ~0 overflows to inf).
+SAMPLING_EPS = 1e-5
 ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
@@ -94,8 +96,9 @@ class _Sampling(_Model):
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = None
+    # >= 1e-5: a smaller penalty divides fp32 logits into inf and sampling fails inside the engine loop
+    repetition_penalty: float | None = Field(None, ge=SAMPLING_EPS)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     n: int = 1
@@ -131,7 +134,9 @@ class _Sampling(_Model):
         stop = self.stop_list + [s for s in extra_stop if s not in self.stop_list]
         try:
             return SamplingParams(
-                temperature=1.0 if self.temperature is None else self.temperature,
+                temperature=1.0
+                if self.temperature is None
+                else (0.0 if self.temperature < SAMPLING_EPS else self.temperature),
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=-1 if self.top_k is None else self.top_k,
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,

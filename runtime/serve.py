@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -184,6 +185,10 @@ class EngineLoop:
         except ValueError as e:  # RequestError: prompt + max_tokens beyond session_len or the pool
             sub.deliver(Failed(sub.index, APIError(400, str(e))))
             return
+        except Exception as e:  # one bad request must not take the engine loop (and every client) down
+            traceback.print_exc()
+            sub.deliver(Failed(sub.index, APIError(500, f"could not add the request: {e!r}")))
+            return
         p = sub.params
         stop_ids = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else self.eos_ids)
         self.active[sub.request_id] = _Track(
@@ -326,8 +331,7 @@ class Run:
     def __init__(self, loop: EngineLoop, base_id: str, n: int) -> None:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
-        aio = asyncio.get_running_loop()
-        self.deliver = lambda ev: aio.call_soon_threadsafe(self.queue.put_nowait, ev)
+        self.aio = asyncio.get_running_loop()
         self.ids = [base_id] if n == 1 else [f"{base_id}-{i}" for i in range(n)]
         self.done = [False] * n
         self.backlog: list = []
@@ -360,6 +364,11 @@ class Run:
                 self.done[ev.index] = True
                 self.usage[ev.index] = (ev.prompt_tokens, ev.completion_tokens)
             yield ev
+
+    def deliver(self, ev) -> None:
+        """Called from the engine thread."""
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening any more
+            self.aio.call_soon_threadsafe(self.queue.put_nowait, ev)
 
     def abort_unfinished(self) -> None:
         for rid, done in zip(self.ids, self.done, strict=True):
@@ -488,7 +497,11 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, root: str
             finally:  # also on cancellation when the client disconnects: free the blocks
                 run.abort_unfinished()
 
-        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        response = StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        # A client gone before the first chunk leaves body() unstarted, so its finally never runs: abort
+        # when the response is dropped instead (a no-op once everything finished).
+        weakref.finalize(response, run.abort_unfinished)
+        return response
 
     @app.post("/v1/completions")
     async def completions(request: Request):

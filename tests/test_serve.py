@@ -197,6 +197,24 @@ def test_completion_fields_reach_sampling_params(served):
     assert p.max_tokens == 3 and p.stop_token_ids == [9]
 
 
+def test_tiny_temperature_is_greedy(served):
+    """As vLLM: below 1e-5 the temperature means greedy (dividing the logits by it would overflow)."""
+    client, engine = served()
+    assert (
+        client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 1e-40}).status_code == 200
+    )
+    assert engine.added[0][1].temperature == 0
+
+
+def test_a_failing_add_request_does_not_kill_the_loop(served, monkeypatch):
+    client, engine = served()
+    monkeypatch.setattr(engine, "add_request", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    err = error_of(client.post("/v1/completions", json={"prompt": "Hi"}), 500)
+    assert "boom" in err["message"] and client.get("/health").status_code == 200
+    monkeypatch.undo()
+    assert client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
 def test_eos_ends_with_stop_and_is_not_text(served, tokenizer):
     client, engine = served()
     n = len(engine.reply)
@@ -317,6 +335,8 @@ def error_of(r, status):
         ({"prompt": "Hi", "temperature": -1}, "temperature", "temperature = -1"),
         ({"prompt": "Hi", "top_p": 1.5}, "top_p", "top_p = 1.5"),
         ({"prompt": "Hi", "stream": "yes"}, "stream", "stream = 'yes'"),
+        ({"prompt": "Hi", "repetition_penalty": 1e-40}, "repetition_penalty", "repetition_penalty = 1e-40"),
+        ({"prompt": "Hi", "seed": 2**64}, "seed", f"seed = {2**64}"),
         ({"prompt": "Hi", "stop": 5}, "stop", "stop = 5"),
         ({"prompt": 5}, "prompt", "prompt = 5"),
         ({"max_tokens": 5}, "prompt", "prompt: field required"),
