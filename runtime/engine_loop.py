@@ -222,8 +222,10 @@ class EngineLoop:
 
 
 def _final_text(detok: IncrementalDetokenizer) -> str:
-    """What the detokenizer still holds at the end of a response."""
-    return detok.flush()
+    """What the detokenizer still holds at the end of a response, minus an incomplete UTF-8 tail (max_tokens
+    cut a character short) where the detokenizer has `finish` for that; `flush` keeps the tail as U+FFFD."""
+    finish = getattr(detok, "finish", None)
+    return finish() if finish is not None else detok.flush()
 
 
 # -- metrics --------------------------------------------------------------------------------------
