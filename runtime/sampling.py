@@ -23,6 +23,10 @@ from dataclasses import dataclass
 import torch
 
 
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy
+FINITE = 3.0e38  # logits are clamped here after penalty and temperature: a tiny divisor can't make inf/NaN
+
+
 @dataclass
 class SamplingParams:
     """Generation settings with vLLM's meanings.
@@ -51,6 +55,11 @@ class SamplingParams:
             (self.top_k == -1 or self.top_k >= 0, "top_k", "must be -1 or 0 (off) or a positive count"),
             (self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 = off)"),
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (
+                self.seed is None or -(2**63) <= self.seed < 2**64,
+                "seed",
+                "must fit in 64 bits (torch.Generator.manual_seed)",
+            ),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -62,7 +71,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        """temperature 0, or so close to it that dividing by it would overflow (vLLM's 1e-5 threshold)."""
+        return self.temperature < SAMPLING_EPS
 
 
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator | None:
@@ -117,10 +127,10 @@ def sample_next(
     logits: torch.Tensor, history: Sequence[int], params: SamplingParams, generator: torch.Generator | None = None
 ) -> int:
     """Pick the next token id from logits (V,) given the sequence so far (prompt + generated)."""
-    logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
+    logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty).clamp(-FINITE, FINITE)
     if params.is_greedy:
         return int(torch.argmax(logits))
-    logits = apply_temperature(logits, params.temperature)
+    logits = apply_temperature(logits, params.temperature).clamp(-FINITE, FINITE)
     logits = top_k_filter(logits, params.top_k)
     logits = top_p_filter(logits, params.top_p)
     probs = torch.softmax(logits, dim=-1)

@@ -158,3 +158,14 @@ def test_top_k_then_top_p_renormalised_sampling():
         counts[sample_next(probs.log(), [], params, g)] += 1
     assert counts[0] == counts[2] == counts[4] == 0
     assert _chi_square([counts[1], counts[3]], [4 / 7, 3 / 7]) < 10.83  # 1 dof, 0.999 quantile
+
+
+def test_extreme_values_never_produce_nan():
+    """A tiny temperature is greedy; a tiny repetition penalty saturates instead of overflowing to inf/NaN."""
+    logits = torch.tensor([3.0, 1.0, -2.0, 0.5])
+    assert sample_next(logits, [], SamplingParams(temperature=1e-40)) == 0
+    g = torch.Generator().manual_seed(0)
+    tok = sample_next(logits, [0, 1], SamplingParams(temperature=1.0, repetition_penalty=1e-40), g)
+    assert tok in (0, 1)  # both penalised to the largest finite logit
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**70)
