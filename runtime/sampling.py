@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy
 FINITE = 3.0e38  # logits are clamped here after penalty and temperature: a tiny divisor can't make inf/NaN
 
