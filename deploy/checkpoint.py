@@ -8,6 +8,8 @@ Nothing here loads the whole model into memory.
 
 Supported architectures: LlamaForCausalLM (Llama 1/2/3, SmolLM2, TinyLlama), MistralForCausalLM,
 Qwen2ForCausalLM (q/k/v biases) and InternLMForCausalLM (llama tensor names, q/k/v/o biases).
+A config.json without `architectures` (older checkpoints; configs saved with `to_dict()` after
+loading a GGUF file) is read by its `model_type`, as transformers' Auto classes do.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "InternLMForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "dynamic")
+# model_type -> architecture, for configs without `architectures` (transformers' Auto mapping).
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "internlm": "InternLMForCausalLM",
+}
 
 
 class DeployError(ValueError):
@@ -128,13 +137,7 @@ def load_checkpoint(path: str | Path) -> HFCheckpoint:
     generation = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     notes: list[str] = []
 
-    archs = config.get("architectures") or []
-    arch = archs[0] if archs else None
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise DeployError(
-            f"{config_file}: architectures = {archs!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    arch = _architecture(config, config_file, notes)
 
     def need(key: str):
         if key not in config:
@@ -206,6 +209,30 @@ def load_checkpoint(path: str | Path) -> HFCheckpoint:
         sliding_window=int(sliding) if sliding else None,
         tensors=tensors,
         notes=notes,
+    )
+
+
+def _architecture(config: dict, config_file: Path, notes: list[str]) -> str:
+    """The model class: `architectures[0]`, or by `model_type` when the config names no architecture."""
+    archs = config.get("architectures") or []
+    if archs:
+        if archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise DeployError(
+                f"{config_file}: architectures = {archs!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        return archs[0]
+    model_type = config.get("model_type")
+    if model_type in MODEL_TYPES:
+        notes.append(
+            f"{config_file.name} has no architectures; model_type {model_type!r} -> {MODEL_TYPES[model_type]} "
+            "(as transformers' Auto classes read it)"
+        )
+        return MODEL_TYPES[model_type]
+    raise DeployError(
+        f"{config_file}: no architectures and model_type = {model_type!r}; neither names a supported model "
+        f"(architectures: {', '.join(SUPPORTED_ARCHITECTURES)}; model_type: {', '.join(MODEL_TYPES)}); "
+        'add e.g. "architectures": ["LlamaForCausalLM"] if the model really is one of these'
     )
 
 

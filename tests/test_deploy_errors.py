@@ -220,3 +220,30 @@ def test_cli_success_default_dst(tmp_path, llama):
     assert (cfg.model_name, cfg.tensor_para_size) == ("smollm2", 2)
     res = run_cli("smollm2", str(llama), cwd=tmp_path)  # second run: destination not empty
     assert res.returncode == 2 and "--force" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs without `architectures`, corrupt weight files, config values as written
+
+
+@pytest.mark.parametrize(("arch", "model_type"), [("llama", "llama"), ("mistral", "mistral"), ("qwen2", "qwen2")])
+def test_no_architectures_falls_back_to_model_type(tmp_path, tiny_hf, arch, model_type):
+    """transformers writes no `architectures` for a config saved with to_dict() after a GGUF load; deploy reads
+    model_type as the Auto classes do, and the workspace is the one the named architecture gives."""
+    src = tiny_hf(arch)
+    assert json.loads((src / "config.json").read_text())["model_type"] == model_type
+    name = "qwen-7b" if arch == "qwen2" else "base"
+    want = deploy(name, src, tmp_path / "with", 1, progress=False)
+    notes: list[str] = []
+    for missing in (None, []):  # key absent, or present and empty
+        hf = clone(src, tmp_path / f"hf{missing}", architectures=missing)
+        got = deploy(name, hf, tmp_path / f"without{missing}", 1, progress=False, notes=notes.append)
+        assert snapshot(got / "triton_models" / "weights") == snapshot(want / "triton_models" / "weights")
+    assert any("no architectures" in n and repr(model_type) in n for n in notes), notes
+
+
+def test_no_architectures_and_unknown_model_type(tmp_path, llama):
+    hf = clone(llama, tmp_path / "hf", architectures=None, model_type="gpt2")
+    expect_error(tmp_path, hf, "config.json", "no architectures", "model_type = 'gpt2'", "LlamaForCausalLM", "qwen2")
+    hf = clone(llama, tmp_path / "hf2", architectures=None, model_type=None)
+    expect_error(tmp_path, hf, "model_type = None", "neither names a supported model")
