@@ -56,9 +56,15 @@ class TensorSource:
     def _open(self, f: Path):
         if f not in self._handles:
             if f.suffix == ".safetensors":
-                from safetensors import safe_open
+                from safetensors import SafetensorError, safe_open
 
-                self._handles[f] = safe_open(str(f), framework="pt")
+                try:
+                    self._handles[f] = safe_open(str(f), framework="pt")
+                except SafetensorError as e:  # truncated download, garbage header: the file, not our bug
+                    raise DeployError(
+                        f"{f}: not a readable safetensors file ({e}); the file is truncated or corrupt: "
+                        "re-download it (compare its size with the one the model hub lists)"
+                    ) from None
             else:
                 import torch
 

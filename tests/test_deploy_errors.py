@@ -247,3 +247,20 @@ def test_no_architectures_and_unknown_model_type(tmp_path, llama):
     expect_error(tmp_path, hf, "config.json", "no architectures", "model_type = 'gpt2'", "LlamaForCausalLM", "qwen2")
     hf = clone(llama, tmp_path / "hf2", architectures=None, model_type=None)
     expect_error(tmp_path, hf, "model_type = None", "neither names a supported model")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage header", "empty"])
+def test_corrupt_safetensors_one_line_error(tmp_path, llama, damage):
+    hf = clone(llama, tmp_path / "hf")
+    f = hf / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(
+        {"truncated": data[: len(data) // 2], "garbage header": b"\x10\0\0\0\0\0\0\0{not json at all}" + data[24:]}.get(
+            damage, b""
+        )
+    )
+    expect_error(tmp_path, hf, str(f), "not a readable safetensors file", "truncated or corrupt", "re-download")
+    res = run_cli("base", str(hf), "--dst-path", str(tmp_path / "cli"), cwd=tmp_path)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and str(f) in lines[0], res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "cli").exists()
