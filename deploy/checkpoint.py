@@ -205,7 +205,7 @@ def load_checkpoint(path: str | Path) -> HFCheckpoint:
         vocab_size=int(need("vocab_size")),
         rope_theta=rope_theta,
         use_dynamic_ntk=dynamic,
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        norm_eps=as_written(float(config.get("rms_norm_eps", 1e-6))),
         max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
@@ -240,6 +240,18 @@ def _architecture(config: dict, config_file: Path, notes: list[str]) -> str:
         f"(architectures: {', '.join(SUPPORTED_ARCHITECTURES)}; model_type: {', '.join(MODEL_TYPES)}); "
         'add e.g. "architectures": ["LlamaForCausalLM"] if the model really is one of these'
     )
+
+
+def as_written(value: float) -> float:
+    """A float32 value widened to double (GGUF stores 1e-05 as float32: 9.999999747378752e-06 in JSON) back to
+    the shortest decimal that float32 rounds to it (1e-05). Computation in fp32 sees the same number either way;
+    config.ini then shows the value the model was made with. Other values are kept as they are."""
+    import numpy as np
+
+    f32 = np.float32(value)
+    if not np.isfinite(f32) or float(f32) != value:  # not a float32 value: it was written as a double
+        return value
+    return float(str(f32))  # numpy prints a float32 as the shortest decimal that rounds back to it
 
 
 def _read_json(path: Path) -> dict:

@@ -264,3 +264,14 @@ def test_corrupt_safetensors_one_line_error(tmp_path, llama, damage):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1 and str(f) in lines[0], res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "cli").exists()
+
+
+def test_norm_eps_written_as_the_checkpoint_gives_it(tmp_path, llama):
+    """A GGUF-derived config holds rms_norm_eps 1e-05 widened from float32 (9.999999747378752e-06); config.ini
+    says 1e-05, which fp32 computation sees as the same number. A double-precision value is kept as it is."""
+    for eps, want in ((9.999999747378752e-06, "1e-05"), (1e-6, "1e-06"), (1.234567891e-6, "1.234567891e-06")):
+        hf = clone(llama, tmp_path / f"hf{eps}", rms_norm_eps=eps)
+        ws = deploy("base", hf, tmp_path / f"ws{eps}", 1, progress=False)
+        ini = (ws / "triton_models" / "weights" / "config.ini").read_text()
+        assert f"norm_eps = {want}\n" in ini, ini
+        assert torch.tensor(float(want), dtype=torch.float32) == torch.tensor(eps, dtype=torch.float32)
