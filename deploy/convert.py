@@ -4,7 +4,8 @@
 It checks everything it can before writing (template name, architecture, tp divisibility, every
 required tensor and its shape, tokenizer files, destination), then converts one tensor at a time
 into a temporary directory next to the destination and renames it into place at the end, so a
-failure leaves nothing behind (deploy/tree.py owns the directory handling).
+failure leaves nothing behind (deploy/tree.py owns the directory handling). Stale staging directories
+of killed deploys to the same destination are removed first (and reported through `notes`).
 
 Per tensor (REFERENCE.md §1): cast to fp16 (refusing values fp16 cannot hold), transpose linear
 weights from HF (out, in) to (in, out), interleave q/k channels for TurboMind's RoPE, fuse
@@ -22,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from deploy.checkpoint import DeployError, HFCheckpoint, load_checkpoint
-from deploy.tree import build_tree, check_destination, install, staging, tokenizer_files
+from deploy.tree import build_tree, check_destination, clean_stale_staging, install, staging, tokenizer_files
+from runtime import interrupts
 from runtime.templates import get_template
 from runtime.workspace import WorkspaceConfig, WorkspaceError, padded_vocab, ranked, save_config, weight_table
 
@@ -313,9 +315,14 @@ def deploy(
     jobs = plan(ck, cfg)
     tok_files = tokenizer_files(Path(tokenizer_path) if tokenizer_path else ck.path)
     dst = check_destination(Path(dst_path), force)
+    for text in clean_stale_staging(dst):  # removes only our own staging dirs whose process is gone
+        if notes:
+            notes(text)
     with staging(dst) as tmp:
         wdir = build_tree(tmp, tp, tok_files)
         write_weights(jobs, ck, cfg, wdir, progress)
         save_config(cfg, wdir)
-        install(tmp, dst)
+        with interrupts.held():  # the workspace is installed and recorded as written, or neither
+            install(tmp, dst)
+            interrupts.record(str(dst))
     return dst
