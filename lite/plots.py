@@ -38,7 +38,7 @@ def eval_plot(modes: dict[str, dict], path: Path, title: str) -> Path:
         ax.tick_params(axis="x", labelrotation=30)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # explicit: the path may be a staged *.tmp name
     plt.close(fig)
     return path
 
