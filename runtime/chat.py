@@ -130,7 +130,7 @@ class ChatSession:
                     if ctrl_c.requested:
                         raise KeyboardInterrupt
             if not stopped:
-                self._emit(stops.feed(detok.flush())[0], printed)
+                self._emit(stops.feed(detok.finish())[0], printed)  # an incomplete last character is dropped
                 self._emit(stops.flush(), printed)
         except KeyboardInterrupt:
             interrupted = True

@@ -98,7 +98,10 @@ class LLM:
         return results
 
     def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        """The output text, streamed through the detokenizer so that a character cut short by max_tokens is
+        dropped (finish) rather than ending the text with U+FFFD."""
+        detok = IncrementalDetokenizer(self.tokenizer)
+        return "".join(detok.add(t) for t in tokens) + detok.finish()
 
 
 def _cut(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -117,6 +117,15 @@ def test_multi_round_sends_only_new_tokens(tokenizer):
     assert len(engine.calls) == 2  # nothing after `exit`
 
 
+def test_answer_cut_by_max_tokens_ends_without_replacement_char(tokenizer):
+    """--max-new-tokens stopping inside an emoji: the partial bytes are dropped, not printed as U+FFFD."""
+    engine = FakeEngine(tokenizer, ["Ça 👍🏽"])
+    assert len(encode(tokenizer, "Ça 👍🏽")) == 9  # the thumbs-up is complete after 6 tokens, its skin tone after 9
+    rc, out, err, chat = run_chat(engine, "hi\n\n", max_tokens=7)
+    assert rc == 0 and "\ufffd" not in out
+    assert out.split(PROMPT)[1].strip() == "Ça 👍"
+
+
 def test_end_resets_session(tokenizer):
     engine = FakeEngine(tokenizer, ["one", "two", "three"])
     rc, out, err, chat = run_chat(engine, "a\n\nb\n\nend\n\nc\n\n")
