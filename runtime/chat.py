@@ -207,18 +207,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--kv-cache-dtype",
         default="auto",
         choices=["auto", "fp16", "int8", "fp8", "fp8_e4m3", "fp8_e5m2"],
-        help="KV cache storage (auto = config.ini kv_cache_dtype)",
+        help="KV cache storage; fp8 = fp8_e4m3 (default: auto = config.ini kv_cache_dtype)",
     )
-    p.add_argument("--calculate-kv-scales", action="store_true", help="FP8: per-layer scales from the first prompt")
+    p.add_argument(
+        "--kv-granularity",
+        choices=["tensor", "head"],
+        help="which scale files a quantized cache loads: tensor (one scale per layer and TP rank) or head (one per "
+        "KV head) (default: config.ini kv_granularity)",
+    )
+    p.add_argument(
+        "--calculate-kv-scales",
+        action="store_true",
+        help="FP8: per-layer scales from the first prompt instead of scale files (default: load the files)",
+    )
     p.add_argument("--temperature", type=float, help="0 = greedy (default: the chat template's)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the chat template's)")
     p.add_argument("--top-k", type=int, help="-1 or 0 = off (default: the chat template's)")
     p.add_argument("--repetition-penalty", type=float, help="1.0 = off (default: the chat template's)")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--seed", type=int, help="sampling seed for reproducible answers (each turn restarts it)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"tokens per answer at most (default: {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    p.add_argument(
+        "--seed", type=int, help="sampling seed for reproducible answers; each turn restarts it (default: none)"
+    )
     p.add_argument("--session-len", type=int, help="tokens per session (default: config.ini session_len)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default: float32)"
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (default: cpu)")
     p.add_argument(
         "--use-context-fmha",
         type=int,
@@ -249,11 +268,15 @@ def main(
             max_batch_size=1,
             session_len=args.session_len,
             use_context_fmha=args.use_context_fmha,
+            kv_granularity=args.kv_granularity,
         )
         params = sampling_params(args, engine)
     except (ValueError, FileNotFoundError) as e:  # WorkspaceError is a ValueError: one line, no traceback
         stderr.write(f"error: {e}\n")
         return 2
+    except KeyboardInterrupt:  # while the workspace loads; the chat itself handles Ctrl-C
+        stderr.write("interrupted: while loading the workspace, before the chat started (chat writes no files)\n")
+        return 130
     stdout.write(engine.banner() + "\n")
     stdout.write(
         f"chat template {engine.template.name}; temperature {params.temperature}, top_p {params.top_p}, "

@@ -256,7 +256,7 @@ def test_cli_writes_report(workspace, text_file, tmp_path, capsys):
         (["--modes", "fp16,int3"], "unknown mode 'int3'"),
         (
             ["--modes", "fp8:head"],
-            "past_kv_scale_fp8_e4m3_head.0.weight, which is missing; re-run python -m lite.kv_qparams",
+            "past_kv_scale_fp8_e4m3_head.0.weight, which is missing; the tensor granularity's fp8_e4m3 files",
         ),
         (["--seqlen", "1"], "--seqlen (1) >= 2"),
     ],
