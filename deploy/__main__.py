@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="model_format",
         default="hf",
         choices=["hf"],
-        help="input format (only hf)",
+        help="input format: only hf, an HF checkpoint directory (default: hf)",
     )
     parser.add_argument(
         "--tokenizer-path",

@@ -7,7 +7,7 @@ into a temporary directory next to the destination and renames it into place at 
 failure leaves nothing behind (deploy/tree.py owns the directory handling). Stale staging directories
 of killed deploys to the same destination are removed first (and reported through `notes`).
 
-Per tensor (REFERENCE.md §1): cast to fp16 (refusing values fp16 cannot hold), transpose linear
+Per tensor (docs/formats.md §1): cast to fp16 (refusing values fp16 cannot hold), transpose linear
 weights from HF (out, in) to (in, out), interleave q/k channels for TurboMind's RoPE, fuse
 [Q_r | K_r | V_r] per rank, split over TP ranks, zero-pad the vocab rows, write raw little-endian
 fp16 with numpy `.tofile`. File names and per-rank shapes come from runtime.workspace.weight_table.

@@ -1,6 +1,6 @@
 """The workspace directory: template skeleton, tokenizer copy, staging dir and the final rename.
 
-Tree (REFERENCE.md §1), built from `workspace_template/` in a temporary directory next to the
+Tree (docs/formats.md §1), built from `workspace_template/` in a temporary directory next to the
 destination and renamed into place only when complete:
 
     service_docker_up.sh                         TP=1 rewritten to TP={tp}

@@ -1,7 +1,7 @@
 """Calibration text → seeded token windows: `get_calib_windows(name_or_path, tokenizer, nsamples, seqlen, seed)`.
 
 Hub datasets (need the `datasets` package and network, imported only here), built like upstream
-LMDeploy/GPTQ (REFERENCE.md §2), each with `random.Random(seed)`:
+LMDeploy/GPTQ (docs/formats.md §2), each with `random.Random(seed)`:
     wikitext2, ptb   train text joined, tokenized once, nsamples random (possibly overlapping) windows
     c4               a random document with at least seqlen tokens, a random window inside it; repeated
     pileval          shuffled lines of <= 512 tokens, nsamples of them concatenated and cut into

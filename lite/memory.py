@@ -4,7 +4,7 @@
                           [--modes fp16,int8,fp8_e4m3] [--out DIR]
     python -m lite.memory --shape internlm-chat-7b | --shape LAYERS,KV_HEADS,HEAD_DIM  (no weights needed)
 
-Formulas (docs/formats.md; bytes/elem from `runtime.quant.BYTES_PER_ELEM`: fp16 2, int8 1, fp8 1):
+Formulas (docs/formats.md §1; bytes/elem from `runtime.quant.BYTES_PER_ELEM`: fp16 2, int8 1, fp8 1):
     KV bytes per token    = 2 * num_layer * kv_head_num * size_per_head * bytes/elem   (K and V)
     KV bytes per session  = per token * session_len
     scale overhead        = 4 * num_layer * kv_head_num * 4 B   (fp32 [k_scale, k_zp, v_scale, v_zp] per layer

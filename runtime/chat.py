@@ -1,4 +1,4 @@
-"""`python -m runtime.chat WORKSPACE`: a multi-round chat REPL on a workspace (REFERENCE.md §5).
+"""`python -m runtime.chat WORKSPACE`: a multi-round chat REPL on a workspace (docs/formats.md §5).
 
 Behaviour follows the 2023 LMDeploy `turbomind.chat`:
 - input ends on an empty line (prompt "double enter to end input >>> "); `exit` quits;

@@ -4,7 +4,7 @@ This module owns the workspace format. `deploy` writes through it, `lite.kv_qpar
 config.ini through it, and the runtime reads through it; nothing else parses config.ini or
 spells a weight-file name.
 
-Layout (docs/formats.md):
+Layout (docs/formats.md §1):
     workspace/triton_models/weights/config.ini        [llama] section, keys in upstream order
     workspace/triton_models/weights/<name>            raw little-endian fp16 (numpy .tofile), no header
 
