@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lite import stats as stats_mod
-from lite.datasets import DatasetError, get_calib_windows
+from lite.datasets import DatasetError, FewerWindows, get_calib_windows
 from lite.stats import CalibSummary, KVStats, StatsAccumulator
 from runtime import interrupts
 
@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interrupts.reset()
     try:
-        with warnings.catch_warnings():  # e.g. "too little text": one clean line, not a warning with a source line
-            warnings.simplefilter("always")
-            warnings.showwarning = _print_note
+        with warnings.catch_warnings():  # "too little text": one clean line, not a warning with a source line
+            warnings.simplefilter("always", FewerWindows)
+            warnings.showwarning = _note_or_warning(warnings.showwarning)
             kv, summary = calibrate(
                 args.model,
                 args.calib_dataset,
@@ -208,8 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_note(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"note: {message}", file=sys.stderr)
+def _note_or_warning(show):
+    """showwarning that prints our FewerWindows as a note; other warnings (e.g. transformers') as before."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, FewerWindows):
+            print(f"note: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
 
 
 if __name__ == "__main__":

@@ -39,6 +39,10 @@ OFFLINE_HINT = (
 PILEVAL_MAX_LINE_TOKENS = 512
 
 
+class FewerWindows(UserWarning):
+    """The text gives fewer windows than asked for (the run goes on with those); the CLI prints it as a note."""
+
+
 class DatasetError(ValueError):
     """Calibration text cannot be found, read, or is too short; the message says what to pass instead."""
 
@@ -171,6 +175,7 @@ def _disjoint_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: in
         warnings.warn(
             f"{source}: {total} tokens give only {available} windows of {seqlen} tokens, "
             f"fewer than --calib-samples {nsamples}; using {available}",
+            FewerWindows,
             stacklevel=3,
         )
     offset = rng.randint(0, total - available * seqlen)
@@ -252,6 +257,7 @@ def _hub_windows(name: str, tokenizer, nsamples: int, seqlen: int, seed: int) ->
         warnings.warn(
             f"pileval: {nsamples} lines of <= {PILEVAL_MAX_LINE_TOKENS} tokens ({stream.numel()} tokens) "
             f"give only {available} windows of {seqlen} tokens, fewer than --calib-samples {nsamples}",
+            FewerWindows,
             stacklevel=3,
         )
     return stream[: available * seqlen].view(available, seqlen).clone()

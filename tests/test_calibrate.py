@@ -120,6 +120,26 @@ def test_too_little_text_is_a_clean_note(tiny_hf, text_file, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("note: ") and "fewer than --calib-samples 1000" in err[0], err
 
 
+def test_only_our_notice_becomes_a_note(tiny_hf, text_file, tmp_path, capsys, monkeypatch):
+    """Other libraries' warnings (transformers warns on every forward) keep their own filters and format."""
+    import warnings
+
+    from lite.datasets import FewerWindows
+
+    def noisy(*args, **kwargs):
+        for _ in range(3):
+            warnings.warn("some library deprecation", FutureWarning, stacklevel=1)
+        warnings.warn("too little text", FewerWindows, stacklevel=1)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(calibrate, "collect_stats", noisy)
+    argv = ["--model", str(tiny_hf("llama")), "--calib-dataset", str(text_file), "--calib-samples", "1"]
+    assert calibrate.main(argv + ["--calib-seqlen", "8", "--work-dir", str(tmp_path / "w")]) == 2
+    err = messages(capsys.readouterr().err)
+    assert [ln for ln in err if ln.startswith("note:")] == ["note: too little text"]
+    assert not any("note: some library" in ln for ln in err)
+
+
 def test_ctrl_c_writes_nothing_and_says_so(tiny_hf, text_file, tmp_path, capsys, monkeypatch):
     import os
     import signal
