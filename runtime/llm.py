@@ -8,7 +8,9 @@
 Prompts are raw text (tokenized with BOS when the chat template says add_bos) or token-id lists;
 several prompts share each forward pass. `token_ids` holds the generated tokens only (an EOS or
 stop token included, as vLLM does); stop strings cut the text and end that sequence. The heavy
-engine (transformers, the model) is imported only when an LLM is built.
+engine (transformers, the model) is imported only when an LLM is built. Engine options pass through,
+e.g. `LLM(ws, kv_cache_dtype="fp8", kv_granularity="tensor")` (tensor | head: which scale files to load;
+default config.ini's kv_granularity).
 """
 
 from __future__ import annotations
