@@ -8,6 +8,8 @@ Nothing here loads the whole model into memory.
 
 Supported architectures: LlamaForCausalLM (Llama 1/2/3, SmolLM2, TinyLlama), MistralForCausalLM,
 Qwen2ForCausalLM (q/k/v biases) and InternLMForCausalLM (llama tensor names, q/k/v/o biases).
+A config.json without `architectures` (older checkpoints; configs saved with `to_dict()` after
+loading a GGUF file) is read by its `model_type`, as transformers' Auto classes do.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "InternLMForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "dynamic")
+# model_type -> architecture, for configs without `architectures` (transformers' Auto mapping).
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "internlm": "InternLMForCausalLM",
+}
 
 
 class DeployError(ValueError):
@@ -47,9 +56,15 @@ class TensorSource:
     def _open(self, f: Path):
         if f not in self._handles:
             if f.suffix == ".safetensors":
-                from safetensors import safe_open
+                from safetensors import SafetensorError, safe_open
 
-                self._handles[f] = safe_open(str(f), framework="pt")
+                try:
+                    self._handles[f] = safe_open(str(f), framework="pt")
+                except SafetensorError as e:  # truncated download, garbage header: the file, not our bug
+                    raise DeployError(
+                        f"{f}: not a readable safetensors file ({e}); the file is truncated or corrupt: "
+                        "re-download it (compare its size with the one the model hub lists)"
+                    ) from None
             else:
                 import torch
 
@@ -128,13 +143,7 @@ def load_checkpoint(path: str | Path) -> HFCheckpoint:
     generation = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     notes: list[str] = []
 
-    archs = config.get("architectures") or []
-    arch = archs[0] if archs else None
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise DeployError(
-            f"{config_file}: architectures = {archs!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    arch = _architecture(config, config_file, notes)
 
     def need(key: str):
         if key not in config:
@@ -196,7 +205,7 @@ def load_checkpoint(path: str | Path) -> HFCheckpoint:
         vocab_size=int(need("vocab_size")),
         rope_theta=rope_theta,
         use_dynamic_ntk=dynamic,
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        norm_eps=as_written(float(config.get("rms_norm_eps", 1e-6))),
         max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
@@ -207,6 +216,42 @@ def load_checkpoint(path: str | Path) -> HFCheckpoint:
         tensors=tensors,
         notes=notes,
     )
+
+
+def _architecture(config: dict, config_file: Path, notes: list[str]) -> str:
+    """The model class: `architectures[0]`, or by `model_type` when the config names no architecture."""
+    archs = config.get("architectures") or []
+    if archs:
+        if archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise DeployError(
+                f"{config_file}: architectures = {archs!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        return archs[0]
+    model_type = config.get("model_type")
+    if model_type in MODEL_TYPES:
+        notes.append(
+            f"{config_file.name} has no architectures; model_type {model_type!r} -> {MODEL_TYPES[model_type]} "
+            "(as transformers' Auto classes read it)"
+        )
+        return MODEL_TYPES[model_type]
+    raise DeployError(
+        f"{config_file}: no architectures and model_type = {model_type!r}; neither names a supported model "
+        f"(architectures: {', '.join(SUPPORTED_ARCHITECTURES)}; model_type: {', '.join(MODEL_TYPES)}); "
+        'add e.g. "architectures": ["LlamaForCausalLM"] if the model really is one of these'
+    )
+
+
+def as_written(value: float) -> float:
+    """A float32 value widened to double (GGUF stores 1e-05 as float32: 9.999999747378752e-06 in JSON) back to
+    the shortest decimal that float32 rounds to it (1e-05). Computation in fp32 sees the same number either way;
+    config.ini then shows the value the model was made with. Other values are kept as they are."""
+    import numpy as np
+
+    f32 = np.float32(value)
+    if not np.isfinite(f32) or float(f32) != value:  # not a float32 value: it was written as a double
+        return value
+    return float(str(f32))  # numpy prints a float32 as the shortest decimal that rounds back to it
 
 
 def _read_json(path: Path) -> dict:

@@ -4,9 +4,10 @@
 It checks everything it can before writing (template name, architecture, tp divisibility, every
 required tensor and its shape, tokenizer files, destination), then converts one tensor at a time
 into a temporary directory next to the destination and renames it into place at the end, so a
-failure leaves nothing behind (deploy/tree.py owns the directory handling).
+failure leaves nothing behind (deploy/tree.py owns the directory handling). Stale staging directories
+of killed deploys to the same destination are removed first (and reported through `notes`).
 
-Per tensor (REFERENCE.md §1): cast to fp16 (refusing values fp16 cannot hold), transpose linear
+Per tensor (docs/formats.md §1): cast to fp16 (refusing values fp16 cannot hold), transpose linear
 weights from HF (out, in) to (in, out), interleave q/k channels for TurboMind's RoPE, fuse
 [Q_r | K_r | V_r] per rank, split over TP ranks, zero-pad the vocab rows, write raw little-endian
 fp16 with numpy `.tofile`. File names and per-rank shapes come from runtime.workspace.weight_table.
@@ -23,8 +24,8 @@ import numpy as np
 
 from deploy.checkpoint import DeployError, HFCheckpoint, load_checkpoint
 from deploy.kv_scales import import_kv_scales
-from deploy.tree import build_tree, check_destination, install, staging, tokenizer_files
-from runtime import kv_params
+from deploy.tree import build_tree, check_destination, clean_stale_staging, install, staging, tokenizer_files
+from runtime import interrupts, kv_params
 from runtime.templates import get_template
 from runtime.workspace import WorkspaceConfig, WorkspaceError, padded_vocab, ranked, save_config, weight_table
 
@@ -316,13 +317,18 @@ def deploy(
     cfg, kv_scales = import_kv_scales(ck, cfg)  # FP8 KV scales the checkpoint carries (None: none)
     tok_files = tokenizer_files(Path(tokenizer_path) if tokenizer_path else ck.path)
     dst = check_destination(Path(dst_path), force)
+    for text in clean_stale_staging(dst):  # removes only our own staging dirs whose process is gone
+        if notes:
+            notes(text)
     with staging(dst) as tmp:
         wdir = build_tree(tmp, tp, tok_files)
         write_weights(jobs, ck, cfg, wdir, progress)
         if kv_scales:
             kv_params.write(wdir, cfg, kv_scales.params)
         save_config(cfg, wdir)
-        install(tmp, dst)
+        with interrupts.held():  # the workspace is installed and recorded as written, or neither
+            install(tmp, dst)
+            interrupts.record(str(dst))
     if kv_scales and notes:
         notes(f"imported {kv_scales.summary()}; config.ini selects kv_cache_dtype {cfg.kv_cache_dtype}")
     return dst

@@ -9,7 +9,8 @@ The model runs (fp32 on CPU, fp16 on CUDA, torch.no_grad) over the windows of `l
 batches. A `DynamicCache` subclass is passed as `past_key_values`: every attention layer hands it
 its post-RoPE K and its V as (B, H_kv, T, D), before any GQA repeat, which is exactly what a KV
 cache stores. The capture cache folds them into `lite.stats.StatsAccumulator` and keeps nothing,
-so memory is one batch of activations. Output: work_dir/{key,value}_stats.pth + calib_summary.json.
+so memory is one batch of activations. Output: work_dir/{key,value}_stats.pth + calib_summary.json,
+written together at the end (nothing before): Ctrl-C says whether they were written (exit 130 if not).
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from lite import stats as stats_mod
-from lite.datasets import DatasetError, get_calib_windows
+from lite.datasets import DatasetError, FewerWindows, get_calib_windows
 from lite.stats import CalibSummary, KVStats, StatsAccumulator
+from runtime import interrupts
 
 
 def capture_cache(on_kv):
@@ -128,40 +131,69 @@ def calibrate(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lite.calibrate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="HF checkpoint directory")
+    p.add_argument("--model", required=True, help="HF checkpoint directory (required)")
     p.add_argument(
         "--calib-dataset",
         "--calib_dataset",
         dest="calib_dataset",
         default="c4",
         help="c4|ptb|wikitext2|pileval (needs `datasets` + network) or a local .txt/.jsonl/.html file, "
-        "directory or quoted glob",
+        "directory or quoted glob (default: c4)",
     )
-    p.add_argument("--calib-samples", "--calib_samples", dest="calib_samples", type=int, default=128)
-    p.add_argument("--calib-seqlen", "--calib_seqlen", dest="calib_seqlen", type=int, default=2048)
-    p.add_argument("--work-dir", "--work_dir", dest="work_dir", default="./work_dir")
-    p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--calib-samples", "--calib_samples", dest="calib_samples", type=int, default=128, help="windows (default: 128)"
+    )
+    p.add_argument(
+        "--calib-seqlen",
+        "--calib_seqlen",
+        dest="calib_seqlen",
+        type=int,
+        default=2048,
+        help="tokens per window (default: 2048)",
+    )
+    p.add_argument(
+        "--work-dir",
+        "--work_dir",
+        dest="work_dir",
+        default="./work_dir",
+        help="where key_stats.pth, value_stats.pth and calib_summary.json go (default: ./work_dir)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (fp16) (default: cpu)")
+    p.add_argument(
+        "--batch-size", "--batch_size", dest="batch_size", type=int, default=1, help="windows per forward (default: 1)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the window draw (default: 0)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    interrupts.reset()
     try:
-        kv, summary = calibrate(
-            args.model,
-            args.calib_dataset,
-            args.calib_samples,
-            args.calib_seqlen,
-            args.work_dir,
-            device=args.device,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
+        with warnings.catch_warnings():  # "too little text": one clean line, not a warning with a source line
+            warnings.simplefilter("always", FewerWindows)
+            warnings.showwarning = _note_or_warning(warnings.showwarning)
+            kv, summary = calibrate(
+                args.model,
+                args.calib_dataset,
+                args.calib_samples,
+                args.calib_seqlen,
+                args.work_dir,
+                device=args.device,
+                batch_size=args.batch_size,
+                seed=args.seed,
+            )
     except (DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        stats = Path(args.work_dir) / stats_mod.KEY_FILE
+        if str(stats) in interrupts.written():  # the interrupt came after the statistics were saved
+            return interrupts.interrupted(f"after the statistics were written: {args.work_dir} is complete", True)
+        return interrupts.interrupted(
+            f"no statistics were written ({args.work_dir} is as it was); they are saved only once every window "
+            "has run: re-run the command"
+        )
     k_amax, v_amax = kv.key.absmax.amax(dim=(1, 2)), kv.value.absmax.amax(dim=(1, 2))  # (L,)
     print(
         f"{summary.samples} windows x {summary.seqlen} tokens ({summary.tokens} tokens) from {summary.dataset}; "
@@ -174,6 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {Path(args.work_dir) / stats_mod.KEY_FILE}, {stats_mod.VALUE_FILE}, {stats_mod.SUMMARY_FILE}")
     print(f"next: python -m lite.kv_qparams --work-dir {args.work_dir} --turbomind-dir WORKSPACE/triton_models/weights")
     return 0
+
+
+def _note_or_warning(show):
+    """showwarning that prints our FewerWindows as a note; other warnings (e.g. transformers') as before."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, FewerWindows):
+            print(f"note: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Calibration text → seeded token windows: `get_calib_windows(name_or_path, tokenizer, nsamples, seqlen, seed)`.
 
 Hub datasets (need the `datasets` package and network, imported only here), built like upstream
-LMDeploy/GPTQ (REFERENCE.md §2), each with `random.Random(seed)`:
+LMDeploy/GPTQ (docs/formats.md §2), each with `random.Random(seed)`:
     wikitext2, ptb   train text joined, tokenized once, nsamples random (possibly overlapping) windows
     c4               a random document with at least seqlen tokens, a random window inside it; repeated
     pileval          shuffled lines of <= 512 tokens, nsamples of them concatenated and cut into
@@ -37,6 +37,10 @@ OFFLINE_HINT = (
     "e.g. --calib-dataset /usr/share/debian-reference/"
 )
 PILEVAL_MAX_LINE_TOKENS = 512
+
+
+class FewerWindows(UserWarning):
+    """The text gives fewer windows than asked for (the run goes on with those); the CLI prints it as a note."""
 
 
 class DatasetError(ValueError):
@@ -171,6 +175,7 @@ def _disjoint_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: in
         warnings.warn(
             f"{source}: {total} tokens give only {available} windows of {seqlen} tokens, "
             f"fewer than --calib-samples {nsamples}; using {available}",
+            FewerWindows,
             stacklevel=3,
         )
     offset = rng.randint(0, total - available * seqlen)
@@ -252,6 +257,7 @@ def _hub_windows(name: str, tokenizer, nsamples: int, seqlen: int, seed: int) ->
         warnings.warn(
             f"pileval: {nsamples} lines of <= {PILEVAL_MAX_LINE_TOKENS} tokens ({stream.numel()} tokens) "
             f"give only {available} windows of {seqlen} tokens, fewer than --calib-samples {nsamples}",
+            FewerWindows,
             stacklevel=3,
         )
     return stream[: available * seqlen].view(available, seqlen).clone()

@@ -2,7 +2,7 @@
 
     python -m lite.eval WORKSPACE --dataset NAME|PATH [--samples 8] [--seqlen 512] [--modes fp16,int8,fp8_e4m3]
         [--granularity tensor|head] [--use-context-fmha 0|1] [--calculate-kv-scales] [--dtype float32|bfloat16]
-        [--batch-size 2] [--seed 0] [--out DIR] [--calib-dataset NAME|PATH|WORK_DIR]
+        [--batch-size 2] [--seed 0] [--out ./eval_out] [--calib-dataset NAME|PATH|WORK_DIR]
 
 A mode is DTYPE[:VARIANT]; DTYPE fp16 | int8 | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2; VARIANT
     tensor | head   calibrated scales from the workspace files at that granularity (default --granularity)
@@ -18,6 +18,8 @@ through a fresh cache of that mode. Metrics over every predicted position t (tok
 Windows go in batches (outer loop) through one Engine per mode (inner loop), so only one batch of
 fp16 logits is held at a time. With --use-context-fmha 1 the prefill attends over unquantized K/V,
 so the cache dtype never reaches the scored logits (all modes then match fp16): the default is 0.
+Output: the table on stdout, OUT/eval.json and OUT/eval.png (written together at the end; Ctrl-C
+before then writes nothing and says so).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+DEFAULT_OUT = "./eval_out"
 DTYPE_ALIASES = {"fp16": "fp16", "int8": "int8", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 VARIANTS = ("tensor", "head", "dynamic", "unit")
 ROWS_PER_CHUNK = 256  # positions per metric chunk: bounds the (rows, V) temporaries
@@ -366,33 +369,103 @@ def format_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lite.eval", description=__doc__.split("\n")[0])
-    p.add_argument("workspace", metavar="WORKSPACE")
-    p.add_argument(
-        "--dataset", required=True, help="c4 | ptb | wikitext2 | pileval | local .txt/.jsonl/.html, dir, glob"
+def dataset_label(spec: str | None, parts: int = 3) -> str:
+    """A dataset as a reader recognises it: a hub name as is, a path by its last few components
+    (/usr/share/doc/debian/FAQ/*.en.html -> .../debian/FAQ/*.en.html), a calibration work dir by its dataset."""
+    if not spec:
+        return "-"
+    summary = Path(spec) / "calib_summary.json"
+    if summary.is_file():
+        spec = str(json.loads(summary.read_text()).get("dataset", spec))
+    path = Path(spec)
+    if len(path.parts) <= parts:
+        return spec
+    return ".../" + "/".join(path.parts[-parts:])
+
+
+def plot_title(doc: dict) -> str:
+    title = (
+        f"{doc['model_name']}: {doc['samples']} x {doc['seqlen']} tokens of {dataset_label(doc['dataset'])}"
+        f" (use_context_fmha {doc['use_context_fmha']})"
     )
-    p.add_argument("--samples", type=int, default=8, help="windows to score (default 8)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--modes", default="fp16,int8,fp8_e4m3", help="comma-separated DTYPE[:VARIANT] (see module doc)")
-    p.add_argument("--granularity", default="tensor", choices=["tensor", "head"], help="default calibrated variant")
-    p.add_argument("--use-context-fmha", type=int, default=0, choices=[0, 1])
-    p.add_argument("--calculate-kv-scales", action="store_true", help="FP8 modes without a variant use :dynamic")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--batch-size", type=int, default=2, help="windows per forward pass (default 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="directory for eval.json and eval.png")
+    if doc.get("calib_dataset"):
+        title += f"\nscales calibrated on {dataset_label(doc['calib_dataset'])}"
+    return title
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lite.eval",
+        description=__doc__.split("\n")[0],
+        epilog="A mode is DTYPE[:VARIANT]: DTYPE fp16 | int8 | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2; VARIANT tensor | "
+        "head (calibrated scale files at that granularity), dynamic (FP8 scales from the first batch), unit (FP8 "
+        "with scale 1.0). fp16 is the reference and always runs first.",
+    )
+    p.add_argument("workspace", metavar="WORKSPACE", help="workspace written by python -m deploy")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help="evaluation text: c4 | ptb | wikitext2 | pileval (need `datasets` + network), or a local .txt / .jsonl / "
+        ".html file, directory or quoted glob (required)",
+    )
+    p.add_argument("--samples", type=int, default=8, help="windows to score (default: 8)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
+    p.add_argument(
+        "--modes",
+        default="fp16,int8,fp8_e4m3",
+        help="comma-separated DTYPE[:VARIANT], see below (default: fp16,int8,fp8_e4m3)",
+    )
+    p.add_argument(
+        "--granularity",
+        default="tensor",
+        choices=["tensor", "head"],
+        help="the variant of a quantized mode given without one (default: tensor)",
+    )
+    p.add_argument(
+        "--use-context-fmha",
+        type=int,
+        default=0,
+        choices=[0, 1],
+        help="0: prefill attention reads the quantized cache, as decoding does; 1: it uses unquantized K/V, so "
+        "every mode matches fp16 (default: 0)",
+    )
+    p.add_argument(
+        "--calculate-kv-scales",
+        action="store_true",
+        help="FP8 modes given without a variant use :dynamic (default: their calibrated files)",
+    )
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default: float32)"
+    )
+    p.add_argument("--batch-size", type=int, default=2, help="windows per forward pass (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window draw (default: 0)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"directory for eval.json and eval.png (default: {DEFAULT_OUT})")
+    p.add_argument(
+        "--calib-dataset",
+        default=None,
+        help="the calibration text, or the lite.calibrate work dir (its calib_summary.json names the text): warns "
+        "when it is the evaluation text and names it in the plot (default: none)",
+    )
     p.add_argument(
         "--cache-max-entry-count",
         type=float,
-        help="each mode's KV pool = this fraction of free memory (default: one batch of windows, or 0.2 of "
-        "MemAvailable on cpu / 0.8 of free GPU memory if that is smaller)",
+        help="each mode's KV pool = this fraction of free memory (default: what one batch of windows needs, or "
+        "0.2 of MemAvailable on cpu / 0.8 of free GPU memory if that is smaller)",
     )
-    p.add_argument("--kv-cache-gib", type=float, help="each mode's KV pool in GiB (wins over --cache-max-entry-count)")
     p.add_argument(
-        "--calib-dataset", default=None, help="the calibration text or work dir: warns when it is the eval text"
+        "--kv-cache-gib",
+        type=float,
+        help="each mode's KV pool in GiB, wins over --cache-max-entry-count (default: see --cache-max-entry-count)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from runtime import interrupts
+
+    interrupts.reset()
+    out = Path(args.out)
     try:
         with warnings.catch_warnings():  # warnings print at once, as one line each
             warnings.simplefilter("always")
@@ -413,23 +486,31 @@ def main(argv: list[str] | None = None) -> int:
                 cache_max_entry_count=args.cache_max_entry_count,
                 kv_cache_gib=args.kv_cache_gib,
             )
+        print(format_table(doc))
+        write_report(doc, out)
     except (ValueError, OSError) as e:  # WorkspaceError, KVParamsError, DatasetError and EvalError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(doc))
-    if args.out:
-        from lite.plots import eval_plot
-
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(doc, indent=2) + "\n")
-        eval_plot(
-            doc["modes"],
-            out / "eval.png",
-            f"{doc['model_name']} on {Path(doc['dataset']).name}: {doc['samples']} x {doc['seqlen']} tokens",
+    except KeyboardInterrupt:
+        if str(out / "eval.json") in interrupts.written():
+            return interrupts.interrupted(f"after the report was written: {out / 'eval.json'}, eval.png", True)
+        return interrupts.interrupted(
+            f"nothing was written to {out} (the report is written once every mode has scored every window)"
         )
-        print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
+    print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
     return 0
+
+
+def write_report(doc: dict, out: Path) -> list[Path]:
+    """OUT/eval.json and OUT/eval.png, renamed into place together."""
+    from lite.plots import eval_plot
+    from runtime.atomic import staged_files
+
+    out.mkdir(parents=True, exist_ok=True)
+    with staged_files() as stage:
+        stage(out / "eval.json").write_text(json.dumps(doc, indent=2) + "\n")
+        eval_plot(doc["modes"], stage(out / "eval.png"), plot_title(doc))
+    return [out / "eval.json", out / "eval.png"]
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -2,7 +2,7 @@
 
     python -m lite.kv_qparams --work-dir W --turbomind-dir WORKSPACE/triton_models/weights \\
         [--kv-sym False] [--num-tp 1] [--kv-bits 8] [--kv-dtype int8|fp8_e4m3|fp8_e5m2] \\
-        [--granularity tensor|head] [--update-config]
+        [--granularity tensor|head] [--update-config] [--quiet]
 
 (upstream spellings --work_dir, --turbomind_dir, --kv_sym True/False, --num_tp also work;
 --turbomind-dir may also be the workspace root.)
@@ -16,7 +16,8 @@ INT8 (runtime.quant.int8_params, fp32): asym scale = (max - min)/255, zp = (max 
                                         sym  scale = absmax/127,      zp = 0
 FP8  (runtime.quant.fp8_scale):         scale = absmax/448 (E4M3) or absmax/57344 (E5M2), zp = 0
 Files and their layout belong to runtime.kv_params; config.ini edits go through runtime.workspace.
-Everything is validated before the first byte is written, so an error leaves the workspace as it was.
+Everything is validated before the first byte is written, so an error leaves the workspace as it was;
+the parameter files are renamed into place together, then config.ini (Ctrl-C says which were written).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from lite import stats as stats_mod
 from lite.stats import KVStats, Stats
-from runtime import kv_params
+from runtime import interrupts, kv_params
 from runtime.quant import FP8_MAX, fp8_scale, int8_params
 from runtime.workspace import QUANT_POLICY_INT8, WorkspaceConfig, load_config, replace, save_config, weights_dir
 
@@ -142,8 +143,11 @@ def write_kv_qparams(
     granularity: str = "tensor",
     update_config: bool = False,
     echo=print,
+    quiet: bool = False,
 ) -> QParamsResult:
-    """Validate everything, then write the parameter files (and config.ini when update_config)."""
+    """Validate everything, then write the parameter files (and config.ini when update_config).
+
+    quiet: leave out the per-layer table (30-90 rows for a 7B); the summary lines are still echoed."""
     if kv_bits != 8:
         raise QParamsError(f"--kv-bits {kv_bits} is not supported: only 8-bit KV caches (int8, fp8_e4m3, fp8_e5m2)")
     kv_dtype = "fp8_e4m3" if kv_dtype == "fp8" else kv_dtype  # vLLM's alias
@@ -168,7 +172,8 @@ def write_kv_qparams(
     }
 
     files = kv_params.write(wdir, cfg, params)
-    echo(format_table(params, kv.layer_names, num_tp))
+    if not quiet:
+        echo(format_table(params, kv.layer_names, num_tp))
     mode = f"{kv_dtype} {'symmetric' if kv_sym or kv_dtype != 'int8' else 'asymmetric'}, {granularity} granularity"
     echo(f"wrote {len(files)} files ({mode}) to {wdir}, e.g. {files[0].name}")
     changed = {k: v for k, v in edits.items() if v[0] != v[1]}
@@ -194,13 +199,19 @@ def str2bool(value: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lite.kv_qparams", description=__doc__.split("\n\n")[0])
-    p.add_argument("--work-dir", "--work_dir", dest="work_dir", required=True, help="dir with key/value_stats.pth")
+    p.add_argument(
+        "--work-dir",
+        "--work_dir",
+        dest="work_dir",
+        required=True,
+        help="directory with key_stats.pth and value_stats.pth from python -m lite.calibrate (required)",
+    )
     p.add_argument(
         "--turbomind-dir",
         "--turbomind_dir",
         dest="turbomind_dir",
         required=True,
-        help="WORKSPACE/triton_models/weights (or the workspace root)",
+        help="WORKSPACE/triton_models/weights or the workspace root (required)",
     )
     p.add_argument(
         "--kv-sym",
@@ -210,31 +221,47 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const=True,
         default=False,
-        help="symmetric int8 (zp = 0); takes an optional True/False",
+        help="symmetric int8 (zp = 0); takes an optional True/False (default: False, asymmetric)",
     )
-    p.add_argument("--num-tp", "--num_tp", dest="num_tp", type=int, default=1)
-    p.add_argument("--kv-bits", "--kv_bits", dest="kv_bits", type=int, default=8)
+    p.add_argument(
+        "--num-tp",
+        "--num_tp",
+        dest="num_tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks; must equal config.ini tensor_para_size (default: 1)",
+    )
+    p.add_argument("--kv-bits", "--kv_bits", dest="kv_bits", type=int, default=8, help="only 8 (default: 8)")
     p.add_argument(
         "--kv-dtype",
         "--kv_dtype",
         dest="kv_dtype",
         default="int8",
         choices=(*kv_params.QUANTIZED_DTYPES, "fp8"),
-        help="fp8 = fp8_e4m3",
+        help="cache dtype the parameters are for; fp8 = fp8_e4m3 (default: int8)",
     )
-    p.add_argument("--granularity", default="tensor", choices=GRANULARITIES)
+    p.add_argument(
+        "--granularity",
+        default="tensor",
+        choices=GRANULARITIES,
+        help="tensor: one scale per layer and TP rank; head: one per KV head (default: tensor)",
+    )
     p.add_argument(
         "--update-config",
         "--update_config",
         dest="update_config",
         action="store_true",
-        help="set quant_policy / kv_cache_dtype / kv_granularity in config.ini",
+        help="set quant_policy / kv_cache_dtype / kv_granularity in config.ini (default: print the edits)",
+    )
+    p.add_argument(
+        "--quiet", "-q", action="store_true", help="leave out the per-layer parameter table (default: print it)"
     )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    interrupts.reset()
     try:
         write_kv_qparams(
             args.work_dir,
@@ -245,10 +272,22 @@ def main(argv: list[str] | None = None) -> int:
             kv_dtype=args.kv_dtype,
             granularity=args.granularity,
             update_config=args.update_config,
+            quiet=args.quiet,
         )
     except ValueError as e:  # QParamsError, StatsError, WorkspaceError, KVParamsError all derive from it
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        done = interrupts.written()
+        files = [f for f in done if not f.endswith("config.ini")]
+        if not files:
+            return interrupts.interrupted("no parameter files were written; the workspace is as it was")
+        what = f"wrote {len(files)} parameter files ({Path(files[0]).name} ...)"
+        if not args.update_config:
+            return interrupts.interrupted(f"after the work was done: {what}", True)
+        if any(f.endswith("config.ini") for f in done):
+            return interrupts.interrupted(f"after the work was done: {what} and updated config.ini", True)
+        return interrupts.interrupted(f"{what} but config.ini was not updated: re-run the command")
     return 0
 
 

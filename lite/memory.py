@@ -4,7 +4,7 @@
                           [--modes fp16,int8,fp8_e4m3] [--out DIR]
     python -m lite.memory --shape internlm-chat-7b | --shape LAYERS,KV_HEADS,HEAD_DIM  (no weights needed)
 
-Formulas (REFERENCE.md §1; bytes/elem from `runtime.quant.BYTES_PER_ELEM`: fp16 2, int8 1, fp8 1):
+Formulas (docs/formats.md §1; bytes/elem from `runtime.quant.BYTES_PER_ELEM`: fp16 2, int8 1, fp8 1):
     KV bytes per token    = 2 * num_layer * kv_head_num * size_per_head * bytes/elem   (K and V)
     KV bytes per session  = per token * session_len
     scale overhead        = 4 * num_layer * kv_head_num * 4 B   (fp32 [k_scale, k_zp, v_scale, v_zp] per layer
@@ -265,17 +265,50 @@ def format_table(rows: list[ModeMemory], batches: list[int], weights: int, sessi
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lite.memory", description=__doc__.split("\n")[0])
-    parser.add_argument("workspace", nargs="?", help="workspace (root, triton_models/ or weights dir)")
-    parser.add_argument("--shape", help=f"report a shape without weights: {' | '.join(NAMED_SHAPES)} | L,KV_HEADS,D")
-    parser.add_argument("--batch", default="8,16,32,48", help="comma-separated batch sizes (default 8,16,32,48)")
-    parser.add_argument("--session-len", type=int, default=None, help="tokens per session (default: config.ini)")
-    parser.add_argument("--budget-gib", type=float, default=None, help="memory budget in GiB (weights + KV)")
-    parser.add_argument("--modes", default="fp16,int8,fp8_e4m3", help=f"comma-separated KV modes ({', '.join(MODES)})")
-    parser.add_argument("--out", default=None, help="directory for memory.json and memory.png")
-    parser.add_argument("--no-measure", action="store_true", help="skip allocating the runtime's cache")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "workspace", nargs="?", help="workspace (root, triton_models/ or weights dir); or give --shape instead"
+    )
+    parser.add_argument(
+        "--shape",
+        help=f"report a shape without weights: {' | '.join(NAMED_SHAPES)} | L,KV_HEADS,D (default: the WORKSPACE's)",
+    )
+    parser.add_argument("--batch", default="8,16,32,48", help="comma-separated batch sizes (default: 8,16,32,48)")
+    parser.add_argument(
+        "--session-len", type=int, default=None, help="tokens per session (default: config.ini session_len)"
+    )
+    parser.add_argument(
+        "--budget-gib", type=float, default=None, help="memory budget in GiB for weights + KV (default: none)"
+    )
+    parser.add_argument(
+        "--modes",
+        default="fp16,int8,fp8_e4m3",
+        help=f"comma-separated KV modes of {', '.join(MODES)} (default: fp16,int8,fp8_e4m3)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="directory for memory.json and memory.png (default: none, the table only)"
+    )
+    parser.add_argument(
+        "--no-measure", action="store_true", help="skip allocating the runtime's cache (default: measure it)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from runtime import interrupts
+
+    interrupts.reset()
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        if args.out and str(Path(args.out) / "memory.json") in interrupts.written():
+            return interrupts.interrupted(f"after the report was written: {Path(args.out) / 'memory.json'}", True)
+        return interrupts.interrupted("nothing was written" + (f" to {args.out}" if args.out else ""))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if (args.workspace is None) == (args.shape is None):
             raise ValueError("give a WORKSPACE or --shape NAME|L,KV_HEADS,D (exactly one)")
@@ -306,32 +339,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.shape == "internlm-chat-7b" or cfg.model_name.startswith("internlm-chat-7b"):
         print("published fp16 -> INT8 deltas (LMDeploy 2023, internlm-chat-7b):")
         print("\n".join("  " + line for line in published_check(batches)))
-    if args.out:
-        from lite.plots import memory_plot
+    if not args.out:
+        print("(no files written; --out DIR writes memory.json and memory.png)")
+        return 0
+    from lite.plots import memory_plot
+    from runtime.atomic import staged_files
 
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "shape": args.shape or str(args.workspace),
-            "num_layer": cfg.num_layer,
-            "kv_head_num": cfg.kv_head_num,
-            "size_per_head": cfg.size_per_head,
-            "session_len": session_len,
-            "weight_bytes": weights,
-            "batches": batches,
-            "budget_gib": args.budget_gib,
-            "modes": {r.mode: asdict(r) for r in rows},
-        }
-        (out / "memory.json").write_text(json.dumps(doc, indent=2) + "\n")
-        memory_plot(
-            rows,
-            batches,
-            weights,
-            out / "memory.png",
-            budget_gib=args.budget_gib,
-            title=f"{args.shape or cfg.model_name}: weights + KV cache, session_len {session_len}",
-        )
-        print(f"wrote {out / 'memory.json'} and {out / 'memory.png'}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "shape": args.shape or str(args.workspace),
+        "num_layer": cfg.num_layer,
+        "kv_head_num": cfg.kv_head_num,
+        "size_per_head": cfg.size_per_head,
+        "session_len": session_len,
+        "weight_bytes": weights,
+        "batches": batches,
+        "budget_gib": args.budget_gib,
+        "modes": {r.mode: asdict(r) for r in rows},
+    }
+    title = f"{args.shape or cfg.model_name}: weights + KV cache, session_len {session_len}"
+    with staged_files() as stage:  # json and png renamed into place together
+        stage(out / "memory.json").write_text(json.dumps(doc, indent=2) + "\n")
+        memory_plot(rows, batches, weights, stage(out / "memory.png"), budget_gib=args.budget_gib, title=title)
+    print(f"wrote {out / 'memory.json'} and {out / 'memory.png'}")
     return 0
 
 

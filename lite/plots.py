@@ -38,9 +38,19 @@ def eval_plot(modes: dict[str, dict], path: Path, title: str) -> Path:
         ax.tick_params(axis="x", labelrotation=30)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # explicit: the path may be a staged *.tmp name
     plt.close(fig)
     return path
+
+
+# Per KV mode: INT8 and FP8 take the same bytes, so their lines coincide; distinct dashes and markers (hollow
+# squares around filled triangles) keep both visible, and the legend says which modes share a line.
+MODE_STYLES = {
+    "fp16": dict(linestyle="-", marker="o", color="tab:blue"),
+    "int8": dict(linestyle="--", marker="s", markersize=9, markerfacecolor="none", color="tab:orange"),
+    "fp8_e4m3": dict(linestyle=":", marker="^", markersize=5, color="tab:green", linewidth=2),
+    "fp8_e5m2": dict(linestyle="-.", marker="v", markersize=5, color="tab:red"),
+}
 
 
 def memory_plot(
@@ -49,8 +59,20 @@ def memory_plot(
     """Total memory (weights + KV, GiB) against batch size, one line per KV mode (rows: lite.memory.ModeMemory)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for r in rows:
-        ax.plot(batches, [t / GiB for t in r.totals], marker="o", label=f"{r.mode} ({r.bytes_per_token} B/token)")
+    draw_memory(ax, rows, batches, weights, budget_gib)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")  # explicit: the path may be a staged *.tmp name
+    plt.close(fig)
+    return path
+
+
+def draw_memory(ax, rows, batches: list[int], weights: int, budget_gib: float | None = None) -> None:
+    """The memory lines on a matplotlib Axes (separate from the figure so tests can inspect the lines)."""
+    for i, r in enumerate(rows):
+        same = [o.mode for o in rows[:i] if o.totals == r.totals]  # drawn already: this line lies on top of it
+        label = f"{r.mode} ({r.bytes_per_token} B/token{', same as ' + ', '.join(same) if same else ''})"
+        ax.plot(batches, [t / GiB for t in r.totals], label=label, **MODE_STYLES.get(r.mode, {"marker": "o"}))
     if weights:
         ax.axhline(weights / GiB, color="grey", linestyle=":", label=f"weights {weights / GiB:.2f} GiB")
     if budget_gib is not None:
@@ -60,8 +82,3 @@ def memory_plot(
     ax.set_xticks(batches)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

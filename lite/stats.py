@@ -1,6 +1,6 @@
 """Calibration statistics of K and V: the only reader and writer of `key_stats.pth` / `value_stats.pth`.
 
-On disk (REFERENCE.md §2, the upstream LMDeploy layout, kept in fp32 instead of fp16):
+On disk (docs/formats.md §2, the upstream LMDeploy layout, kept in fp32 instead of fp16):
 
     work_dir/key_stats.pth, work_dir/value_stats.pth   (torch.save)
         {'max': {layer: T}, 'min': {layer: T}, 'absmax': {layer: T}}

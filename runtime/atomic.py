@@ -5,6 +5,9 @@ with staged_files() as stage:
     ...                                                  # more files
 # every *.tmp is renamed over its final name only if the whole block succeeded;
 # on any error the *.tmp files are removed and the previous files stay as they were.
+
+The renames run with Ctrl-C held (`runtime.interrupts.held`), so an interrupt never leaves some files
+new and others old; the final names are recorded for the command's "interrupted: ..." message.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from runtime import interrupts
 
 
 @contextmanager
@@ -28,8 +33,11 @@ def staged_files() -> Iterator[Callable[[Path], Path]]:
 
     try:
         yield stage
-        for tmp, final in pairs:
-            os.replace(tmp, final)
+        with interrupts.held():
+            for tmp, final in pairs:
+                os.replace(tmp, final)
+            for _, final in pairs:
+                interrupts.record(str(final))
     finally:
         for tmp, _ in pairs:
             tmp.unlink(missing_ok=True)

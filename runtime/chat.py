@@ -1,4 +1,4 @@
-"""`python -m runtime.chat WORKSPACE`: a multi-round chat REPL on a workspace (REFERENCE.md §5).
+"""`python -m runtime.chat WORKSPACE`: a multi-round chat REPL on a workspace (docs/formats.md §5).
 
 Behaviour follows the 2023 LMDeploy `turbomind.chat`:
 - input ends on an empty line (prompt "double enter to end input >>> "); `exit` quits;
@@ -130,7 +130,7 @@ class ChatSession:
                     if ctrl_c.requested:
                         raise KeyboardInterrupt
             if not stopped:
-                self._emit(stops.feed(detok.flush())[0], printed)
+                self._emit(stops.feed(detok.finish())[0], printed)  # an incomplete last character is dropped
                 self._emit(stops.flush(), printed)
         except KeyboardInterrupt:
             interrupted = True
@@ -207,8 +207,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the chat template's)")
     p.add_argument("--top-k", type=int, help="-1 or 0 = off (default: the chat template's)")
     p.add_argument("--repetition-penalty", type=float, help="1.0 = off (default: the chat template's)")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--seed", type=int, help="sampling seed for reproducible answers (each turn restarts it)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"tokens per answer at most (default: {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    p.add_argument(
+        "--seed", type=int, help="sampling seed for reproducible answers; each turn restarts it (default: none)"
+    )
     # one conversation at a time: the pool holds max_batch_size x session_len tokens at most
     add_engine_arguments(p, max_batch_size_default=1)
     return p.parse_args(argv)
@@ -231,6 +238,9 @@ def main(
     except (ValueError, FileNotFoundError) as e:  # WorkspaceError is a ValueError: one line, no traceback
         stderr.write(f"error: {e}\n")
         return 2
+    except KeyboardInterrupt:  # while the workspace loads; the chat itself handles Ctrl-C
+        stderr.write("interrupted: while loading the workspace, before the chat started (chat writes no files)\n")
+        return 130
     stdout.write(engine.banner() + "\n")
     stdout.write(
         f"chat template {engine.template.name}; temperature {params.temperature}, top_p {params.top_p}, "

@@ -15,6 +15,11 @@ vLLM and TGI do, we decode a small window of tokens twice and emit the differenc
 The concatenation of everything emitted equals tokenizer.decode(context + ids) minus
 tokenizer.decode(context) for the tokenizers we use (byte-level BPE, SentencePiece with byte
 fallback), and never contains a U+FFFD that the full decode would not also contain.
+
+At the end of a sequence, `finish()` gives the text still held back, minus an incomplete UTF-8
+sequence at the very end (max_tokens stopped in the middle of an emoji or CJK character): those
+bytes are dropped, as vLLM's detokenizer does, instead of ending the answer with U+FFFD. The chat
+REPL, `LLM.generate` and the server all end a text with `finish()`.
 """
 
 from __future__ import annotations
@@ -55,8 +60,14 @@ class IncrementalDetokenizer:
             return new_text[len(prefix_text) :]
         return ""
 
+    def finish(self) -> str:
+        """The last text of a finished sequence: what `add` still held back, without an incomplete UTF-8
+        sequence at the end (its bytes are dropped; they would print as U+FFFD). Call once, when the sequence
+        ends (EOS, stop, max_tokens); use this, not `flush`, to end an answer."""
+        return self.flush().rstrip(REPLACEMENT_CHAR)
+
     def flush(self) -> str:
-        """Text still held back at the end of generation (an incomplete UTF-8 tail decodes as U+FFFD)."""
+        """Text still held back, an incomplete UTF-8 tail included (it decodes as U+FFFD); see `finish`."""
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)

@@ -105,6 +105,7 @@ def read(wdir: str | os.PathLike, cfg: WorkspaceConfig, kv_dtype: str, granulari
             if not path.is_file():
                 raise KVParamsError(
                     f"{kv_dtype} KV cache ({granularity} scales) needs {path}, which is missing; "
+                    + _other_files(wdir, cfg, kv_dtype, granularity)
                     + _fix(wdir, kv_dtype, granularity)
                 )
             size = path.stat().st_size
@@ -125,6 +126,20 @@ def read(wdir: str | os.PathLike, cfg: WorkspaceConfig, kv_dtype: str, granulari
                 )
             out[:, i, r * heads_r : (r + 1) * heads_r] = block.expand(4, heads_r) if n == 1 else block
     return KVParams(kv_dtype, granularity, out[0].clone(), out[1].clone(), out[2].clone(), out[3].clone())
+
+
+def _other_files(wdir: Path, cfg: WorkspaceConfig, kv_dtype: str, granularity: str) -> str:
+    """The start of a missing-file message's fix when other parameter files are there (e.g. config.ini says
+    head, inherited from INT8, but FP8 was calibrated per tensor)."""
+    other = "tensor" if granularity == "head" else "head"
+    if (kv_dtype, other) in available(wdir, cfg):
+        return (
+            f"the {other} granularity's {kv_dtype} files ({file_name(0, 0, kv_dtype, other)} ...) exist: use them "
+            f'with --kv-granularity {other} (runtime.chat), LLM(..., kv_granularity="{other}") or '
+            f"kv_granularity = {other} in config.ini, or "
+        )
+    present = [f"{d} {g}" for d, g in available(wdir, cfg)]
+    return f"parameter files present: {', '.join(present)}; " if present else ""
 
 
 def available(wdir: str | os.PathLike, cfg: WorkspaceConfig) -> list[tuple[str, str]]:

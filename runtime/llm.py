@@ -11,7 +11,9 @@ any number of them go through the engine's scheduler (as many at once as the KV 
 Engine options are keyword arguments (`kv_cache_gib`, `cache_max_entry_count`, `block_size`,
 `max_batch_size`, `max_prefill_token_num`, `session_len`, `kv_granularity`, ...; see `runtime.engine`). `token_ids` holds the generated tokens only (an EOS or
 stop token included, as vLLM does); stop strings cut the text and end that sequence. The heavy
-engine (transformers, the model) is imported only when an LLM is built.
+engine (transformers, the model) is imported only when an LLM is built. Engine options pass through,
+e.g. `LLM(ws, kv_cache_dtype="fp8", kv_granularity="tensor")` (tensor | head: which scale files to load;
+default config.ini's kv_granularity).
 """
 
 from __future__ import annotations
@@ -110,7 +112,10 @@ class LLM:
         return results
 
     def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        """The output text, streamed through the detokenizer so that a character cut short by max_tokens is
+        dropped (finish) rather than ending the text with U+FFFD."""
+        detok = IncrementalDetokenizer(self.tokenizer)
+        return "".join(detok.add(t) for t in tokens) + detok.finish()
 
 
 def _cut(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -1,7 +1,7 @@
 """The quantize / dequantize formulas: the single definition used by kv_qparams, the KV cache,
 eval, and the CUDA kernels' tests as their reference.
 
-INT8 (REFERENCE.md §3), all arithmetic in fp32:
+INT8 (docs/formats.md §3), all arithmetic in fp32:
     asymmetric:  scale = (max - min) / 255      zp = (max + min) / 2
     symmetric:   scale = absmax / 127           zp = 0
     write:       q  = clamp(round_half_even((x - zp) / scale), -128, 127)
@@ -9,7 +9,7 @@ INT8 (REFERENCE.md §3), all arithmetic in fp32:
   Rounding is half-to-even everywhere (torch.round, CUDA __float2int_rn): one rule for prefill and
   decode. (x - zp) / scale reaches +-127.5 at the calibrated ends; +127.5 saturates to 127.
 
-FP8 (REFERENCE.md §4), E4M3FN (max 448, no inf) or E5M2 (max 57344):
+FP8 (docs/formats.md §3), E4M3FN (max 448, no inf) or E5M2 (max 57344):
     scale = amax / fp8_max                     (calibrated; 1.0 when no scale)
     write:  f  = cast_rne(clamp(x / scale, -fp8_max, fp8_max))   # saturate before every cast
     read:   x^ = f * scale

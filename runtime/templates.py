@@ -2,7 +2,7 @@
 
 A template turns one user turn into prompt text ending in the assistant prefix. The first turn
 of a session (`sequence_start=True`) carries the system block; later turns carry only the new
-turn, because the KV cache already holds the history (REFERENCE.md §5). Replies stop on the
+turn, because the KV cache already holds the history (docs/formats.md §5). Replies stop on the
 tokenizer's EOS or on one of `stop_words`; the stop token itself is not followed by the
 template's newline, so later ChatML turns open with "\\n" to close the previous reply's line.
 

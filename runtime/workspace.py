@@ -4,13 +4,19 @@ This module owns the workspace format. `deploy` writes through it, `lite.kv_qpar
 config.ini through it, and the runtime reads through it; nothing else parses config.ini or
 spells a weight-file name.
 
-Layout (REFERENCE.md §1):
+Layout (docs/formats.md §1):
     workspace/triton_models/weights/config.ini        [llama] section, keys in upstream order
     workspace/triton_models/weights/<name>            raw little-endian fp16 (numpy .tofile), no header
 
 Linear weights are stored (in, out); the QKV projection is fused per TP rank as
 [Q_r | K_r | V_r] and the q/k output channels of every head are in TurboMind's interleaved
 RoPE order [x0, x_{D/2}, x1, x_{D/2+1}, ...].
+
+Loading (`read_joined`, what the runtime uses) refuses a workspace that would run wrongly but
+silently: config.ini num_layer must match the layer files present, in both directions (fewer
+would run a truncated model), and every weight must be finite (one pass over the fp16 bits,
+~4 GB/s; a NaN or inf gave empty answers with exit code 0). deploy never writes non-finite
+values (it refuses them in the checkpoint), so a failure here means a damaged or edited file.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -239,8 +246,50 @@ def padded_vocab(cfg: WorkspaceConfig) -> int:
     return (cfg.vocab_size + tp - 1) // tp * tp
 
 
-def read_weight(wdir: str | os.PathLike, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Memory-map one fp16 weight file, checking its size against `shape` first."""
+LAYER_FILE = re.compile(r"layers\.(\d+)\.(?:attention|attention_norm|ffn_norm|feed_forward)\.")
+FINITE_CHUNK = 1 << 22  # elements per pass of the non-finite check (bounds its temporaries to a few MiB)
+
+
+def check_layer_files(wdir: str | os.PathLike, cfg: WorkspaceConfig) -> None:
+    """config.ini num_layer against the layers that have weight files, both ways (KV parameter files aside)."""
+    wdir = Path(wdir)
+    layers = {int(m.group(1)) for f in os.listdir(wdir) if (m := LAYER_FILE.match(f)) and not f.endswith(".tmp")}
+    ini = wdir / "config.ini"
+    extra = sorted(i for i in layers if i >= cfg.num_layer)
+    if extra:
+        raise WorkspaceError(
+            f"{ini}: num_layer = {cfg.num_layer}, but {wdir} holds weight files for {max(layers) + 1} layers "
+            f"(layers.{extra[0]}.* to layers.{extra[-1]}.* would be ignored, running a truncated model); "
+            f"set num_layer = {max(layers) + 1} or re-run python -m deploy"
+        )
+    missing = [i for i in range(cfg.num_layer) if i not in layers]
+    if missing:
+        first = f"layers.{missing[0]}.*" + (f" to layers.{missing[-1]}.*" if len(missing) > 1 else "")
+        raise WorkspaceError(
+            f"{ini}: num_layer = {cfg.num_layer}, but {wdir} has no weight files for {len(missing)} of those layers "
+            f"({first}); set num_layer = {len(layers)} if the model has {len(layers)} layers, or re-run python -m deploy"
+        )
+
+
+def check_finite(path: Path, w: np.ndarray) -> None:
+    """Refuse an fp16 array holding inf or NaN (exponent bits all ones), in one pass over its bits."""
+    bits = w.reshape(-1).view(np.uint16)
+    bad, first = 0, None
+    for lo in range(0, bits.size, FINITE_CHUNK):
+        hits = np.flatnonzero((bits[lo : lo + FINITE_CHUNK] & 0x7C00) == 0x7C00)
+        if hits.size and first is None:
+            first = lo + int(hits[0])
+        bad += hits.size
+    if bad:
+        raise WorkspaceError(
+            f"weight file {path} holds {bad} non-finite values (inf/nan; the first at flat index {first}, value "
+            f"{float(w.reshape(-1)[first])}); the file is damaged: re-run python -m deploy"
+        )
+
+
+def read_weight(wdir: str | os.PathLike, name: str, shape: tuple[int, ...], *, finite: bool = False) -> np.ndarray:
+    """Memory-map one fp16 weight file, checking its size against `shape` first (and, with finite=True,
+    that it holds no inf/NaN)."""
     path = Path(wdir) / name
     expected = int(np.prod(shape)) * 2
     if not path.is_file():
@@ -252,7 +301,10 @@ def read_weight(wdir: str | os.PathLike, name: str, shape: tuple[int, ...]) -> n
         raise WorkspaceError(
             f"weight file {path} has {actual} bytes, expected {expected} (fp16 {shape}); re-run python -m deploy"
         )
-    return np.memmap(path, dtype="<f2", mode="r", shape=shape)
+    w = np.memmap(path, dtype="<f2", mode="r", shape=shape)
+    if finite:
+        check_finite(path, w)
+    return w
 
 
 def check_weights(wdir: str | os.PathLike, cfg: WorkspaceConfig) -> None:
@@ -274,22 +326,24 @@ def read_joined(wdir: str | os.PathLike, cfg: WorkspaceConfig) -> dict[str, np.n
 
     Keys are the rank-free names (`layers.{i}.attention.w_qkv.weight`, ...). The fused QKV comes
     back as [Q | K | V] over all heads (RoPE-interleaved q/k channels, as stored); vocab padding is
-    dropped. Arrays are fp16; rank-free files stay memory-mapped.
+    dropped. Arrays are fp16; rank-free files stay memory-mapped. The layer count and finiteness are
+    checked first (see the module docstring).
     """
+    check_layer_files(wdir, cfg)
     table = weight_table(cfg)
     tp = cfg.tensor_para_size
     out: dict[str, np.ndarray] = {}
     for name in ("tok_embeddings.weight", "norm.weight", "output.weight"):
-        w = read_weight(wdir, name, table[name])
+        w = read_weight(wdir, name, table[name], finite=True)
         out[name] = w[: cfg.vocab_size] if w.ndim == 2 else w
     for i in range(cfg.num_layer):
         p = f"layers.{i}."
         for name in ("attention_norm.weight", "ffn_norm.weight"):
-            out[p + name] = read_weight(wdir, p + name, table[p + name])
+            out[p + name] = read_weight(wdir, p + name, table[p + name], finite=True)
         fused = ["attention.w_qkv.weight"] + (["attention.w_qkv.bias"] if cfg.attn_bias else [])
         for name in fused:
             parts = [
-                split_qkv_rank(read_weight(wdir, ranked(p + name, r), table[ranked(p + name, r)]), cfg)
+                split_qkv_rank(read_weight(wdir, ranked(p + name, r), table[ranked(p + name, r)], finite=True), cfg)
                 for r in range(tp)
             ]
             out[p + name] = np.concatenate(
@@ -301,11 +355,11 @@ def read_joined(wdir: str | os.PathLike, cfg: WorkspaceConfig) -> dict[str, np.n
             ("feed_forward.w3.weight", 1),
             ("feed_forward.w2.weight", 0),
         ):
-            ws = [read_weight(wdir, ranked(p + name, r), table[ranked(p + name, r)]) for r in range(tp)]
+            ws = [read_weight(wdir, ranked(p + name, r), table[ranked(p + name, r)], finite=True) for r in range(tp)]
             out[p + name] = ws[0] if tp == 1 else np.concatenate(ws, axis=axis)
         if cfg.attn_bias:  # wo bias is copied to every rank; rank 0 holds it
             name = ranked(p + "attention.wo.bias", 0)
-            out[p + "attention.wo.bias"] = read_weight(wdir, name, table[name])
+            out[p + "attention.wo.bias"] = read_weight(wdir, name, table[name], finite=True)
     return out
 
 

@@ -75,3 +75,24 @@ def test_kv_dtype_aliases(tiny_hf, tmp_path):
     assert len(llm.generate("Hi", SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].token_ids) <= 4
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         LLM(str(ws), kv_cache_dtype="int4")
+
+
+def test_text_cut_by_max_tokens_drops_the_partial_character(tiny_hf):
+    """LLM.generate's text: a character that max_tokens cut short is dropped (vLLM does the same), not U+FFFD."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf("llama"))
+    answer = tok.encode("你好世界", add_special_tokens=False)  # 你 好 世 界 take 2, 2, 2 and 3 tokens
+
+    class CannedEngine:
+        def generate(self, prompts, params, stop_check=None):
+            return [answer[: p.max_tokens] for p in params]
+
+        def stops(self, token, params):
+            return False
+
+    llm = LLM.__new__(LLM)  # the API over a stand-in engine: only its output text is under test
+    llm.engine, llm.tokenizer = CannedEngine(), tok
+    for max_tokens, want in ((8, "你好世"), (9, "你好世界"), (1, "")):
+        out = llm.generate([[1, 2]], SamplingParams(max_tokens=max_tokens))[0].outputs[0]
+        assert out.text == want and out.finish_reason == "length" and out.token_ids == answer[:max_tokens]

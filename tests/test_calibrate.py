@@ -108,6 +108,55 @@ def test_bad_inputs_write_nothing(tiny_hf, tmp_path, capsys, monkeypatch, name, 
     assert not work.exists()
 
 
+def messages(stderr: str) -> list[str]:
+    """stderr without progress bars (transformers' and ours)."""
+    return [ln for ln in stderr.splitlines() if ln.strip() and "%|" not in ln]
+
+
+def test_too_little_text_is_a_clean_note(tiny_hf, text_file, tmp_path, capsys):
+    argv = ["--model", str(tiny_hf("llama")), "--calib-dataset", str(text_file), "--calib-samples", "1000"]
+    assert calibrate.main(argv + ["--calib-seqlen", "32", "--work-dir", str(tmp_path / "w")]) == 0
+    err = messages(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("note: ") and "fewer than --calib-samples 1000" in err[0], err
+
+
+def test_only_our_notice_becomes_a_note(tiny_hf, text_file, tmp_path, capsys, monkeypatch):
+    """Other libraries' warnings (transformers warns on every forward) keep their own filters and format."""
+    import warnings
+
+    from lite.datasets import FewerWindows
+
+    def noisy(*args, **kwargs):
+        for _ in range(3):
+            warnings.warn("some library deprecation", FutureWarning, stacklevel=1)
+        warnings.warn("too little text", FewerWindows, stacklevel=1)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(calibrate, "collect_stats", noisy)
+    argv = ["--model", str(tiny_hf("llama")), "--calib-dataset", str(text_file), "--calib-samples", "1"]
+    assert calibrate.main(argv + ["--calib-seqlen", "8", "--work-dir", str(tmp_path / "w")]) == 2
+    err = messages(capsys.readouterr().err)
+    assert [ln for ln in err if ln.startswith("note:")] == ["note: too little text"]
+    assert not any("note: some library" in ln for ln in err)
+
+
+def test_ctrl_c_writes_nothing_and_says_so(tiny_hf, text_file, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    def interrupted_run(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C in the middle of the forward passes
+        raise AssertionError("SIGINT should have raised KeyboardInterrupt")
+
+    monkeypatch.setattr(calibrate, "collect_stats", interrupted_run)
+    work = tmp_path / "work"
+    argv = ["--model", str(tiny_hf("llama")), "--calib-dataset", str(text_file), "--calib-samples", "2"]
+    assert calibrate.main(argv + ["--calib-seqlen", "32", "--work-dir", str(work)]) == 130
+    err = messages(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("interrupted: no statistics were written"), err
+    assert not (work / "key_stats.pth").exists()
+
+
 @pytest.mark.slow
 def test_end_to_end_demo_model(demo_model, tmp_path, capsys):
     """deploy → calibrate (4 x 128 Debian tokens) → kv_qparams int8 tensor/head + fp8, config updated."""

@@ -117,6 +117,15 @@ def test_multi_round_sends_only_new_tokens(tokenizer):
     assert len(engine.calls) == 2  # nothing after `exit`
 
 
+def test_answer_cut_by_max_tokens_ends_without_replacement_char(tokenizer):
+    """--max-new-tokens stopping inside an emoji: the partial bytes are dropped, not printed as U+FFFD."""
+    engine = FakeEngine(tokenizer, ["Ça 👍🏽"])
+    assert len(encode(tokenizer, "Ça 👍🏽")) == 9  # the thumbs-up is complete after 6 tokens, its skin tone after 9
+    rc, out, err, chat = run_chat(engine, "hi\n\n", max_tokens=7)
+    assert rc == 0 and "\ufffd" not in out
+    assert out.split(PROMPT)[1].strip() == "Ça 👍"
+
+
 def test_end_resets_session(tokenizer):
     engine = FakeEngine(tokenizer, ["one", "two", "three"])
     rc, out, err, chat = run_chat(engine, "a\n\nb\n\nend\n\nc\n\n")
@@ -336,3 +345,33 @@ def test_smollm2_chat_answers(demo_model, tmp_path_factory):
     first, second = text.split(PROMPT)[1:3]
     assert "Paris" in first and "Berlin" in second
     assert "\ufffd" not in text and "<|im_end|>" not in text
+
+
+def test_kv_granularity_flag_and_the_other_granularitys_files(tiny_workspace, tmp_path):
+    """config.ini per-head INT8, FP8 calibrated per tensor: --kv-cache-dtype fp8 asks for per-head FP8 files and
+    the error points at the per-tensor ones and the flag; --kv-granularity tensor (or LLM's kv_granularity=)
+    loads them."""
+    import shutil
+
+    from rt_workspace import write_params
+
+    from runtime import LLM
+    from runtime.workspace import load_config, replace, save_config
+
+    ws = shutil.copytree(tiny_workspace, tmp_path / "ws", symlinks=True)
+    wdir = ws / "triton_models" / "weights"
+    write_params(wdir, "int8", 0.05, 0.0, 0.05, 0.0, granularity="head")
+    write_params(wdir, "fp8_e4m3", 0.01, 0.0, 0.01, 0.0)
+    save_config(replace(load_config(wdir), quant_policy=4, kv_cache_dtype="int8", kv_granularity="head"), wdir)
+    argv = [str(ws), "--kv-cache-dtype", "fp8", "--temperature", "0", "--max-new-tokens", "2"]
+    out, err = io.StringIO(), io.StringIO()
+    assert main(argv, stdin=io.StringIO("Hello\n\n"), stdout=out, stderr=err) == 2
+    msg = err.getvalue()
+    assert "past_kv_scale_fp8_e4m3_head.0.weight, which is missing" in msg
+    assert "the tensor granularity's fp8_e4m3 files" in msg and "--kv-granularity tensor" in msg, msg
+    out, err = io.StringIO(), io.StringIO()
+    rc = main(argv + ["--kv-granularity", "tensor"], stdin=io.StringIO("Hello\n\n"), stdout=out, stderr=err)
+    assert rc == 0, err.getvalue()
+    assert "granularity tensor" in out.getvalue().splitlines()[0]
+    llm = LLM(str(ws), kv_cache_dtype="fp8", kv_granularity="tensor")
+    assert llm.engine.kv_granularity == "tensor"

@@ -220,3 +220,58 @@ def test_cli_success_default_dst(tmp_path, llama):
     assert (cfg.model_name, cfg.tensor_para_size) == ("smollm2", 2)
     res = run_cli("smollm2", str(llama), cwd=tmp_path)  # second run: destination not empty
     assert res.returncode == 2 and "--force" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs without `architectures`, corrupt weight files, config values as written
+
+
+@pytest.mark.parametrize(("arch", "model_type"), [("llama", "llama"), ("mistral", "mistral"), ("qwen2", "qwen2")])
+def test_no_architectures_falls_back_to_model_type(tmp_path, tiny_hf, arch, model_type):
+    """transformers writes no `architectures` for a config saved with to_dict() after a GGUF load; deploy reads
+    model_type as the Auto classes do, and the workspace is the one the named architecture gives."""
+    src = tiny_hf(arch)
+    assert json.loads((src / "config.json").read_text())["model_type"] == model_type
+    name = "qwen-7b" if arch == "qwen2" else "base"
+    want = deploy(name, src, tmp_path / "with", 1, progress=False)
+    notes: list[str] = []
+    for missing in (None, []):  # key absent, or present and empty
+        hf = clone(src, tmp_path / f"hf{missing}", architectures=missing)
+        got = deploy(name, hf, tmp_path / f"without{missing}", 1, progress=False, notes=notes.append)
+        assert snapshot(got / "triton_models" / "weights") == snapshot(want / "triton_models" / "weights")
+    assert any("no architectures" in n and repr(model_type) in n for n in notes), notes
+
+
+def test_no_architectures_and_unknown_model_type(tmp_path, llama):
+    hf = clone(llama, tmp_path / "hf", architectures=None, model_type="gpt2")
+    expect_error(tmp_path, hf, "config.json", "no architectures", "model_type = 'gpt2'", "LlamaForCausalLM", "qwen2")
+    hf = clone(llama, tmp_path / "hf2", architectures=None, model_type=None)
+    expect_error(tmp_path, hf, "model_type = None", "neither names a supported model")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage header", "empty"])
+def test_corrupt_safetensors_one_line_error(tmp_path, llama, damage):
+    hf = clone(llama, tmp_path / "hf")
+    f = hf / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(
+        {"truncated": data[: len(data) // 2], "garbage header": b"\x10\0\0\0\0\0\0\0{not json at all}" + data[24:]}.get(
+            damage, b""
+        )
+    )
+    expect_error(tmp_path, hf, str(f), "not a readable safetensors file", "truncated or corrupt", "re-download")
+    res = run_cli("base", str(hf), "--dst-path", str(tmp_path / "cli"), cwd=tmp_path)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and str(f) in lines[0], res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "cli").exists()
+
+
+def test_norm_eps_written_as_the_checkpoint_gives_it(tmp_path, llama):
+    """A GGUF-derived config holds rms_norm_eps 1e-05 widened from float32 (9.999999747378752e-06); config.ini
+    says 1e-05, which fp32 computation sees as the same number. A double-precision value is kept as it is."""
+    for eps, want in ((9.999999747378752e-06, "1e-05"), (1e-6, "1e-06"), (1.234567891e-6, "1.234567891e-06")):
+        hf = clone(llama, tmp_path / f"hf{eps}", rms_norm_eps=eps)
+        ws = deploy("base", hf, tmp_path / f"ws{eps}", 1, progress=False)
+        ini = (ws / "triton_models" / "weights" / "config.ini").read_text()
+        assert f"norm_eps = {want}\n" in ini, ini
+        assert torch.tensor(float(want), dtype=torch.float32) == torch.tensor(eps, dtype=torch.float32)

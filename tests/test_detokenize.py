@@ -120,6 +120,21 @@ def test_incomplete_utf8_held_back_until_flush(smollm2_tokenizer):
     assert detok.flush() == tok.decode(ids[:-1])[1:]  # the broken tail only comes out at the end
 
 
+@pytest.mark.parametrize("text", ["Hi 😀", "日本語", "Ça 👍🏽", "你好世界"])
+def test_finish_drops_a_character_cut_short(smollm2_tokenizer, text):
+    """max_tokens may stop in the middle of a multi-byte character: finish() drops its bytes (vLLM does the
+    same) instead of ending the text with U+FFFD; complete text comes out whole."""
+    tok = smollm2_tokenizer
+    ids = tok.encode(text, add_special_tokens=False)
+    for k in range(1, len(ids) + 1):
+        detok = IncrementalDetokenizer(tok)
+        out = "".join(detok.add(i) for i in ids[:k]) + detok.finish()
+        assert REPLACEMENT_CHAR not in out
+        assert out == tok.decode(ids[:k]).rstrip(REPLACEMENT_CHAR)
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.add(i) for i in ids) + detok.finish() == text
+
+
 def feed_all(stop, chunks):
     checker = StopStringChecker(stop)
     out, stopped = [], False

@@ -257,7 +257,7 @@ def test_cli_writes_report(workspace, text_file, tmp_path, capsys):
         (["--modes", "fp16,int3"], "unknown mode 'int3'"),
         (
             ["--modes", "fp8:head"],
-            "past_kv_scale_fp8_e4m3_head.0.weight, which is missing; re-run python -m lite.kv_qparams",
+            "past_kv_scale_fp8_e4m3_head.0.weight, which is missing; the tensor granularity's fp8_e4m3 files",
         ),
         (["--seqlen", "1"], "--seqlen (1) >= 2"),
     ],
@@ -290,3 +290,47 @@ def test_demo_model_fp16_matches_transformers(demo_model, tmp_path, text_file):
     assert doc["modes"]["fp16"]["ppl"] == pytest.approx(ref_ppl, rel=2e-3)
     for mode in ("fp8:dynamic", "fp8:unit"):  # quantized, so different from fp16, yet close
         assert 0 < doc["modes"][mode]["kl"] < 0.1 and doc["modes"][mode]["top1_agreement"] > 0.8
+
+
+def test_cli_default_out_dir_and_where_files_went(workspace, text_file, tmp_path, capsys, monkeypatch):
+    """Without --out the report still goes somewhere (./eval_out), and the command says where."""
+    monkeypatch.chdir(tmp_path)
+    assert ev.main([str(workspace), "--dataset", str(text_file), "--samples", "2", "--seqlen", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote eval_out/eval.json and eval_out/eval.png" in out
+    assert json.loads((tmp_path / "eval_out" / "eval.json").read_text())["samples"] == 2
+    assert sorted(p.name for p in (tmp_path / "eval_out").iterdir()) == ["eval.json", "eval.png"]
+
+
+def test_plot_title_names_the_dataset_and_the_calibration_text(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "calib_summary.json").write_text(json.dumps({"dataset": "/usr/share/debian-reference/ch0[1-4].en.html"}))
+    doc = {
+        "model_name": "smollm2",
+        "samples": 8,
+        "seqlen": 512,
+        "dataset": "/usr/share/doc/debian/FAQ/*.en.html",
+        "use_context_fmha": 0,
+        "calib_dataset": str(work),
+    }
+    title = ev.plot_title(doc)
+    assert "debian/FAQ/*.en.html" in title and "8 x 512" in title
+    assert "calibrated on .../share/debian-reference/ch0[1-4].en.html" in title
+    assert "calibrated" not in ev.plot_title({**doc, "calib_dataset": None})
+    assert ev.dataset_label("wikitext2") == "wikitext2"
+
+
+def test_ctrl_c_writes_nothing_and_says_so(workspace, text_file, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("SIGINT should have raised KeyboardInterrupt")
+
+    monkeypatch.setattr(ev, "evaluate", interrupted)
+    assert ev.main([str(workspace), "--dataset", str(text_file), "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"interrupted: nothing was written to {tmp_path / 'o'}"), err
+    assert not (tmp_path / "o").exists()

@@ -272,3 +272,43 @@ def test_failed_run_keeps_previous_params(tmp_path, capsys):
     # no workspace at all
     rc = kv_qparams.main(["--work-dir", str(work), "--turbomind-dir", str(tmp_path / "nowhere")])
     assert rc == 2 and "no config.ini under" in capsys.readouterr().err
+
+
+def test_quiet_leaves_out_the_table(tmp_path, capsys):
+    wdir = make_workspace(tmp_path)
+    make_stats(tmp_path / "work")
+    assert kv_qparams.main(["--work-dir", str(tmp_path / "work"), "--turbomind-dir", str(wdir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "k_scale" not in out and "model.layers.2" not in out
+    assert "wrote 3 files" in out and "quant_policy = 4" in out  # the summary and the edits are still there
+
+
+def test_ctrl_c_between_files_and_config(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while config.ini is being saved: the parameter files are complete (renamed together), config.ini
+    is not updated, and the message and exit code say so."""
+    import os
+    import signal
+
+    wdir = make_workspace(tmp_path)
+    make_stats(tmp_path / "work")
+    argv = ["--work-dir", str(tmp_path / "work"), "--turbomind-dir", str(wdir), "-q"]
+
+    def interrupted_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("SIGINT should have raised KeyboardInterrupt")
+
+    monkeypatch.setattr(kv_qparams, "save_config", interrupted_save)
+    assert kv_qparams.main(argv + ["--update-config"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted: wrote 3 parameter files"), err
+    assert "config.ini was not updated" in err[0]
+    assert (wdir / "layers.2.past_kv_scale.0.weight").is_file() and config_unchanged(wdir)
+
+    def interrupted_write(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("SIGINT should have raised KeyboardInterrupt")
+
+    monkeypatch.setattr(kv_qparams.kv_params, "write", interrupted_write)
+    assert kv_qparams.main(argv + ["--granularity", "head"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["interrupted: no parameter files were written; the workspace is as it was"]

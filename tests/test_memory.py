@@ -121,3 +121,26 @@ def test_cli_errors(argv, message, capsys):
     assert memory.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_plot_keeps_int8_and_fp8_lines_apart():
+    """INT8 and FP8 have the same bytes, so their lines coincide: they must differ in style and say so."""
+    from lite.plots import _pyplot, draw_memory
+
+    plt = _pyplot()
+    rows = memory.report(INTERNLM, ["fp16", "int8", "fp8_e4m3"], [8, 16], 2056, 0, measure=False)
+    fig, ax = plt.subplots()
+    try:
+        draw_memory(ax, rows, [8, 16], 0)
+        lines = {ln.get_label().split()[0]: ln for ln in ax.get_lines()}
+        int8, fp8 = lines["int8"], lines["fp8_e4m3"]
+        assert list(int8.get_ydata()) == list(fp8.get_ydata())
+        assert (int8.get_linestyle(), int8.get_marker()) != (fp8.get_linestyle(), fp8.get_marker())
+        assert "same as int8" in fp8.get_label() and "same as" not in int8.get_label()
+    finally:
+        plt.close(fig)
+
+
+def test_cli_without_out_says_no_files(capsys):
+    assert memory.main(["--shape", "2,4,64", "--batch", "2", "--session-len", "100", "--no-measure"]) == 0
+    assert "no files written; --out DIR" in capsys.readouterr().out

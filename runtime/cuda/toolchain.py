@@ -1,6 +1,6 @@
 """Compilers for the .cu files: NVRTC (cubin for a given sm_XX, no GPU needed) and g++ (CPU emulation library).
 
-Include directories come from pip wheels (REFERENCE.md §7): `nvidia-cuda-runtime-cu12` include/ (cuda_fp16.h,
+Include directories come from pip wheels (docs/formats.md §7): `nvidia-cuda-runtime-cu12` include/ (cuda_fp16.h,
 cuda_fp8.h, ...), `nvidia-cuda-nvcc-cu12` include/ (crt/host_defines.h, needed when those headers are
 compiled by g++), and CuPy's bundled libcudacxx (<nv/target>, same reason). NVRTC itself is the
 `nvidia-cuda-nvrtc-cu12` library, reached through cupy_backends (which loads it without a driver).
