@@ -528,7 +528,7 @@ def add_engine_arguments(p, *, max_batch_size_default: int | None = None) -> Non
         help="which calibrated scale files to load: tensor (per layer) | head (default: config.ini kv_granularity)",
     )
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype (default float32)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (default: cpu)")
     p.add_argument(
         "--session-len",
         type=int,
@@ -547,7 +547,11 @@ def add_engine_arguments(p, *, max_batch_size_default: int | None = None) -> Non
         help="KV pool = this fraction of the memory free after loading the weights (default 0.8 on cuda, "
         "0.2 of MemAvailable on cpu)",
     )
-    p.add_argument("--kv-cache-gib", type=float, help="KV pool size in GiB; wins over --cache-max-entry-count")
+    p.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        help="KV pool size in GiB; wins over --cache-max-entry-count (default: none, the fraction decides)",
+    )
     p.add_argument(
         "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help=f"tokens per KV block (default {DEFAULT_BLOCK_SIZE})"
     )
