@@ -1,14 +1,14 @@
 """Offline serving throughput at a fixed KV budget: fp16 vs INT8 vs FP8 caches, in one process.
 
-    python tools/bench_serve.py [--requests 64] [--budgets-mib 24,48,96] [--kv fp16,int8,fp8] [--dtype bfloat16]
+    python tools/bench_serve.py [--requests 64] [--budgets-mib 32,64,128] [--kv fp16,int8,fp8] [--dtype bfloat16]
 
 N requests are submitted at once to the paged engine (`runtime.engine.Engine`, as a server drives it:
-add_request, then step until done). Prompt and output lengths are drawn from real text: the prompts are
-consecutive token windows of the Debian Reference (installed by tools/setup.sh) whose lengths follow the
-token lengths of its paragraphs (text blocks) (clipped to [--min-len, --max-prompt]); output lengths follow the lengths
-of other paragraphs (clipped to [--min-len, --max-output]), generated with ignore_eos so every mode
-produces exactly the same number of tokens. The same requests run for every KV dtype and budget; the
-weights are loaded once and shared.
+add_request, then step until done). Prompts and output lengths come from real text: a prompt is a run of
+consecutive paragraphs of the Debian Reference (installed by tools/setup.sh), an output is as long as
+another run of paragraphs (see make_requests), generated with ignore_eos so every mode produces exactly the
+same number of tokens. The same requests run for every KV dtype and budget; the
+weights are loaded once and shared. INT8 uses the workspace's per-layer scale files (the temporary demo
+workspace gets them from one fp16 prompt); FP8 uses its files when present, else calculate_kv_scales.
 
 Per (budget, dtype): the pool's token capacity, the maximum number of sequences running at once,
 preemptions, request throughput, output tokens/s, TTFT and TPOT p50/p99 (TTFT from submission to the
@@ -34,31 +34,54 @@ from make_demo_model import ensure_demo_model  # noqa: E402
 TEXT_GLOB = "/usr/share/debian-reference/*.en.html"
 
 
-def paragraph_lengths(tokenizer, text: str) -> list[int]:
-    """Token length of each text block (html_to_text puts every HTML text block on its own line)."""
-    return [len(tokenizer.encode(p, add_special_tokens=False)) for p in text.splitlines() if p.strip()]
-
-
-def make_requests(tokenizer, n: int, seed: int, min_len: int, max_prompt: int, max_output: int):
-    """[(prompt token ids, output length)] drawn from the Debian Reference (see module doc)."""
+def paragraphs(tokenizer) -> list[list[int]]:
+    """The Debian Reference's <p> paragraphs as token ids, in document order."""
     import glob
+    import re
 
     from lite.datasets import html_to_text
 
     files = sorted(glob.glob(TEXT_GLOB))
     if not files:
         raise SystemExit(f"no text under {TEXT_GLOB}: run bash tools/setup.sh (installs debian-reference-en)")
-    text = "\n".join(html_to_text(Path(f).read_text(errors="replace")) for f in files)
-    lengths = [m for m in paragraph_lengths(tokenizer, text) if m >= 4]
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    out = []
+    for f in files:
+        for p in re.findall(r"<p\b[^>]*>(.*?)</p>", Path(f).read_text(errors="replace"), re.S):
+            text = html_to_text(p).replace("\n", " ").strip()
+            if text:
+                out.append(tokenizer.encode(text, add_special_tokens=False))
+    return out
+
+
+def make_requests(tokenizer, n: int, seed: int, args) -> list[tuple[list[int], int]]:
+    """[(prompt token ids, output length)]: a prompt is a run of --prompt-paragraphs consecutive paragraphs
+    of the Debian Reference (its real text), an output is as long as another run of --output-paragraphs;
+    both clipped to [--min-len, --max-prompt / --max-output]."""
+    paras = paragraphs(tokenizer)
     rng = random.Random(seed)
+
+    def run(k: int) -> list[int]:
+        i = rng.randrange(0, len(paras) - k)
+        return [t for p in paras[i : i + k] for t in p]
+
     out = []
     for _ in range(n):
-        p = min(max(rng.choice(lengths), min_len), max_prompt)
-        o = min(max(rng.choice(lengths), min_len), max_output)
-        start = rng.randrange(0, len(ids) - p)
-        out.append((ids[start : start + p], o))
+        prompt = run(args.prompt_paragraphs)[: args.max_prompt]
+        while len(prompt) < args.min_len:
+            prompt = run(args.prompt_paragraphs)[: args.max_prompt]
+        out.append((prompt, min(max(len(run(args.output_paragraphs)), args.min_len), args.max_output)))
     return out
+
+
+def needs_dynamic_scales(ws: Path, kv: str) -> bool:
+    """FP8 without calibrated per-layer files in the workspace: scales from the first prompt instead."""
+    from runtime import kv_params
+    from runtime.engine import KV_ALIASES
+    from runtime.workspace import load_config, weights_dir
+
+    kv = KV_ALIASES[kv]
+    wdir = weights_dir(ws)
+    return kv.startswith("fp8") and (kv, "tensor") not in kv_params.available(wdir, load_config(wdir))
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -125,14 +148,21 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=64, help="requests submitted at once (default 64)")
-    ap.add_argument("--budgets-mib", default="24,48,96", help="KV budgets in MiB (default 24,48,96)")
+    ap.add_argument("--budgets-mib", default="32,64,128", help="KV budgets in MiB (default 32,64,128)")
     ap.add_argument("--kv", default="fp16,int8,fp8", help="KV dtypes (default fp16,int8,fp8)")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--prompt-paragraphs", type=int, default=8, help="paragraphs per prompt (default 8)")
+    ap.add_argument("--output-paragraphs", type=int, default=4, help="paragraphs an output is as long as (default 4)")
     ap.add_argument("--min-len", type=int, default=16, help="shortest prompt/output (default 16)")
     ap.add_argument("--max-prompt", type=int, default=512, help="longest prompt (default 512)")
     ap.add_argument("--max-output", type=int, default=128, help="longest output (default 128)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--workspace",
+        help="benchmark this workspace (its INT8/FP8 scale files when present) instead of deploying the demo "
+        "model into a temporary one (default: the demo model)",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the request draw (default: 0)")
     ap.add_argument("--out", default="bench_out", help="directory for bench_serve.json/.png (default bench_out)")
     args = ap.parse_args()
 
@@ -146,24 +176,27 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets_mib.split(",")]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        ws = workspace_for(ensure_demo_model(), Path(tmp) / "ws", session_len=args.max_prompt + args.max_output + 8)
+        if args.workspace:
+            ws = Path(args.workspace)
+        else:
+            ws = workspace_for(ensure_demo_model(), Path(tmp) / "ws", session_len=args.max_prompt + args.max_output + 8)
         shared = None
         for budget in budgets:
             engines = {}
-            for kv in kvs:  # int8 scales from the workspace files, fp8 computed from the first prompt
+            for kv in kvs:
                 engines[kv] = Engine(
                     ws,
                     kv_cache_dtype=kv,
-                    calculate_kv_scales=kv.startswith("fp8"),
+                    calculate_kv_scales=needs_dynamic_scales(ws, kv),
+                    kv_granularity="tensor",
                     dtype=args.dtype,
                     kv_cache_gib=budget / 1024,
                     max_batch_size=args.requests,
+                    session_len=args.max_prompt + args.max_output + 8,
                     model=shared,
                 )
                 shared = engines[kv].model
-            requests = make_requests(
-                engines[kvs[0]].tokenizer, args.requests, args.seed, args.min_len, args.max_prompt, args.max_output
-            )
+            requests = make_requests(engines[kvs[0]].tokenizer, args.requests, args.seed, args)
             for kv, engine in engines.items():
                 r = {"kv": kv, "budget_mib": budget, **run_once(engine, requests)}
                 results.append(r)
