@@ -316,15 +316,19 @@ class Engine:
 
     def pool_budget(self) -> tuple[int, str]:
         """(num_blocks, how the budget was chosen). Blocks = (budget - quantization parameters) // block bytes,
-        at most what max_batch_size full-length sequences could use."""
+        at most what max_batch_size full-length sequences could use. With tensor parallelism the budget is this
+        rank's: kv_cache_gib per rank; a fraction of the free memory of its GPU, or on the CPU, where the ranks
+        share one RAM, that fraction divided by the number of ranks."""
         s = self.settings
         if s.kv_cache_gib is not None:
             budget, how = s.kv_cache_gib * 2**30, f"kv_cache_gib {s.kv_cache_gib:g}"
         else:
             frac = s.cache_max_entry_count or DEFAULT_CACHE_FRACTION[self.device.type]
             free = _free_memory(self.device)
-            budget = frac * free
+            share = self.tp.world_size if self.tp is not None and self.device.type == "cpu" else 1
+            budget = frac * free / share
             how = f"cache_max_entry_count {frac:g} x {free / 2**30:.1f} GiB free"
+            how += f" / {share} ranks" if share > 1 else ""
         per_block = self.block_bytes()
         num_blocks = int((budget - self.quantizer.param_bytes()) // per_block)
         useful = self.max_batch_size * -(-self.session_len // self.block_size)
@@ -367,8 +371,9 @@ class Engine:
         n = self.tp.world_size
         ranks = ", ".join(f"rank {r} {w / 2**20:.1f} + {kv / 2**20:.1f}" for r, (w, kv) in enumerate(self.rank_bytes))
         return (
-            f"{line}; tensor parallel: {n} processes, each with {cfg.head_num // n} heads, {self.kv_heads} KV heads "
-            f"and 1/{n} of the vocabulary; MiB weights + KV pool per rank: {ranks}"
+            f"{line}; tensor parallel: {n} processes, each with {cfg.head_num // n} of {cfg.head_num} heads, "
+            f"{self.kv_heads} of {cfg.kv_head_num} KV heads and 1/{n} of the vocabulary; "
+            f"MiB weights + KV pool per rank: {ranks}"
         )
 
     # -- requests ---------------------------------------------------------------------------------

@@ -103,11 +103,14 @@ def test_rank_readers_are_slices_of_the_joined_ones(tiny_hf, tmp_path):
 def test_llm_tp2_matches_tp1_token_for_token(tiny, kv):
     one = Engine(tiny[1], kv_cache_dtype=kv, kv_granularity="head", max_batch_size=3)
     want = one.generate(PROMPTS, [GREEDY] * 3)
+    window = torch.tensor([PROMPTS[1]])
     with LLM(str(tiny[2]), tensor_parallel_size=2, kv_cache_dtype=kv, kv_granularity="head", max_batch_size=3) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        # every position's logits (the all_logits step): equal up to the all-reduce's summation order
+        torch.testing.assert_close(llm.engine.score(window), one.score(window), rtol=0, atol=1e-4)
         assert llm.engine.num_kv_blocks == one.num_kv_blocks
         per_rank = llm.engine.rank_bytes
-        assert "tensor parallel: 2 processes, each with 2 heads, 1 KV heads" in llm.engine.banner()
+        assert "tensor parallel: 2 processes, each with 2 of 4 heads, 1 of 2 KV heads" in llm.engine.banner()
     assert got == want
     check_memory(one, per_rank, 2)
 
