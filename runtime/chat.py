@@ -12,7 +12,8 @@ Behaviour follows the 2023 LMDeploy `turbomind.chat`:
   the session; EOF on stdin quits (a last unterminated input is still answered).
 
 `ChatSession` is the REPL over any text streams (tests drive it with io.StringIO); `main` only
-parses arguments and builds the engine.
+parses arguments and builds the engine. Tensor parallelism: `torchrun --nproc-per-node N -m runtime.chat WS`
+on a workspace deployed with `--tp N`; rank 0 runs the chat, the other ranks only `run_worker`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import threading
 from collections.abc import Iterator
 from typing import TextIO
 
+from runtime import distributed
 from runtime.detokenize import IncrementalDetokenizer, StopStringChecker
 from runtime.engine import RequestError, add_engine_arguments, engine_kwargs
 from runtime.sampling import SamplingParams
@@ -229,13 +231,15 @@ def main(
     stderr: TextIO | None = None,
 ) -> int:
     args = parse_args(argv)
+    if distributed.is_worker():  # torchrun rank > 0: rank 0 owns the chat and sends the forward passes
+        return distributed.run_worker(args.workspace, **engine_kwargs(args))
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     from runtime.engine import Engine
 
     try:
         engine = Engine(args.workspace, **engine_kwargs(args))
         params = sampling_params(args, engine)
-    except (ValueError, FileNotFoundError) as e:  # WorkspaceError is a ValueError: one line, no traceback
+    except (ValueError, FileNotFoundError, distributed.TPError) as e:  # WorkspaceError is a ValueError: one line
         stderr.write(f"error: {e}\n")
         return 2
     except KeyboardInterrupt:  # while the workspace loads; the chat itself handles Ctrl-C
@@ -247,7 +251,11 @@ def main(
         f"top_k {params.top_k}, repetition_penalty {params.repetition_penalty}, "
         f"max_new_tokens {params.max_tokens}, session_len {getattr(engine, 'session_len', '?')}\n"
     )
-    return ChatSession(engine, params, stdin=stdin, stdout=stdout, stderr=stderr).run()
+    try:
+        return ChatSession(engine, params, stdin=stdin, stdout=stdout, stderr=stderr).run()
+    except distributed.TPError as e:  # a tensor-parallel rank died: the message names it
+        stderr.write(f"error: {e}\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,17 +18,22 @@ Stop *strings* are the caller's (it detokenizes and calls `abort_request`).
 On top of that loop: `generate` (many prompts, results in order), chat sessions that keep their blocks
 between turns (`new_session` / `stream` / `end_session`) and `score`, a teacher-forced prefill for lite.eval.
 The engine is not thread-safe: one thread owns it.
+
+Tensor parallelism (`runtime.distributed`): with `tensor_parallel_size=N` or under torchrun, this process
+holds one rank's weights and H_kv / N KV heads of every block. Rank 0's engine is the whole engine above;
+each forward pass it makes is first sent to the other ranks, whose engines only run those forwards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from runtime import kv_params, quant
+from runtime import distributed, kv_params, quant
 from runtime.kv_cache import KVCache, StaticQuantizer, block_bytes
 from runtime.model import Batch, Transformer
 from runtime.scheduler import RequestError, Scheduler, Sequence, Status
@@ -38,6 +43,7 @@ from runtime.workspace import (
     kv_bytes_per_token,
     load_config,
     read_joined,
+    read_rank,
     weights_dir,
 )
 
@@ -167,10 +173,14 @@ class Engine:
         max_prefill_token_num: int = 4096,
         kv_params: kv_params.KVParams | None = None,
         model: Transformer | None = None,
+        tensor_parallel_size: int | None = None,
     ) -> None:
         """kv_params: explicit parameters (e.g. lite.eval's scale-1.0 baseline) instead of the workspace files.
         model: the weights of another engine on the same workspace, dtype and device, shared instead of loaded
-        again (lite.eval runs one engine per KV mode)."""
+        again (lite.eval runs one engine per KV mode).
+        tensor_parallel_size: N = config.ini's tensor_para_size runs one process per rank, this one being
+        rank 0 (`runtime.distributed` starts the others); None = one process (a TP workspace's ranks joined),
+        or under torchrun the rank torchrun gave this process."""
         from runtime.templates import get_template
 
         self.settings = s = EngineSettings(
@@ -202,10 +212,44 @@ class Engine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device = {s.device!r} but this torch build sees no CUDA device; use device='cpu'")
         self.template = get_template(cfg.model_name)
-        self.tokenizer = _load_tokenizer(self.wdir)
+        self.kv_granularity = s.kv_granularity or cfg.kv_granularity
+        self.block_size = s.block_size
+        # Everything above is checked on every rank before any process is started or joined.
+        worker_args = {**dataclasses.asdict(s), "kv_params": kv_params}
+        self.tp = distributed.setup(cfg, s.device, tensor_parallel_size, workspace_path, worker_args)
+        try:
+            # A TP worker (rank > 0) never samples or detokenizes; importing transformers is most of its start-up.
+            self.tokenizer = None if self.tp is not None and self.tp.rank > 0 else _load_tokenizer(self.wdir)
+            self._load_rank(model, kv_params)
+        except BaseException as e:
+            if self.tp is not None:  # the other ranks see this rank leave instead of waiting for it
+                self.tp.abort(f"rank {self.tp.rank} failed to start: {e!r}")
+            raise
+        self.scheduler = Scheduler(
+            self.cache.num_blocks,
+            self.block_size,
+            max_running=self.max_batch_size,
+            max_prefill_tokens=s.max_prefill_token_num,
+            session_len=self.session_len,
+        )
+        stop_ids = self.template.stop_token_ids(self.tokenizer) if self.tokenizer is not None else []
+        self.eos_ids = {cfg.end_id, *stop_ids}
+        self._ids = itertools.count()
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+
+    def _load_rank(self, model: Transformer | None, explicit: kv_params.KVParams | None) -> None:
+        """This process's weights, KV quantizer and pool: all of them, or one TP rank's share."""
+        cfg, s, tp = self.config, self.settings, self.tp
+        self.kv_heads = cfg.kv_head_num // (tp.world_size if tp else 1)  # KV heads in this process's pool
+        if tp is not None:
+            if model is not None:
+                raise ValueError("model= shares weights between engines of one process; not with tensor parallelism")
+            self.device = tp.device
         if model is None:
+            weights = read_joined(self.wdir, cfg) if tp is None else read_rank(self.wdir, cfg, tp.rank)
             model = Transformer(
-                cfg, read_joined(self.wdir, cfg), dtype=DTYPES[s.dtype], device=self.device, max_len=self.session_len
+                cfg, weights, dtype=DTYPES[s.dtype], device=self.device, max_len=self.session_len, tp=tp
             )
         elif (model.cfg, model.dtype, torch.device(model.device)) != (cfg, DTYPES[s.dtype], self.device) or (
             model.cos.shape[0] < self.session_len
@@ -214,38 +258,38 @@ class Engine:
                 "model= must come from an engine on the same workspace, dtype, device and at least this session_len"
             )
         self.model = model
-        self.kv_granularity = s.kv_granularity or cfg.kv_granularity
-        self.quantizer, self.scale_source = self._make_quantizer(kv_params)
-        self.block_size = s.block_size
+        self.quantizer, self.scale_source = self._make_quantizer(explicit)
         num_blocks, self.budget_source = self.pool_budget()
+        if tp is not None:  # rank 0's block ids must exist on every rank: the smallest pool of any rank
+            agreed = tp.agree_min(num_blocks)
+            if agreed < num_blocks:
+                self.budget_source += f", lowered to {agreed} blocks by another rank's budget"
+            num_blocks = agreed
         self.cache = KVCache(
             cfg.num_layer,
             num_blocks,
-            cfg.kv_head_num,
+            self.kv_heads,
             self.block_size,
             cfg.size_per_head,
             self.quantizer,
             self.device,
             kernels=_kernels(self.device),
         )
-        self.scheduler = Scheduler(
-            num_blocks,
-            self.block_size,
-            max_running=self.max_batch_size,
-            max_prefill_tokens=s.max_prefill_token_num,
-            session_len=self.session_len,
-        )
-        self.eos_ids = {cfg.end_id, *self.template.stop_token_ids(self.tokenizer)}
-        self._ids = itertools.count()
-        self.num_generated_tokens = 0
-        self.num_prompt_tokens = 0
+        mine = [self.model.nbytes(), self.cache.nbytes()]
+        # (weight bytes, KV pool bytes) per rank, measured on each rank: for the banner and the memory report
+        self.rank_bytes = [mine] if tp is None else tp.all_gather_ints(mine)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers and leave the process group (nothing to do in one process)."""
+        if self.tp is not None:
+            self.tp.close()
 
     def _make_quantizer(self, explicit: kv_params.KVParams | None) -> tuple[StaticQuantizer, str]:
-        cfg, kv = self.config, self.kv_dtype
+        cfg, kv, heads, rank = self.config, self.kv_dtype, self.kv_heads, self.tp.rank if self.tp else None
         if kv == "fp16":
-            return StaticQuantizer.identity(kv, cfg.num_layer, cfg.kv_head_num, device=self.device), "none needed"
-        if self.settings.calculate_kv_scales:
-            q = StaticQuantizer.identity(kv, cfg.num_layer, cfg.kv_head_num, dynamic=True, device=self.device)
+            return StaticQuantizer.identity(kv, cfg.num_layer, heads, device=self.device), "none needed"
+        if self.settings.calculate_kv_scales:  # with TP: each rank's scales from its own heads' amax
+            q = StaticQuantizer.identity(kv, cfg.num_layer, heads, dynamic=True, device=self.device)
             return q, "calculated on the fly from the first prompt (per layer, with headroom)"
         if explicit is not None:
             if explicit.kv_dtype != kv or explicit.k_scale.shape != (cfg.num_layer, cfg.kv_head_num):
@@ -253,9 +297,12 @@ class Engine:
                     f"kv_params are {explicit.kv_dtype} {tuple(explicit.k_scale.shape)}, the engine needs {kv} "
                     f"({cfg.num_layer}, {cfg.kv_head_num})"
                 )
-            p, source = explicit, "given by the caller"
+            lo = (rank or 0) * heads  # this rank's KV heads
+            cols = [t[:, lo : lo + heads] for t in (explicit.k_scale, explicit.k_zp, explicit.v_scale, explicit.v_zp)]
+            p, source = kv_params.KVParams(kv, explicit.granularity, *cols), "given by the caller"
         else:
-            p = kv_params.read(self.wdir, cfg, kv, self.kv_granularity)  # raises with the fix when missing/malformed
+            # raises with the fix when missing/malformed; a TP rank reads only its own files
+            p = kv_params.read(self.wdir, cfg, kv, self.kv_granularity, rank=rank)
             name = kv_params.file_name(0, 0, kv, self.kv_granularity).replace("layers.0.", "layers.*.")
             source = f"loaded from {self.wdir}/{name.replace('.0.weight', '.*.weight')}"
         return StaticQuantizer(kv, p.k_scale, p.k_zp, p.v_scale, p.v_zp, device=self.device), source
@@ -264,20 +311,24 @@ class Engine:
     def block_bytes(self) -> int:
         cfg = self.config
         return block_bytes(
-            cfg.num_layer, cfg.kv_head_num, self.block_size, cfg.size_per_head, quant.BYTES_PER_ELEM[self.kv_dtype]
+            cfg.num_layer, self.kv_heads, self.block_size, cfg.size_per_head, quant.BYTES_PER_ELEM[self.kv_dtype]
         )
 
     def pool_budget(self) -> tuple[int, str]:
         """(num_blocks, how the budget was chosen). Blocks = (budget - quantization parameters) // block bytes,
-        at most what max_batch_size full-length sequences could use."""
+        at most what max_batch_size full-length sequences could use. With tensor parallelism the budget is this
+        rank's: kv_cache_gib per rank; a fraction of the free memory of its GPU, or on the CPU, where the ranks
+        share one RAM, that fraction divided by the number of ranks."""
         s = self.settings
         if s.kv_cache_gib is not None:
             budget, how = s.kv_cache_gib * 2**30, f"kv_cache_gib {s.kv_cache_gib:g}"
         else:
             frac = s.cache_max_entry_count or DEFAULT_CACHE_FRACTION[self.device.type]
             free = _free_memory(self.device)
-            budget = frac * free
+            share = self.tp.world_size if self.tp is not None and self.device.type == "cpu" else 1
+            budget = frac * free / share
             how = f"cache_max_entry_count {frac:g} x {free / 2**30:.1f} GiB free"
+            how += f" / {share} ranks" if share > 1 else ""
         per_block = self.block_bytes()
         num_blocks = int((budget - self.quantizer.param_bytes()) // per_block)
         useful = self.max_batch_size * -(-self.session_len // self.block_size)
@@ -306,13 +357,23 @@ class Engine:
         cfg = self.config
         per_token = kv_bytes_per_token(cfg, quant.BYTES_PER_ELEM[self.kv_dtype])
         fits = self.kv_cache_tokens / self.session_len
-        return (
+        line = (
             f"KV cache {self.kv_dtype} ({'int8 quant_policy 4' if self.kv_dtype == 'int8' else 'no quant_policy bit'}), "
             f"granularity {self.kv_granularity if self.kv_dtype != 'fp16' else '-'}, scales {self.scale_source}; "
             f"KV cache size: {self.num_kv_blocks} blocks x {self.block_size} = {self.kv_cache_tokens} tokens, "
-            f"{per_token:.0f} bytes/token, {self.cache_bytes() / 2**20:.1f} MiB ({self.budget_source}); "
+            f"{per_token:.0f} bytes/token, {self.cache_bytes() / 2**20:.1f} MiB"
+            f"{' per rank' if self.tp else ''} ({self.budget_source}); "
             f"maximum concurrency for {self.session_len} tokens per request: {fits:.2f}x; "
             f"use_context_fmha={self.use_context_fmha}, compute {self.settings.dtype} on {self.device}"
+        )
+        if self.tp is None:
+            return line
+        n = self.tp.world_size
+        ranks = ", ".join(f"rank {r} {w / 2**20:.1f} + {kv / 2**20:.1f}" for r, (w, kv) in enumerate(self.rank_bytes))
+        return (
+            f"{line}; tensor parallel: {n} processes, each with {cfg.head_num // n} of {cfg.head_num} heads, "
+            f"{self.kv_heads} of {cfg.kv_head_num} KV heads and 1/{n} of the vocabulary; "
+            f"MiB weights + KV pool per rank: {ranks}"
         )
 
     # -- requests ---------------------------------------------------------------------------------
@@ -405,9 +466,16 @@ class Engine:
             self.block_size,
             self.device,
         )
-        logits = self.model.forward(
-            tokens.to(self.device), self.cache, batch, use_context_fmha=self.use_context_fmha, all_logits=all_logits
-        )
+        if self.tp is not None:  # the workers run the same forward on their shares
+            self.tp.broadcast_step(distributed.Step(tokens, batch, self.use_context_fmha, all_logits))
+        try:
+            logits = self.model.forward(
+                tokens.to(self.device), self.cache, batch, use_context_fmha=self.use_context_fmha, all_logits=all_logits
+            )
+        except BaseException as e:
+            if self.tp is not None:  # e.g. Ctrl-C between two all-reduces: the ranks can never line up again
+                self.tp.abort(f"rank 0's forward pass was interrupted by {e!r}")
+            raise
         return logits.float().cpu()
 
     def generate(self, prompts: list[list[int]], params: list, stop_check=None) -> list[list[int]]:

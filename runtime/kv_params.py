@@ -37,7 +37,8 @@ class KVParamsError(WorkspaceError):
 
 @dataclass
 class KVParams:
-    """Per-layer KV parameters expanded to one value per KV head: each tensor (num_layer, kv_head_num), fp32."""
+    """Per-layer KV parameters expanded to one value per KV head: each tensor (num_layer, kv_head_num), fp32
+    (kv_head_num / tp columns when read for one tensor-parallel rank)."""
 
     kv_dtype: str
     granularity: str
@@ -93,14 +94,23 @@ def write(wdir: str | os.PathLike, cfg: WorkspaceConfig, params: KVParams) -> li
     return written
 
 
-def read(wdir: str | os.PathLike, cfg: WorkspaceConfig, kv_dtype: str, granularity: str) -> KVParams:
-    """Load and validate all layer/rank files for (kv_dtype, granularity); expand to per head."""
+def read(
+    wdir: str | os.PathLike, cfg: WorkspaceConfig, kv_dtype: str, granularity: str, rank: int | None = None
+) -> KVParams:
+    """Load and validate the layer files for (kv_dtype, granularity); expand to per head.
+
+    rank None: every rank's files, joined -> (num_layer, kv_head_num). rank r (a tensor-parallel process):
+    only rank r's files -> (num_layer, kv_head_num / tp), the parameters of that rank's KV heads.
+    """
     wdir = Path(wdir)
     tp, n = cfg.tensor_para_size, values_per_rank(cfg, granularity)
     heads_r = cfg.kv_head_num // tp
-    out = torch.empty(4, cfg.num_layer, cfg.kv_head_num, dtype=torch.float32)
+    if rank is not None and not 0 <= rank < tp:
+        raise ValueError(f"rank {rank} is outside tensor_para_size {tp} (ranks 0..{tp - 1})")
+    ranks = range(tp) if rank is None else [rank]
+    out = torch.empty(4, cfg.num_layer, heads_r * len(ranks), dtype=torch.float32)
     for i in range(cfg.num_layer):
-        for r in range(tp):
+        for j, r in enumerate(ranks):
             path = wdir / file_name(i, r, kv_dtype, granularity)
             if not path.is_file():
                 raise KVParamsError(
@@ -124,7 +134,7 @@ def read(wdir: str | os.PathLike, cfg: WorkspaceConfig, kv_dtype: str, granulari
                 raise KVParamsError(
                     f"{path}: fp8 parameters must have zero zero-points; " + _fix(wdir, kv_dtype, granularity)
                 )
-            out[:, i, r * heads_r : (r + 1) * heads_r] = block.expand(4, heads_r) if n == 1 else block
+            out[:, i, j * heads_r : (j + 1) * heads_r] = block.expand(4, heads_r) if n == 1 else block
     return KVParams(kv_dtype, granularity, out[0].clone(), out[1].clone(), out[2].clone(), out[3].clone())
 
 

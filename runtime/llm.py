@@ -14,6 +14,10 @@ stop token included, as vLLM does); stop strings cut the text and end that seque
 engine (transformers, the model) is imported only when an LLM is built. Engine options pass through,
 e.g. `LLM(ws, kv_cache_dtype="fp8", kv_granularity="tensor")` (tensor | head: which scale files to load;
 default config.ini's kv_granularity).
+
+`LLM(ws, tensor_parallel_size=N)` on a workspace deployed with `--tp N` runs one process per TP rank: this
+one is rank 0, the others are started here and stopped by `llm.shutdown()` (or leaving a `with LLM(...)`
+block, or the end of the program); see `runtime.distributed`.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class LLM:
         calculate_kv_scales: bool = False,
         dtype: str = "float32",
         device: str = "cpu",
+        tensor_parallel_size: int | None = None,
         **engine_kwargs,
     ) -> None:
         from runtime.engine import Engine
@@ -59,9 +64,20 @@ class LLM:
             calculate_kv_scales=calculate_kv_scales,
             dtype=dtype,
             device=device,
+            tensor_parallel_size=tensor_parallel_size,
             **engine_kwargs,
         )
         self.tokenizer = self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do in one process). Idempotent."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     @property
     def kv_cache_tokens(self) -> int:

@@ -17,18 +17,28 @@ Prefill attention (`use_context_fmha`):
        (upstream INT8 semantics: quantization error already shows in the prefill logits).
 Decode always reads the cache, through `runtime.cpu_attention.decode_attention` (dequantization
 folded into the attention arithmetic).
+
+Tensor parallelism (`tp`, a `runtime.distributed.TPGroup`; None in one process): the weights are one rank's
+(`workspace.read_rank`): H / N query heads, H_kv / N KV heads, 1/N of the FFN columns and of the vocabulary
+rows. x stays replicated: each rank's `o @ W_o` and FFN output are partial sums, all-reduced (two per layer),
+and so is the embedding lookup (each token's row lives on one rank, the others add zeros). Each rank computes
+the logits of its vocabulary slice; rank 0 gathers them and the other ranks' forward returns None.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from runtime.kv_cache import KVCache
 from runtime.workspace import WorkspaceConfig, hidden_size
+
+if TYPE_CHECKING:
+    from runtime.distributed import TPGroup
 
 
 @dataclass
@@ -79,14 +89,16 @@ class Transformer:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         max_len: int | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
         if cfg.use_dynamic_ntk:
             raise NotImplementedError(
                 "config.ini use_dynamic_ntk = 1 is not implemented by this runtime; "
                 "set it to 0 (contexts then stay within max_position_embeddings)"
             )
-        self.cfg, self.dtype, self.device = cfg, dtype, device
-        self.H, self.Hkv, self.D = cfg.head_num, cfg.kv_head_num, cfg.size_per_head
+        self.cfg, self.dtype, self.device, self.tp = cfg, dtype, device, tp
+        n = 1 if tp is None else tp.world_size
+        self.H, self.Hkv, self.D = cfg.head_num // n, cfg.kv_head_num // n, cfg.size_per_head  # this rank's heads
         self.hidden = hidden_size(cfg)
 
         def t(name: str) -> torch.Tensor:  # fp16 memmap -> compute dtype on device, contiguous
@@ -94,8 +106,10 @@ class Transformer:
 
         # Embedding kept in fp16: rows are gathered then cast (saves a full-precision copy).
         self.tok_embeddings = torch.from_numpy(weights["tok_embeddings.weight"][...].copy()).to(device)
+        self.vocab_rows = self.tok_embeddings.shape[0]  # vocab_size, or one rank's padded_vocab / N
+        self.vocab_start = 0 if tp is None else tp.rank * self.vocab_rows  # first token id of this rank's rows
         self.norm = t("norm.weight")
-        self.output = t("output.weight")  # (vocab, hidden), not transposed
+        self.output = t("output.weight")  # (vocab rows, hidden), not transposed
         self.layers = []
         for i in range(cfg.num_layer):
             p = f"layers.{i}."
@@ -122,6 +136,12 @@ class Transformer:
         self.cos = angles.cos().to(torch.float32).to(device)
         self.sin = angles.sin().to(torch.float32).to(device)
 
+    def nbytes(self) -> int:
+        """Bytes of the weights this process holds (the RoPE tables are not counted)."""
+        tensors = [self.tok_embeddings, self.norm, self.output]
+        tensors += [w for layer in self.layers for w in layer.values() if w is not None]
+        return sum(w.numel() * w.element_size() for w in tensors)
+
     # ------------------------------------------------------------------------------------------
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x * rsqrt(mean(x^2) + eps) with the variance in fp32, then * w in the compute dtype (as HF)."""
@@ -138,10 +158,11 @@ class Transformer:
 
     def forward(
         self, tokens: torch.Tensor, cache: KVCache, batch: Batch, *, use_context_fmha: int = 1, all_logits: bool = False
-    ) -> torch.Tensor:
-        """tokens (B, T) -> fp32 logits (B, T, vocab) if all_logits else (B, vocab) at each sequence's last token."""
+    ) -> torch.Tensor | None:
+        """tokens (B, T) -> fp32 logits (B, T, vocab) if all_logits else (B, vocab) at each sequence's last token
+        (None on a tensor-parallel rank other than 0)."""
         B, T = tokens.shape
-        x = self.tok_embeddings[tokens].to(self.dtype)  # (B, T, hidden)
+        x = self.embed(tokens)  # (B, T, hidden)
         pos = batch.starts.view(B, 1) + torch.arange(T).view(1, T)  # (B, T)
         pos = pos.clamp_(max=self.cos.shape[0] - 1).to(self.cos.device)  # clamp: padding tokens only
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, T, D/2)
@@ -161,18 +182,40 @@ class Transformer:
             else:
                 cache.write(i, batch.slot_mapping, k.transpose(1, 2)[valid], v.transpose(1, 2)[valid])  # (N, H_kv, D)
             o = self.attention(i, q, k, v, cache, batch, use_context_fmha)  # (B, T, H D)
-            x = x + o @ L["attention.wo.weight"]
+            y = o @ L["attention.wo.weight"]  # (B, T, hidden); with TP this rank's heads' share
+            if self.tp is not None:
+                self.tp.all_reduce(y)
+            x = x + y
             if L["attention.wo.bias"] is not None:
                 x = x + L["attention.wo.bias"]
             h = self.rms_norm(x, L["ffn_norm.weight"])
             gate, up = (h @ L["w13"]).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ L["feed_forward.w2.weight"]
+            y = (F.silu(gate) * up) @ L["feed_forward.w2.weight"]  # (B, T, hidden); with TP a partial sum
+            if self.tp is not None:
+                self.tp.all_reduce(y)
+            x = x + y
         if not all_logits:  # only each sequence's last real token
             last = torch.tensor([c - 1 for c in batch.counts], device=x.device)
             x = x[torch.arange(B, device=x.device), last].unsqueeze(1)  # (B, 1, hidden)
         x = self.rms_norm(x, self.norm)
-        logits = (x @ self.output.T).float()  # (B, T', vocab)
+        logits = (x @ self.output.T).float()  # (B, T', vocab rows)
+        if self.tp is not None:
+            logits = self.tp.gather_vocab(logits)  # rank 0: (B, T', padded vocab); others: None
+            if logits is None:
+                return None
+            logits = logits[..., : self.cfg.vocab_size]
         return logits if all_logits else logits[:, 0]
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> (B, T, hidden) in the compute dtype."""
+        if self.tp is None:
+            return self.tok_embeddings[tokens].to(self.dtype)
+        local = tokens - self.vocab_start  # row in this rank's slice; outside [0, rows): another rank's token
+        mine = (local >= 0) & (local < self.vocab_rows)  # (B, T)
+        x = self.tok_embeddings[local.clamp(0, self.vocab_rows - 1)].to(self.dtype)
+        x.masked_fill_(~mine.unsqueeze(-1), 0)
+        self.tp.all_reduce(x)
+        return x
 
     def attention(self, i: int, q, k, v, cache: KVCache, batch: Batch, use_context_fmha: int) -> torch.Tensor:
         """q (B, H, T, D), k/v (B, H_kv, T, D) of this step (already written to the cache) -> (B, T, H D)."""

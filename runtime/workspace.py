@@ -2,7 +2,8 @@
 
 This module owns the workspace format. `deploy` writes through it, `lite.kv_qparams` edits
 config.ini through it, and the runtime reads through it; nothing else parses config.ini or
-spells a weight-file name.
+spells a weight-file name. Weights are read back either joined (`read_joined`: every TP rank in
+one process) or one rank at a time (`read_rank`: a tensor-parallel process loads only its files).
 
 Layout (docs/formats.md §1):
     workspace/triton_models/weights/config.ini        [llama] section, keys in upstream order
@@ -360,6 +361,35 @@ def read_joined(wdir: str | os.PathLike, cfg: WorkspaceConfig) -> dict[str, np.n
         if cfg.attn_bias:  # wo bias is copied to every rank; rank 0 holds it
             name = ranked(p + "attention.wo.bias", 0)
             out[p + "attention.wo.bias"] = read_weight(wdir, name, table[name], finite=True)
+    return out
+
+
+def read_rank(wdir: str | os.PathLike, cfg: WorkspaceConfig, rank: int) -> dict[str, np.ndarray]:
+    """One TP rank's weights, for a process that runs only that rank (runtime.distributed); rank-free keys.
+
+    The rank's own files as stored: the fused QKV of its heads [Q_r | K_r | V_r] (head_num / tp query heads,
+    kv_head_num / tp KV heads), the wo rows and w2 rows of its heads / FFN columns, the w1 / w3 columns; the
+    wo bias (a full copy on every rank, added after the all-reduce). Norms are replicated. tok_embeddings and
+    output are split by vocabulary rows: rank r holds rows [r V_p / tp, (r + 1) V_p / tp) of the padded table
+    (V_p = padded_vocab; the padding rows are zero and sit on the last rank). Arrays stay memory-mapped fp16.
+    """
+    tp = cfg.tensor_para_size
+    if not 0 <= rank < tp:
+        raise ValueError(f"rank {rank} is outside tensor_para_size {tp} (ranks 0..{tp - 1})")
+    table = weight_table(cfg)
+    rows = padded_vocab(cfg) // tp
+    out: dict[str, np.ndarray] = {"norm.weight": read_weight(wdir, "norm.weight", table["norm.weight"])}
+    for name in ("tok_embeddings.weight", "output.weight"):
+        out[name] = read_weight(wdir, name, table[name])[rank * rows : (rank + 1) * rows]
+    for i in range(cfg.num_layer):
+        p = f"layers.{i}."
+        for name in ("attention_norm.weight", "ffn_norm.weight"):
+            out[p + name] = read_weight(wdir, p + name, table[p + name])
+        names = ["attention.w_qkv.weight", "attention.wo.weight"]
+        names += ["feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight"]
+        names += ["attention.w_qkv.bias", "attention.wo.bias"] if cfg.attn_bias else []
+        for name in names:
+            out[p + name] = read_weight(wdir, ranked(p + name, rank), table[ranked(p + name, rank)])
     return out
 
 
