@@ -309,61 +309,40 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, root: str
 
 # -- command line ---------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from runtime.engine import add_engine_arguments
+
     p = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.split("\n")[0])
     p.add_argument("workspace", help="workspace directory written by python -m deploy")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=["auto", "fp16", "int8", "fp8", "fp8_e4m3", "fp8_e5m2"],
-        help="KV cache storage (auto = config.ini kv_cache_dtype)",
+        "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 = every interface (default: 127.0.0.1)"
     )
-    p.add_argument("--calculate-kv-scales", action="store_true", help="FP8: per-layer scales from the first prompt")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--cache-max-entry-count", type=float, help="fraction of free memory for the KV pool")
-    budget.add_argument("--kv-cache-gib", type=float, help="KV pool size in GiB")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     p.add_argument(
-        "--api-key", default=os.environ.get("KVQ_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1/*"
+        "--api-key",
+        default=os.environ.get("KVQ_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $KVQ_API_KEY, else no key)",
     )
     p.add_argument("--served-model-name", help="the model name clients send (default: the workspace path)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (engine default float32)")
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--session-len", type=int, help="longest prompt + answer (default: config.ini session_len)")
-    p.add_argument("--use-context-fmha", type=int, choices=[0, 1])
-    p.add_argument("--kv-granularity", choices=["tensor", "head"], help="which scale files to load")
-    p.add_argument("--block-size", type=int, help="tokens per KV block")
-    p.add_argument("--max-prefill-token-num", type=int, help="prompt tokens per scheduler step")
-    p.add_argument("--max-batch-size", type=int, help="most requests running at once")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--disable-access-log", action="store_true", help="no uvicorn line per HTTP request")
+    add_engine_arguments(p)
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (default: info)",
+    )
+    p.add_argument("--disable-access-log", action="store_true", help="no uvicorn line per HTTP request (default: off)")
     return p.parse_args(argv)
-
-
-ENGINE_OPTIONS = (
-    "kv_cache_dtype",
-    "calculate_kv_scales",
-    "dtype",
-    "device",
-    "session_len",
-    "use_context_fmha",
-    "kv_granularity",
-    "block_size",
-    "cache_max_entry_count",
-    "kv_cache_gib",
-    "max_prefill_token_num",
-    "max_batch_size",
-)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from runtime.engine import Engine
+    from runtime import distributed
+    from runtime.engine import Engine, engine_kwargs
 
-    # Only what was given: the engine's own defaults stay the single source of truth.
-    kwargs = {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k) not in (None, False)}
+    if distributed.is_worker():  # torchrun rank > 0: rank 0 serves HTTP and sends the forward passes
+        return distributed.run_worker(args.workspace, **engine_kwargs(args))
     try:
-        engine = Engine(args.workspace, **kwargs)
+        engine = Engine(args.workspace, **engine_kwargs(args))
     except (ValueError, FileNotFoundError) as e:  # WorkspaceError / bad option: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
