@@ -206,8 +206,10 @@ def test_fp16_ppl_equals_transformers_and_is_seeded(workspace, tiny_hf, text_fil
     assert doc["modes"]["int8"]["kl"] > 0 and doc["modes"]["int8"]["max_abs_logit_diff"] > 0
     assert doc["modes"]["int8"]["bytes_per_token"] == 2 * 2 * 2 * 16 * 1  # 2 layers, 2 KV heads, D 16, 1 byte
     assert fp16["bytes_per_token"] == 2 * 2 * 2 * 16 * 2
-    # the engine's allocated cache: 2 slots x 24 tokens x 128 B + fp32 (4, layers, KV heads) parameters
-    assert doc["cache"]["int8"]["engine_cache_bytes"] == 2 * 24 * 128 + 16 * 2 * 2
+    # the engine's pool: one 64-token block for each of the batch's 2 windows of 24 tokens, 128 B/token,
+    # + fp32 (4, layers, KV heads) parameters
+    assert doc["cache"]["int8"]["kv_cache_tokens"] == 2 * 64
+    assert doc["cache"]["int8"]["engine_cache_bytes"] == 2 * 64 * 128 + 16 * 2 * 2
 
     again = ev.evaluate(workspace, str(text_file), **kw)
     assert again["modes"] == doc["modes"]

@@ -59,6 +59,16 @@ def tiny(tiny_hf, tmp_path_factory):
     return deploy_pair(tiny_hf("llama"), tmp_path_factory.mktemp("tp"), 2, 3.0, 3.0, session_len=128)
 
 
+def teacher_forced(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """Logits (T, V) of one sequence, prefill reading the quantized cache back as the decode steps do."""
+    engine = llm.engine
+    fmha, engine.use_context_fmha = engine.use_context_fmha, 0
+    try:
+        return engine.score(torch.tensor([ids]))[0]
+    finally:
+        engine.use_context_fmha = fmha
+
+
 def check_memory(one: Engine, per_rank: list[list[int]], n: int) -> None:
     """Each rank: 1/n of tp=1's weights except the norms (replicated, fp32), and exactly 1/n of its KV pool."""
     [(weights_1, kv_1)] = one.rank_bytes
@@ -193,7 +203,21 @@ def test_demo_model_tp3_matches_tp1(demo, kv):
     with LLM(str(ws[3]), tensor_parallel_size=3, **options) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         per_rank = llm.engine.rank_bytes
-    assert got == want
+        forced = [(teacher_forced(one, one.encode(p) + w), teacher_forced(llm, one.encode(p) + w)) for p, w in
+                  zip(prompts, want, strict=True)]  # fmt: skip
+    if kv == "fp16":
+        assert got == want
+    else:
+        # tp=3 sums the wo / w2 partial products in another order than one GEMM: last-bit differences that an INT8
+        # cache can turn into one quantization step, enough to flip a near tie of greedy decoding somewhere in a
+        # long generation. So: the first tokens agree, and teacher-forced on the same tokens the logits stay
+        # within 1.0 of tp=1's and pick the same token wherever tp=1's top-2 margin exceeds that.
+        for g, w, (l1, l3) in zip(got, want, forced, strict=True):
+            assert g[:8] == w[:8]
+            assert (l3 - l1).abs().max() < 1.0
+            top2 = l1.topk(2, dim=-1).values
+            clear = (top2[:, 0] - top2[:, 1]) > 1.0
+            assert clear.sum() >= 8 and torch.equal(l3.argmax(-1)[clear], l1.argmax(-1)[clear])
     check_memory(one.engine, per_rank, 3)
     [(w1, kv1)] = one.engine.rank_bytes
     print(f"\n{kv}: tp=1 weights {w1 / 2**20:.2f} MiB, KV pool {kv1 / 2**20:.3f} MiB ({one.num_kv_blocks} blocks)")
