@@ -12,8 +12,9 @@ workspace gets them from one fp16 prompt); FP8 uses its files when present, else
 
 Per (budget, dtype): the pool's token capacity, the maximum number of sequences running at once,
 preemptions, request throughput, output tokens/s, TTFT and TPOT p50/p99 (TTFT from submission to the
-first token; TPOT = (finish - first token) / (output tokens - 1)). The dtypes take turns within each
-budget, so machine drift hits them alike; ratios to fp16 are what to read. Writes a JSON file and a PNG
+first token; TPOT = (finish - first token) / (output tokens - 1)). Within a budget the engines take turns
+step by step and each is timed on its own clock (the sum of its step times), so machine drift hits every
+dtype alike; ratios to fp16 are what to read. Writes a JSON file and a PNG
 (request throughput against budget, one line per KV dtype) under --out.
 """
 
@@ -89,41 +90,53 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def run_once(engine, requests) -> dict:
-    """Submit every request at t=0, step until all finish; the serving metrics."""
-    from runtime.sampling import SamplingParams
+class Run:
+    """One engine's run over the requests, on its own clock: the sum of its own step times. The engines of a
+    budget take turns step by step, so machine drift (a shared 2-core box) hits every KV dtype alike."""
 
-    start = time.perf_counter()
-    ids = {}
-    for b, (prompt, out_len) in enumerate(requests):
-        ids[engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True))] = b
-    first, done, counts = {}, {}, {}
-    preempt0, max_running = engine.stats().num_preemptions, 0
-    while engine.has_unfinished_requests():
-        outs = engine.step()
-        now = time.perf_counter() - start
-        max_running = max(max_running, engine.stats().num_running + sum(o.finished for o in outs))
+    def __init__(self, engine, requests) -> None:
+        from runtime.sampling import SamplingParams
+
+        self.engine, self.clock, self.max_running = engine, 0.0, 0
+        self.ids = [
+            engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True))
+            for prompt, out_len in requests
+        ]
+        self.first, self.done, self.counts = {}, {}, {}
+        self.preempt0 = engine.stats().num_preemptions
+
+    def step(self) -> bool:
+        """One engine step; False once every request has finished."""
+        if not self.engine.has_unfinished_requests():
+            return False
+        t = time.perf_counter()
+        outs = self.engine.step()
+        self.clock += time.perf_counter() - t
+        self.max_running = max(self.max_running, self.engine.stats().num_running + sum(o.finished for o in outs))
         for o in outs:
-            first.setdefault(o.request_id, now)
-            counts[o.request_id] = o.num_output_tokens
+            self.first.setdefault(o.request_id, self.clock)
+            self.counts[o.request_id] = o.num_output_tokens
             if o.finished:
-                done[o.request_id] = now
-    total = max(done.values())
-    n_out = sum(counts.values())
-    ttft = [first[r] for r in ids]
-    tpot = [(done[r] - first[r]) / (counts[r] - 1) for r in ids if counts[r] > 1]
-    return {
-        "kv_cache_tokens": engine.kv_cache_tokens,
-        "max_running": max_running,
-        "preemptions": engine.stats().num_preemptions - preempt0,
-        "seconds": total,
-        "requests_per_s": len(requests) / total,
-        "output_tok_per_s": n_out / total,
-        "ttft_p50_s": percentile(ttft, 50),
-        "ttft_p99_s": percentile(ttft, 99),
-        "tpot_p50_ms": 1000 * percentile(tpot, 50),
-        "tpot_p99_ms": 1000 * percentile(tpot, 99),
-    }
+                self.done[o.request_id] = self.clock
+        return True
+
+    def metrics(self) -> dict:
+        ids, first, done, counts = self.ids, self.first, self.done, self.counts
+        total = max(done.values())
+        ttft = [first[r] for r in ids]
+        tpot = [(done[r] - first[r]) / (counts[r] - 1) for r in ids if counts[r] > 1]
+        return {
+            "kv_cache_tokens": self.engine.kv_cache_tokens,
+            "max_running": self.max_running,
+            "preemptions": self.engine.stats().num_preemptions - self.preempt0,
+            "seconds": total,
+            "requests_per_s": len(ids) / total,
+            "output_tok_per_s": sum(counts.values()) / total,
+            "ttft_p50_s": percentile(ttft, 50),
+            "ttft_p99_s": percentile(ttft, 99),
+            "tpot_p50_ms": 1000 * percentile(tpot, 50),
+            "tpot_p99_ms": 1000 * percentile(tpot, 99),
+        }
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -197,8 +210,11 @@ def main() -> None:
                 )
                 shared = engines[kv].model
             requests = make_requests(engines[kvs[0]].tokenizer, args.requests, args.seed, args)
-            for kv, engine in engines.items():
-                r = {"kv": kv, "budget_mib": budget, **run_once(engine, requests)}
+            runs = {kv: Run(engine, requests) for kv, engine in engines.items()}
+            while any([r.step() for r in runs.values()]):  # a list: every engine steps in each round
+                pass
+            for kv, run in runs.items():
+                r = {"kv": kv, "budget_mib": budget, **run.metrics()}
                 results.append(r)
                 print(json.dumps(r), flush=True)
     print_table(results, kvs)
