@@ -37,9 +37,9 @@ python -m lite.eval "$OUT/workspace" --dataset "$EVAL" --samples 8 --seqlen 512 
 step "6/8 memory per KV mode"
 python -m lite.memory "$OUT/workspace" --batch 8,16,32,48 --budget-gib 4 --out "$OUT/memory"
 
-step "7/8 serving at a fixed KV budget: the same 24 MiB holds twice the tokens in INT8, so twice the requests run"
-python tools/bench_serve.py --workspace "$OUT/workspace" --kv fp16,int8 --budgets-mib 24 --requests 24 \
-    --max-output 64 --out "$OUT/serve"
+step "7/8 serving at a fixed KV budget: the same 16 MiB holds twice the tokens in INT8, so twice the requests run"
+python tools/bench_serve.py --workspace "$OUT/workspace" --kv fp16,int8 --budgets-mib 16 --requests 16 \
+    --max-prompt 256 --max-output 32 --out "$OUT/serve"
 
 step "8/8 one chat turn on the INT8 KV cache"
 printf 'What is a Debian package? Answer in two sentences.\n\nexit\n' | \
