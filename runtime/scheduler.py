@@ -15,7 +15,8 @@ Policy (vLLM/LMDeploy-style, first come first served):
      (its blocks freed, `num_cached` reset, put back at the head of the waiting queue);
   2. prefills in progress continue, then waiting requests are admitted in arrival order while the
      free blocks cover all of their uncached tokens (plus a small watermark kept for running decodes)
-     and the per-step prefill budget `max_prefill_tokens` lasts; a long prompt is fed in chunks over
+     and the per-step prefill budget `max_prefill_tokens` lasts (none in a step that had to preempt); a long
+     prompt is fed in chunks over
      several steps. The head of the queue is never skipped (no starvation).
   3. finished requests free their blocks at once. A *session* (chat) instead parks its sequence with its
      blocks so the next turn sends only new tokens; parked blocks are the first to be reclaimed.
@@ -267,8 +268,9 @@ class Scheduler:
             else:
                 out.prefills.append(chunk)
                 budget -= n
-        # 2. admissions, first come first served, while blocks and the prefill budget last
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+        # 2. admissions, first come first served, while blocks and the prefill budget last; none in a step that
+        #    had to preempt (the pool is short: re-admitting the victim now would only thrash)
+        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
             total_blocks = self.blocks_for(len(seq.token_ids))
             need = total_blocks - len(seq.block_ids)
