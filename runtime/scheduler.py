@@ -15,9 +15,8 @@ Policy (vLLM/LMDeploy-style, first come first served):
      (its blocks freed, `num_cached` reset, put back at the head of the waiting queue);
   2. prefills in progress continue, then waiting requests are admitted in arrival order while the
      free blocks cover all of their uncached tokens (plus a small watermark kept for running decodes)
-     and the per-step prefill budget `max_prefill_tokens` lasts (none in a step that had to preempt); a long
-     prompt is fed in chunks over
-     several steps. The head of the queue is never skipped (no starvation).
+     and the per-step prefill budget `max_prefill_tokens` lasts (none in a step that had to preempt); a
+     long prompt is fed in chunks over several steps. The head of the queue is never skipped.
   3. finished requests free their blocks at once. A *session* (chat) instead parks its sequence with its
      blocks so the next turn sends only new tokens; parked blocks are the first to be reclaimed.
 """
