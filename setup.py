@@ -45,6 +45,7 @@ setup(
         "gpu": ["cupy-cuda12x", "nvidia-cuda-runtime-cu12"],  # runtime wheel: cuda_fp16.h / cuda_fp8.h for NVRTC
         "dev": [
             "pytest",
+            "hypothesis",  # tests/test_scheduler.py: block accounting under random operation sequences
             "ruff",
             "gguf",
             "accelerate",
