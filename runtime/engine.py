@@ -558,7 +558,7 @@ class Engine:
         sch = self.scheduler
         need = sch.blocks_for(T)
         sch.check_fits(T, 0, "window")
-        sch._evict_parked(need)
+        sch.evict_parked(need)
         rows_per_pass = min(B, sch.allocator.num_free // need)
         if rows_per_pass == 0:
             raise RuntimeError(

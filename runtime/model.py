@@ -240,7 +240,7 @@ class Transformer:
             i_q = torch.arange(T, device=dev).view(1, -1, 1)
             mask = torch.where(j < P, j < starts.view(-1, 1, 1), (j - P) <= i_q)  # (B, T, P + T)
         else:  # keys = the cache prefix, this chunk read back after quantization
-            total = int((batch.starts + torch.tensor(batch.counts)).max())
+            total = batch.max_length  # tokens in the longest sequence's cache after this write
             kf, vf = cache.read(i, batch.block_tables, total, q.dtype)  # (B, H_kv, total, D)
             j = torch.arange(total, device=dev).view(1, 1, -1)
             mask = j <= starts.view(-1, 1, 1) + torch.arange(T, device=dev).view(1, -1, 1)  # (B, T, total)

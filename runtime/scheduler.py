@@ -63,10 +63,6 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
 
 class BlockAllocator:
     """A free list of `num_blocks` block ids. Freed blocks go to the front: recently used memory is warm."""
@@ -219,7 +215,7 @@ class Scheduler:
         seq.block_ids, seq.num_cached = [], 0
 
     # -- one step ---------------------------------------------------------------------------------
-    def _evict_parked(self, needed: int) -> bool:
+    def evict_parked(self, needed: int) -> bool:
         """Free parked sessions' blocks (least recently used first) until `needed` blocks are free."""
         while self.allocator.num_free < needed and self.parked:
             seq = self.parked.pop(next(iter(self.parked)))
@@ -253,7 +249,7 @@ class Scheduler:
             if n == 0:
                 continue
             need = self.blocks_for(seq.num_cached + n) - len(seq.block_ids)
-            while not self._evict_parked(need):  # preempt the newest running sequences, maybe seq itself
+            while not self.evict_parked(need):  # preempt the newest running sequences, maybe seq itself
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
@@ -274,7 +270,7 @@ class Scheduler:
             total_blocks = self.blocks_for(len(seq.token_ids))
             need = total_blocks - len(seq.block_ids)
             reserve = self.watermark if self.running else 0  # room for the running decodes' next blocks
-            if not self._evict_parked(need + reserve):
+            if not self.evict_parked(need + reserve):
                 break
             self.waiting.popleft()
             self._grow(seq, len(seq.token_ids))
