@@ -103,3 +103,106 @@ def dequantize(
     if kv_dtype == "int8":
         return dequantize_int8(q, scale, zp, dtype)
     return dequantize_fp8(q, scale, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Online per-(token, KV head) modes (vLLM's names). No calibration: each cached row x (D values of one token and
+# one KV head) carries its own parameters, computed when the row is written, stored as fp16 beside the data:
+#     int8_per_token_head  asymmetric, 8 bits: scale = (max - min) / 255, zero = min
+#     int4_per_token_head  asymmetric, 4 bits: scale = (max - min) / 15,  zero = min; two values per byte
+#     fp8_per_token_head   E4M3:               scale = absmax / 448,       zero = 0
+# The parameters are rounded to fp16 first and the row is quantized with the rounded values (what is stored is
+# what is used on both sides):
+#     integer:  q = clamp(round_half_even((x - zero) / scale), 0, 2^b - 1)      x^ = q * scale + zero
+#     fp8:      f = cast_rne(clamp(x / scale, +-448))                            x^ = f * scale
+# A row whose values are all equal (scale 0 in fp16) stores q = 0 and reads back zero exactly (fp8: 0); the
+# division uses 1 / scale computed as 0 there, never inf or NaN. Integer codes are unsigned: uint8 storage
+# (0..255) for 8 bits; for 4 bits element 2i goes to the low nibble and element 2i + 1 to the high nibble of
+# byte i, so a row of D values is D / 2 bytes. Parameters: (..., 2) float16 = (scale, zero) per row.
+ONLINE_MODES = ("int8_per_token_head", "fp8_per_token_head", "int4_per_token_head")
+ONLINE_BITS = {"int8_per_token_head": 8, "int4_per_token_head": 4}
+ONLINE_STORAGE = {
+    "int8_per_token_head": torch.uint8,
+    "int4_per_token_head": torch.uint8,
+    "fp8_per_token_head": torch.float8_e4m3fn,
+}
+PARAM_DTYPE = torch.float16  # (scale, zero) per row: 4 bytes
+
+
+def is_online(kv_dtype: str) -> bool:
+    return kv_dtype in ONLINE_MODES
+
+
+def online_row_bytes(kv_dtype: str, head_dim: int) -> int:
+    """Bytes of one cached row (one token, one KV head, K or V): data plus its fp16 (scale, zero)."""
+    data = head_dim // 2 if kv_dtype == "int4_per_token_head" else head_dim
+    return data + 2 * PARAM_DTYPE.itemsize
+
+
+def online_params(x: torch.Tensor, kv_dtype: str) -> torch.Tensor:
+    """Per-row (scale, zero) of x (..., D), rounded to fp16: (..., 2) float16."""
+    xf = x.to(torch.float32)
+    if kv_dtype == "fp8_per_token_head":
+        scale = xf.abs().amax(-1) / FP8_MAX["fp8_e4m3"]
+        zero = torch.zeros_like(scale)
+    else:
+        mn, mx = xf.amin(-1), xf.amax(-1)
+        scale, zero = (mx - mn) / (2 ** ONLINE_BITS[kv_dtype] - 1), mn
+    return torch.stack((scale, zero), -1).to(PARAM_DTYPE)
+
+
+def _inv(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale, 0 where scale is 0 (an all-equal row)."""
+    return torch.where(scale > 0, 1.0 / scale.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(scale))
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes (..., D) in 0..15 (any integer dtype) -> (..., D / 2) uint8, element 2i low nibble, 2i + 1 high."""
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """(..., D / 2) uint8 -> codes (..., D) uint8 in 0..15."""
+    return torch.stack((p & 0xF, p >> 4), -1).flatten(-2)
+
+
+def quantize_online(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., D) float -> (stored data, params (..., 2) fp16); data (..., D) uint8 / fp8 or (..., D / 2) uint8."""
+    params = online_params(x, kv_dtype)
+    scale, zero = params.to(torch.float32).unbind(-1)
+    xf = x.to(torch.float32)
+    if kv_dtype == "fp8_per_token_head":
+        fmax = FP8_MAX["fp8_e4m3"]
+        y = (xf * _inv(scale).unsqueeze(-1)).clamp_(-fmax, fmax)
+        return y.to(torch.float8_e4m3fn), params
+    top = 2 ** ONLINE_BITS[kv_dtype] - 1
+    q = torch.round((xf - zero.unsqueeze(-1)) * _inv(scale).unsqueeze(-1)).clamp_(0, top).to(torch.uint8)
+    return (pack_int4(q) if top == 15 else q), params
+
+
+def dequantize_online(
+    data: torch.Tensor, params: torch.Tensor, kv_dtype: str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Stored rows and their (scale, zero) -> x^ (..., D) = q * scale + zero, in fp32 then cast to `dtype`."""
+    scale, zero = params.to(torch.float32).unbind(-1)
+    if kv_dtype == "int4_per_token_head":
+        data = unpack_int4(data)
+    return (data.to(torch.float32) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).to(dtype)
+
+
+def hadamard(d: int, seed: int = 0) -> torch.Tensor:
+    """Randomized orthonormal Hadamard matrix R = diag(s) H_d / sqrt(d), (d, d) fp32, d a power of two.
+
+    s is a seeded random +-1 vector. Rows rotate as x @ R; R @ R.T = I, so (q R) . (k R) = q . k, and a value
+    row read back as (v R) is undone by @ R.T. Rotation spreads an outlier channel over all d channels, which
+    is what makes per-row 4-bit ranges tight.
+    """
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"the Hadamard rotation needs a power-of-two head size; got {d}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)  # Sylvester construction
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (d,), generator=gen, dtype=torch.float64) * 2 - 1
+    return (signs.view(-1, 1) * h / d**0.5).to(torch.float32)
