@@ -348,70 +348,28 @@ extern "C" int decode_attn(const float* q, const void* kc, const void* vc, const
 # Below this many (token, KV head) rows the work is too small to repay waking the OpenMP threads.
 PARALLEL_MIN = 2048
 KINDS = {torch.float16: 0, torch.int8: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
-_lib: list = []  # [ctypes.CDLL | None], resolved once
 
 
 def _cpp_module():
-    """Build (once, cached by source hash under ~/.cache/kvq/kernels) and load the kernel; None if unavailable."""
-    if _lib:
-        return _lib[0]
+    """The kernel library (built once, see runtime.cpp_build), or None where it cannot run."""
     import ctypes
-    import hashlib
-    import os
-    import platform
-    import shutil
-    import subprocess
-    import warnings
-    from pathlib import Path
 
-    _lib.append(None)
-    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("KVQ_NO_CPP_KERNEL"):
-        return None
-    if not _cpu_has("avx2", "fma", "f16c"):  # the kernel is built with -mavx2 -mfma -mf16c
-        return None
-    if shutil.which("g++") is None:
-        warnings.warn("g++ not found: decode attention uses the slower torch path", stacklevel=2)
-        return None
-    flags = ["-O3", "-ffast-math", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
-    digest = hashlib.sha256((KERNEL_SRC + " ".join(flags)).encode()).hexdigest()[:16]
-    out_dir = Path(os.environ.get("KVQ_KERNEL_CACHE", Path.home() / ".cache" / "kvq" / "kernels"))
-    so = out_dir / f"decode_attn_{digest}.so"
-    if not so.is_file():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        src = out_dir / f"decode_attn_{digest}.{os.getpid()}.cpp"
-        src.write_text(KERNEL_SRC)
-        tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
-        proc = subprocess.run(["g++", *flags, str(src), "-o", str(tmp)], capture_output=True, text=True)
-        src.unlink()
-        if proc.returncode != 0:
-            warnings.warn(
-                f"building the C++ decode-attention kernel failed, using the torch path:\n{proc.stderr}", stacklevel=2
-            )
-            return None
-        os.replace(tmp, so)  # atomic: concurrent builders race harmlessly
-    lib = ctypes.CDLL(str(so))
-    lib.decode_attn.restype = ctypes.c_int
-    lib.decode_attn.argtypes = (
-        [ctypes.c_void_p] * 9
-        + [ctypes.c_float]
-        + [ctypes.c_int] * 3
-        + [ctypes.c_int64] * 3
-        + [ctypes.c_int] * 2
-        + [ctypes.c_int64] * 2
-        + [ctypes.c_void_p] * 2
-    )
-    _lib[0] = lib
+    from runtime import cpp_build
+
+    flags = ["-O3", "-ffast-math", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+    lib = cpp_build.load("decode_attn", KERNEL_SRC, flags, ("avx2", "fma", "f16c"))
+    if lib is not None and lib.decode_attn.argtypes is None:
+        lib.decode_attn.restype = ctypes.c_int
+        lib.decode_attn.argtypes = (
+            [ctypes.c_void_p] * 9
+            + [ctypes.c_float]
+            + [ctypes.c_int] * 3
+            + [ctypes.c_int64] * 3
+            + [ctypes.c_int] * 2
+            + [ctypes.c_int64] * 2
+            + [ctypes.c_void_p] * 2
+        )
     return lib
-
-
-def _cpu_has(*flags: str) -> bool:
-    """Does this CPU advertise all `flags` in /proc/cpuinfo (Linux)? False when it cannot tell."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            line = next((ln for ln in fh if ln.startswith("flags")), "")
-    except OSError:
-        return False
-    return set(flags) <= set(line.split())
 
 
 def decode_attention_cpp(

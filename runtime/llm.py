@@ -51,7 +51,7 @@ class LLM:
         workspace: str,
         kv_cache_dtype: str = "auto",
         calculate_kv_scales: bool = False,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "cpu",
         tensor_parallel_size: int | None = None,
         **engine_kwargs,

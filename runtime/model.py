@@ -18,6 +18,9 @@ Prefill attention (`use_context_fmha`):
 Decode always reads the cache, through `runtime.cpu_attention.decode_attention` (dequantization
 folded into the attention arithmetic).
 
+The weight matrices are held transposed, (out, in) as nn.Linear, and applied by `runtime.cpu_linear.linear`:
+a bandwidth-bound bf16 kernel for the few rows of a CPU decode step, PyTorch's GEMM otherwise.
+
 Tensor parallelism (`tp`, a `runtime.distributed.TPGroup`; None in one process): the weights are one rank's
 (`workspace.read_rank`): H / N query heads, H_kv / N KV heads, 1/N of the FFN columns and of the vocabulary
 rows. x stays replicated: each rank's `o @ W_o` and FFN output are partial sums, all-reduced (two per layer),
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from runtime.cpu_linear import linear
 from runtime.kv_cache import KVCache
 from runtime.workspace import WorkspaceConfig, hidden_size
 
@@ -113,23 +117,22 @@ class Transformer:
         self.layers = []
         for i in range(cfg.num_layer):
             p = f"layers.{i}."
-            layer = {
-                name: t(p + name)
-                for name in (
-                    "attention_norm.weight",
-                    "ffn_norm.weight",
-                    "attention.w_qkv.weight",
-                    "attention.wo.weight",
-                    "feed_forward.w1.weight",
-                    "feed_forward.w3.weight",
-                    "feed_forward.w2.weight",
-                )
-            }
-            # gate and up fused: one (hidden, 2 * inter) matmul instead of two
-            layer["w13"] = torch.cat([layer.pop("feed_forward.w1.weight"), layer.pop("feed_forward.w3.weight")], 1)
-            for name in ("attention.w_qkv.bias", "attention.wo.bias"):
-                layer[name] = t(p + name) if cfg.attn_bias else None
-            self.layers.append(layer)
+
+            def mat(*names: str) -> torch.Tensor:  # (in, out) workspace matrices, side by side -> (out, in)
+                return torch.cat([t(p + n) for n in names], 1).T.contiguous()
+
+            self.layers.append(
+                {
+                    "attention_norm": t(p + "attention_norm.weight"),
+                    "ffn_norm": t(p + "ffn_norm.weight"),
+                    "wqkv": mat("attention.w_qkv.weight"),
+                    "wo": mat("attention.wo.weight"),
+                    "w13": mat("feed_forward.w1.weight", "feed_forward.w3.weight"),  # gate and up: one matmul
+                    "w2": mat("feed_forward.w2.weight"),
+                    "bqkv": t(p + "attention.w_qkv.bias") if cfg.attn_bias else None,
+                    "bo": t(p + "attention.wo.bias") if cfg.attn_bias else None,
+                }
+            )
         max_len = max_len or cfg.session_len
         inv_freq = cfg.rope_theta ** (-torch.arange(0, self.D, 2, dtype=torch.float64) / self.D)  # (D/2,)
         angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None]  # (S, D/2)
@@ -169,10 +172,10 @@ class Transformer:
         H, Hkv, D = self.H, self.Hkv, self.D
         valid = (torch.arange(T).view(1, T) < torch.tensor(batch.counts).view(B, 1)).to(x.device)  # (B, T)
         for i, L in enumerate(self.layers):
-            h = self.rms_norm(x, L["attention_norm.weight"])
-            qkv = h @ L["attention.w_qkv.weight"]  # (B, T, (H + 2 H_kv) D)
-            if L["attention.w_qkv.bias"] is not None:
-                qkv = qkv + L["attention.w_qkv.bias"]
+            h = self.rms_norm(x, L["attention_norm"])
+            qkv = linear(h, L["wqkv"])  # (B, T, (H + 2 H_kv) D)
+            if L["bqkv"] is not None:
+                qkv = qkv + L["bqkv"]
             qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
             qk = self.rope(qk.view(B, T, H + Hkv, D).transpose(1, 2), cos, sin)  # q and k heads in one rotation
             q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, H_kv, T, D)
@@ -182,15 +185,15 @@ class Transformer:
             else:
                 cache.write(i, batch.slot_mapping, k.transpose(1, 2)[valid], v.transpose(1, 2)[valid])  # (N, H_kv, D)
             o = self.attention(i, q, k, v, cache, batch, use_context_fmha)  # (B, T, H D)
-            y = o @ L["attention.wo.weight"]  # (B, T, hidden); with TP this rank's heads' share
+            y = linear(o, L["wo"])  # (B, T, hidden); with TP this rank's heads' share
             if self.tp is not None:
                 self.tp.all_reduce(y)
             x = x + y
-            if L["attention.wo.bias"] is not None:
-                x = x + L["attention.wo.bias"]
-            h = self.rms_norm(x, L["ffn_norm.weight"])
-            gate, up = (h @ L["w13"]).chunk(2, dim=-1)
-            y = (F.silu(gate) * up) @ L["feed_forward.w2.weight"]  # (B, T, hidden); with TP a partial sum
+            if L["bo"] is not None:
+                x = x + L["bo"]
+            h = self.rms_norm(x, L["ffn_norm"])
+            gate, up = linear(h, L["w13"]).chunk(2, dim=-1)
+            y = linear(F.silu(gate) * up, L["w2"])  # (B, T, hidden); with TP a partial sum
             if self.tp is not None:
                 self.tp.all_reduce(y)
             x = x + y
@@ -198,7 +201,7 @@ class Transformer:
             last = torch.tensor([c - 1 for c in batch.counts], device=x.device)
             x = x[torch.arange(B, device=x.device), last].unsqueeze(1)  # (B, 1, hidden)
         x = self.rms_norm(x, self.norm)
-        logits = (x @ self.output.T).float()  # (B, T', vocab rows)
+        logits = linear(x, self.output).float()  # (B, T', vocab rows)
         if self.tp is not None:
             logits = self.tp.gather_vocab(logits)  # rank 0: (B, T', padded vocab); others: None
             if logits is None:

@@ -2,10 +2,15 @@
 
 Tiny checkpoints reuse the demo model's tokenizer so every path (chat templates, detokenization)
 sees a real tokenizer; their weights are random, saved in fp16 like the demo model.
+
+The engine's compute dtype "auto" is pinned to float32 for the whole suite (and the CLIs it starts as
+subprocesses, which inherit the environment): float32 is the dtype of the accuracy checks against HF
+transformers and of the batch-invariance checks. Tests of auto itself clear the variable.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 from make_demo_model import ensure_demo_model  # noqa: E402
+
+os.environ["KVQ_COMPUTE_DTYPE"] = "float32"  # runtime.engine.AUTO_DTYPE_ENV
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 

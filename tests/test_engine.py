@@ -215,3 +215,24 @@ def test_engines_can_share_one_model(ws):
     assert torch.equal(second.score(tokens), alone.score(tokens))
     with pytest.raises(ValueError, match="same workspace, dtype, device"):
         Engine(ws, dtype="bfloat16", model=first.model)
+
+
+def test_compute_dtype_auto_follows_the_hardware(monkeypatch):
+    """auto: float16 on cuda; on a CPU bfloat16 exactly when it has native bf16, else float32; the environment
+    variable replaces auto's choice; explicit dtypes pass through; unknown ones name the value."""
+    from runtime import engine as eng
+
+    monkeypatch.delenv(eng.AUTO_DTYPE_ENV, raising=False)
+    assert eng.resolve_compute_dtype("auto", "cuda:0") == "float16"
+    for native, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(eng, "cpu_has_native_bf16", lambda native=native: native)
+        assert eng.resolve_compute_dtype("auto", "cpu") == want
+        assert eng.EngineSettings(device="cpu").dtype == want
+    assert eng.resolve_compute_dtype("float32", "cuda") == "float32"
+    monkeypatch.setenv(eng.AUTO_DTYPE_ENV, "float32")
+    assert eng.resolve_compute_dtype("auto", "cpu") == "float32"
+    monkeypatch.setenv(eng.AUTO_DTYPE_ENV, "fp64")
+    with pytest.raises(ValueError, match=r"\$KVQ_COMPUTE_DTYPE = 'fp64'"):
+        eng.resolve_compute_dtype("auto", "cpu")
+    with pytest.raises(ValueError, match="dtype = 'half'"):
+        eng.EngineSettings(dtype="half")

@@ -144,3 +144,20 @@ def test_quantized_cache_holds_reference_quantization_of_hf_kv(tiny_hf, tmp_path
     steps_q, steps_16 = engine_step_logits(engine, ids, q_tok), engine_step_logits(fp16, ids, q_tok)
     span = float(steps_16.max() - steps_16.min())
     assert (steps_q - steps_16).abs().max() < 0.05 * span  # stated tolerance: 5% of the logit range
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_compute_matches_hf_in_bf16(tiny_hf, tmp_path, arch):
+    """The bf16 path (the CPU default where bf16 is native; the decode kernel of runtime.cpu_linear) against HF
+    run in bf16 on the same weights: bf16 rounding on both sides, so next-token distributions, not bits, agree."""
+    hf = tiny_hf(arch)
+    model = hf_model(hf).to(torch.bfloat16)
+    engine = Engine(make_workspace(hf, tmp_path / "ws"), max_batch_size=2, dtype="bfloat16")
+    ids = engine.tokenizer.encode("Once upon a time, in a small village,")
+    hf_tokens, hf_logits = hf_decode_logits(model, ids, 16)
+    ours = engine_step_logits(engine, ids, hf_tokens)
+    ref = torch.log_softmax(hf_logits.float(), -1)
+    kl = (ref.exp() * (ref - torch.log_softmax(ours, -1))).sum(-1)
+    assert kl.max() < 5e-4, kl  # measured ~5e-5
+    top = (ours.argmax(-1) == hf_logits.argmax(-1)).float().mean()
+    assert top >= 0.9, top

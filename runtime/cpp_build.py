@@ -1,0 +1,62 @@
+"""Build a C++ kernel once into a shared library cached by source hash, and load it with ctypes.
+
+The CPU kernels (runtime.cpu_attention, runtime.cpu_linear) are C++ sources compiled by g++ at first use, into
+`~/.cache/kvq/kernels` (or $KVQ_KERNEL_CACHE) under a name that hashes the source and the flags, so an edited
+kernel is rebuilt and concurrent builders race harmlessly (each writes its own temporary file, then an atomic
+rename). Where the machine cannot build or run a kernel (not x86-64, a CPU without the instruction sets the
+flags assume, no g++, a failed build, or $KVQ_NO_CPP_KERNEL set) `load` returns None and callers use PyTorch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+_loaded: dict[str, ctypes.CDLL | None] = {}
+
+
+def cpu_has(*flags: str) -> bool:
+    """Does this CPU advertise all `flags` in /proc/cpuinfo (Linux)? False when it cannot tell."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            line = next((ln for ln in fh if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return set(flags) <= set(line.split())
+
+
+def load(name: str, source: str, flags: list[str], cpu_flags: tuple[str, ...]) -> ctypes.CDLL | None:
+    """The library built from `source` with g++ `flags` (memoised per name), or None where it cannot run here."""
+    if name in _loaded:
+        return _loaded[name]
+    _loaded[name] = None
+    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("KVQ_NO_CPP_KERNEL"):
+        return None
+    if not cpu_has(*cpu_flags):
+        return None
+    if shutil.which("g++") is None:
+        warnings.warn(f"g++ not found: the {name} kernel is replaced by the slower torch path", stacklevel=3)
+        return None
+    flags = [*flags, "-shared", "-fPIC"]
+    digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
+    out_dir = Path(os.environ.get("KVQ_KERNEL_CACHE", Path.home() / ".cache" / "kvq" / "kernels"))
+    so = out_dir / f"{name}_{digest}.so"
+    if not so.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        src = out_dir / f"{name}_{digest}.{os.getpid()}.cpp"
+        src.write_text(source)
+        tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
+        proc = subprocess.run(["g++", *flags, str(src), "-o", str(tmp)], capture_output=True, text=True)
+        src.unlink()
+        if proc.returncode != 0:
+            warnings.warn(f"building the C++ {name} kernel failed, using the torch path:\n{proc.stderr}", stacklevel=3)
+            return None
+        os.replace(tmp, so)  # atomic: concurrent builders race harmlessly
+    _loaded[name] = ctypes.CDLL(str(so))
+    return _loaded[name]
