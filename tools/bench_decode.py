@@ -5,13 +5,17 @@ in its own subprocess so its peak RSS (VmHWM from /proc/self/status) is its own;
 are run round-robin for --repeats rounds (default 3) and medians are reported, because a shared
 2-core machine drifts by tens of percent between minutes.
 
-    python tools/bench_decode.py                 # batch 1 x 1024-token prompt and batch 8 x 2048 context
+    python tools/bench_decode.py                 # batch 1 x 1024, batch 8 x 2048 and batch 32 x 1024
     python tools/bench_decode.py --quick         # batch 1 x 256 and batch 4 x 512
-    python tools/bench_decode.py --dtype bfloat16 --threads 2 --new-tokens 32
+    python tools/bench_decode.py --dtype float32 --threads 2 --new-tokens 32
 
 Reported: prefill tokens/s (all prompt tokens / time of the first forward), decode tokens/s
-(batch x steps / time of the steps after the first token), KV bytes per token, peak RSS; then the
-ratios the issue targets (ours fp16 / HF, INT8 and FP8 / ours fp16).
+(batch x steps / time of the steps after the first token), KV bytes per token, peak RSS; the share of
+a decode step spent in the linear layers, the decode attention, the cache writes and everything else
+(layer norms, RoPE, sampling, Python); then the ratios the issues target (ours fp16 / HF, INT8 and FP8 /
+ours fp16). Last, in this process: decode attention alone on random pools of every KV dtype at the same
+shapes, its achieved read bandwidth (cache bytes read per call / time) against the machine's read
+bandwidth measured in the same process (summing a 512 MiB buffer).
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ def run_one(args) -> dict:
     else:
         from runtime.engine import Engine
 
+        timers = install_timers()
         engine = Engine(
             args.workspace,
             kv_cache_dtype=args.impl,
@@ -86,16 +91,21 @@ def run_one(args) -> dict:
         while first < args.batch:  # prefill (in chunks of max_prefill_token_num) until every first token
             first += len(engine.step())
         prefill = time.perf_counter() - t0
+        for k in timers:
+            timers[k] = 0.0
         t0 = time.perf_counter()
         while engine.has_unfinished_requests():  # new_tokens - 1 decode steps over the whole batch
             engine.step()
         decode = time.perf_counter() - t0
+        shares = {k: v / decode for k, v in timers.items()}
         from runtime import quant
         from runtime.workspace import kv_bytes_per_token
 
         kv_bytes = kv_bytes_per_token(engine.config, quant.BYTES_PER_ELEM[engine.kv_dtype])
     steps = args.new_tokens - 1
+    extra = {"shares": shares} if args.impl != "hf" else {}
     return {
+        **extra,
         "impl": args.impl,
         "batch": args.batch,
         "prompt_len": args.prompt_len,
@@ -104,6 +114,80 @@ def run_one(args) -> dict:
         "kv_bytes_per_token": kv_bytes,
         "peak_rss_mib": peak_rss_mib(),
     }
+
+
+def install_timers() -> dict[str, float]:
+    """Wrap the model's linear layers, decode attention and cache writes with wall-clock accumulators."""
+    import functools
+
+    from runtime import kv_cache, model
+
+    timers = {"linear": 0.0, "attention": 0.0, "cache write": 0.0}
+
+    def timed(fn, key):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                timers[key] += time.perf_counter() - t
+
+        return wrapper
+
+    model.linear = timed(model.linear, "linear")
+    kv_cache.KVCache.decode_attention = timed(kv_cache.KVCache.decode_attention, "attention")
+    kv_cache.KVCache.write = timed(kv_cache.KVCache.write, "cache write")
+    return timers
+
+
+def read_bandwidth_gbs(threads: int) -> float:
+    """The machine's read bandwidth now: best of 5 sums over a 512 MiB fp32 buffer (larger than any cache)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    buf = torch.ones(128 * 2**20)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return buf.numel() * 4 / best / 1e9
+
+
+def attention_bandwidth(shapes, kv_dtypes, threads: int, repeats: int = 20) -> list[dict]:
+    """Decode attention alone (the engine's CPU kernel, SmolLM2's 9 query / 3 KV heads, D 64) on random pools of
+    each KV dtype: GB/s of cache bytes read, next to the read bandwidth measured just before each shape."""
+    import torch
+
+    from runtime import quant
+    from runtime.cpu_attention import decode_attention
+
+    torch.set_num_threads(threads)
+    Hkv, G, D, bs = 3, 3, 64, 64
+    out = []
+    for batch, ctx in shapes:
+        bw = read_bandwidth_gbs(threads)
+        nb = batch * -(-ctx // bs)
+        g = torch.Generator().manual_seed(0)
+        tables = torch.randperm(nb, generator=g).view(batch, -1).to(torch.int32)  # shuffled, non-contiguous
+        lengths = torch.full((batch,), ctx, dtype=torch.int32)
+        q = torch.randn(batch, Hkv * G, D, generator=g)
+        for kv in kv_dtypes:
+            x = torch.randn(2, nb, Hkv, bs, D, generator=g)
+            scale, zp = torch.full((Hkv,), 4 / 127), torch.zeros(Hkv)
+            k, v = quant.quantize(x, kv, scale, zp)  # values of a realistic range (no overflow, no denormals)
+            args = (q, k, v, tables, lengths, scale, zp, scale, zp, D**-0.5)
+            decode_attention(*args)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                decode_attention(*args)
+                times.append(time.perf_counter() - t)
+            sec = statistics.median(times)
+            read = 2 * batch * ctx * Hkv * D * quant.BYTES_PER_ELEM[kv]
+            out.append(dict(batch=batch, context=ctx, kv=kv, ms=sec * 1e3, gbs=read / sec / 1e9, read_bw_gbs=bw))
+    return out
 
 
 def workspace_for(hf: Path, dst: Path, session_len: int) -> Path:
@@ -155,7 +239,7 @@ def main() -> None:
     from make_demo_model import ensure_demo_model
 
     hf = ensure_demo_model()
-    shapes = [(1, 256), (4, 512)] if args.quick else [(1, 1024), (8, 2048)]
+    shapes = [(1, 256), (4, 512)] if args.quick else [(1, 1024), (8, 2048), (32, 1024)]
     if args.shapes:
         shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     impls = args.impls.split(",")
@@ -219,6 +303,26 @@ def main() -> None:
                 ratio = med((batch, plen, q), "decode_tok_s") / med((batch, plen, "fp16"), "decode_tok_s")
                 parts.append(f"{q}/fp16 {ratio:.2f}x")
         print(f"decode ratios b{batch} x {plen}: " + ", ".join(parts))
+    print("\nwhere a decode step's time goes (medians): linear layers | decode attention | cache writes | rest")
+    for batch, plen in shapes:
+        for impl in impls:
+            if impl == "hf":
+                continue
+            rs = [r["shares"] for r in runs[(batch, plen, impl)]]
+            sh = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+            rest = 1 - sum(sh.values())
+            print(
+                f"{impl + f' b{batch} x {plen}':>20} {sh['linear']:6.0%} | {sh['attention']:6.0%} | "
+                f"{sh['cache write']:6.0%} | {rest:6.0%}"
+            )
+    kvs = [i for i in impls if i != "hf"]
+    print("\ndecode attention alone (C++ kernel, 9 query / 3 KV heads, D 64, shuffled blocks of 64):")
+    for r in attention_bandwidth(shapes, kvs, args.threads):
+        name = f"{r['kv']} b{r['batch']} x {r['context']}"
+        print(
+            f"{name:>20} {r['ms']:7.3f} ms/layer {r['gbs']:6.1f} GB/s = "
+            f"{r['gbs'] / r['read_bw_gbs']:4.0%} of the measured read bandwidth ({r['read_bw_gbs']:.1f} GB/s)"
+        )
 
 
 if __name__ == "__main__":
