@@ -278,7 +278,7 @@ class Engine:
                 cfg, weights, dtype=DTYPES[s.dtype], device=self.device, max_len=self.session_len, tp=tp
             )
         elif (model.cfg, model.dtype, torch.device(model.device)) != (cfg, DTYPES[s.dtype], self.device) or (
-            model.cos.shape[0] < self.session_len
+            model.max_positions < self.session_len
         ):
             raise ValueError(
                 "model= must come from an engine on the same workspace, dtype, device and at least this session_len"

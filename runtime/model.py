@@ -136,8 +136,8 @@ class Transformer:
         max_len = max_len or cfg.session_len
         inv_freq = cfg.rope_theta ** (-torch.arange(0, self.D, 2, dtype=torch.float64) / self.D)  # (D/2,)
         angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None]  # (S, D/2)
-        self.cos = angles.cos().to(torch.float32).to(device)
-        self.sin = angles.sin().to(torch.float32).to(device)
+        # e^(i angle) per (position, pair): an interleaved pair (x0, x1) read as x0 + i x1 rotates by one product
+        self.rotations = torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(device)  # (S, D/2)
 
     def nbytes(self) -> int:
         """Bytes of the weights this process holds (the RoPE tables are not counted)."""
@@ -147,17 +147,20 @@ class Transformer:
 
     # ------------------------------------------------------------------------------------------
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x * rsqrt(mean(x^2) + eps) with the variance in fp32, then * w in the compute dtype (as HF)."""
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, w.shape, w, self.cfg.norm_eps)  # one fused op: decode is op-count bound
-        return F.rms_norm(x.float(), w.shape, eps=self.cfg.norm_eps).to(self.dtype) * w
+        """x * rsqrt(mean(x^2) + eps) * w, computed in fp32 and rounded once to the compute dtype."""
+        return F.rms_norm(x, w.shape, w, self.cfg.norm_eps)  # one fused op (bf16/fp16 inputs: fp32 inside)
 
-    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (B, heads, T, D) with interleaved pairs; cos/sin (B, 1, T, D/2) fp32."""
-        xf = x.float().unflatten(-1, (-1, 2))  # (B, heads, T, D/2, 2)
-        x0, x1 = xf[..., 0], xf[..., 1]
-        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-        return out.flatten(-2).to(x.dtype)
+    @property
+    def max_positions(self) -> int:
+        """Positions the RoPE table covers."""
+        return self.rotations.shape[0]
+
+    def rope(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        """x (B, heads, T, D) with interleaved pairs; rot (B, 1, T, D/2) complex64 = cos + i sin.
+
+        (x0 + i x1)(cos + i sin) = (x0 cos - x1 sin) + i (x0 sin + x1 cos): the rotation above, in fp32."""
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, heads, T, D/2)
+        return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
     def forward(
         self, tokens: torch.Tensor, cache: KVCache, batch: Batch, *, use_context_fmha: int = 1, all_logits: bool = False
@@ -167,8 +170,8 @@ class Transformer:
         B, T = tokens.shape
         x = self.embed(tokens)  # (B, T, hidden)
         pos = batch.starts.view(B, 1) + torch.arange(T).view(1, T)  # (B, T)
-        pos = pos.clamp_(max=self.cos.shape[0] - 1).to(self.cos.device)  # clamp: padding tokens only
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, T, D/2)
+        pos = pos.clamp_(max=self.max_positions - 1).to(self.rotations.device)  # clamp: padding tokens only
+        rot = self.rotations[pos].unsqueeze(1)  # (B, 1, T, D/2)
         H, Hkv, D = self.H, self.Hkv, self.D
         valid = (torch.arange(T).view(1, T) < torch.tensor(batch.counts).view(B, 1)).to(x.device)  # (B, T)
         for i, L in enumerate(self.layers):
@@ -177,7 +180,7 @@ class Transformer:
             if L["bqkv"] is not None:
                 qkv = qkv + L["bqkv"]
             qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
-            qk = self.rope(qk.view(B, T, H + Hkv, D).transpose(1, 2), cos, sin)  # q and k heads in one rotation
+            qk = self.rope(qk.view(B, T, H + Hkv, D).transpose(1, 2), rot)  # q and k heads in one rotation
             q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, H_kv, T, D)
             v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, H_kv, T, D)
             if T == 1:  # decode: every row is one valid token
