@@ -69,8 +69,8 @@ void attn_one(const AttnArgs& a) {
     kvq_emu::launch(dim3(a.num_heads, a.batch, a.num_splits), dim3(KVQ_ATTN_THREADS), [&] {
         decode_attention<Tq, MODE, D>((const Tq*)a.q, (const Store*)a.k_pool, (const Store*)a.v_pool,
                                       a.block_tables, a.lengths, a.k_scale, a.k_zp, a.v_scale, a.v_zp, a.k_param,
-                                      a.v_param, a.softmax_scale, a.num_heads, a.num_kv_heads, a.num_blocks, a.block_size,
-                                      a.max_blocks, a.chunk, (Tq*)a.out, a.part_o, a.part_ml);
+                                      a.v_param, a.softmax_scale, a.num_heads, a.num_kv_heads, a.num_blocks,
+                                      a.block_size, a.max_blocks, a.chunk, (Tq*)a.out, a.part_o, a.part_ml);
     });
     if (a.num_splits > 1) {
         kvq_emu::launch(dim3(a.num_heads, a.batch), dim3(D), [&] {
@@ -115,9 +115,8 @@ int kvq_kv_write(int in_dtype, int mode, const void* k_new, const void* v_new, v
                  const int* slot_mapping, const float* k_scale, const float* k_zp, const float* v_scale,
                  const float* v_zp, void* k_param, void* v_param, int num_tokens, int num_kv_heads, int num_blocks,
                  int block_size, int head_dim, int grid) {
-    const WriteArgs a{k_new,   v_new,     k_pool,           v_pool,        slot_mapping, k_scale,
-                      k_zp,    v_scale,   v_zp,             (__half*)k_param, (__half*)v_param,
-                      num_tokens, num_kv_heads, num_blocks, block_size,    head_dim,     grid};
+    const WriteArgs a{k_new, v_new, k_pool, v_pool, slot_mapping, k_scale, k_zp, v_scale, v_zp, (__half*)k_param,
+                      (__half*)v_param, num_tokens, num_kv_heads, num_blocks, block_size, head_dim, grid};
     switch (in_dtype) {
         case 0: return write_mode<float>(mode, a);
         case 1: return write_mode<__half>(mode, a);
@@ -132,10 +131,9 @@ int kvq_decode_attention(int q_dtype, int mode, int head_dim, const void* q, con
                          const void* v_param, float softmax_scale, int batch, int num_heads, int num_kv_heads,
                          int num_blocks, int block_size, int max_blocks, int chunk, int num_splits, void* out,
                          float* part_o, float* part_ml) {
-    const AttnArgs a{q,          k_pool,     v_pool,     block_tables, lengths,      k_scale,
-                     k_zp,       v_scale,    v_zp,       (const __half*)k_param, (const __half*)v_param,
-                     softmax_scale, batch,   num_heads,  num_kv_heads, num_blocks,   block_size,
-                     max_blocks, chunk,      num_splits, out,          part_o,       part_ml};
+    const AttnArgs a{q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp, v_scale, v_zp, (const __half*)k_param,
+                     (const __half*)v_param, softmax_scale, batch, num_heads, num_kv_heads, num_blocks, block_size,
+                     max_blocks, chunk, num_splits, out, part_o, part_ml};
     switch (q_dtype) {
         case 0: return attn_mode<float>(mode, head_dim, a);
         case 1: return attn_mode<__half>(mode, head_dim, a);

@@ -86,7 +86,8 @@ __device__ __forceinline__ void quantize_row(const float* x, int n, unsigned cha
     // fp32 parameters exactly as quant.online_params (IEEE division), rounded to fp16, then used as rounded;
     // fabsf keeps an all-zero row's absmax +0 (fmaxf(0, -0) may be -0, which would store scale -0).
     const int top = MODE == KVQ_MODE_INT4_PTH ? 15 : 255;
-    const __half scale_h = __float2half_rn(MODE == KVQ_MODE_FP8_PTH ? fmaxf(fabsf(hi), fabsf(lo)) / 448.0f : (hi - lo) / top);
+    const float scale32 = MODE == KVQ_MODE_FP8_PTH ? fmaxf(fabsf(hi), fabsf(lo)) / 448.0f : (hi - lo) / top;
+    const __half scale_h = __float2half_rn(scale32);
     const __half zero_h = __float2half_rn(MODE == KVQ_MODE_FP8_PTH ? 0.0f : lo);
     const float scale = __half2float(scale_h), zero = __half2float(zero_h);
     const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
@@ -98,8 +99,9 @@ __device__ __forceinline__ void quantize_row(const float* x, int n, unsigned cha
 #pragma unroll
         for (int i = 0; i < KVQ_MAX_PER_LANE; i += 2) {
             if (i < n) {
-                const unsigned int lo4 = quantize_code(x[i], zero, inv, top), hi4 = quantize_code(x[i + 1], zero, inv, top);
-                pool[(lane * n + i) / 2] = (unsigned char)(lo4 | (hi4 << 4));  // element 2j low nibble, 2j+1 high
+                const unsigned int even = quantize_code(x[i], zero, inv, top);
+                const unsigned int odd = quantize_code(x[i + 1], zero, inv, top);
+                pool[(lane * n + i) / 2] = (unsigned char)(even | (odd << 4));  // element 2j low nibble, 2j+1 high
             }
         }
     } else {

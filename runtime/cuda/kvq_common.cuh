@@ -30,9 +30,6 @@
 #define KVQ_MODE_INT4_PTH 6
 
 __host__ __device__ constexpr bool kvq_is_online(int mode) { return mode >= KVQ_MODE_INT8_PTH; }
-__host__ __device__ constexpr bool kvq_is_fp8(int mode) {
-    return mode == KVQ_MODE_FP8_E4M3 || mode == KVQ_MODE_FP8_E5M2 || mode == KVQ_MODE_FP8_PTH;
-}
 
 // Cache element type per mode; fp8 is stored as raw bytes (__nv_fp8_storage_t), online integer codes as unsigned
 // bytes (int4: two codes per byte).
@@ -85,7 +82,7 @@ __device__ __forceinline__ unsigned int quantize_code(float x, float zero, float
 // attention kernel, so they cost nothing per element. A load is 16 bytes, except int4 which loads 8 bytes
 // (16 codes), so that every 8-bit and 4-bit mode gives a lane 16 values and the same register footprint.
 template <int MODE> struct KvVec {
-    static constexpr int BYTES = MODE == KVQ_MODE_INT4_PTH ? 8 : 16;                                 // per load
+    static constexpr int BYTES = MODE == KVQ_MODE_INT4_PTH ? 8 : 16;  // bytes per lane load
     static constexpr int N = MODE == KVQ_MODE_INT4_PTH ? 16 : 16 / (int)sizeof(typename KvStore<MODE>::T);  // values
 };
 
