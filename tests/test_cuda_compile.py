@@ -37,11 +37,16 @@ def test_nvrtc_compiles_every_variant(source, arch):
 
 
 def test_instantiation_lists_cover_the_launchers():
-    """The launchers only ever ask for names in these lists: 3 activation dtypes x 4 modes (x 2 head dims)."""
-    assert len(kernels.write_name_expressions()) == 3 * 4
-    assert len(kernels.attention_name_expressions()) == 3 * 2 * (4 + 1)
+    """The launchers only ever ask for names in these lists: 3 activation dtypes x 7 modes (4 calibrated, 3 online)
+    (x 2 head dims, plus the combine pass)."""
+    assert len(kernels.write_name_expressions()) == 3 * 7
+    assert len(kernels.attention_name_expressions()) == 3 * 2 * (7 + 1)
     assert "decode_attention<__half, 1, 128>" in kernels.attention_name_expressions()
     assert "kv_write<__nv_bfloat16, 3>" in kernels.write_name_expressions()
+    for mode in ("int8_per_token_head", "fp8_per_token_head", "int4_per_token_head"):
+        code = kernels.KV_MODES[mode]
+        assert f"kv_write<float, {code}>" in kernels.write_name_expressions()
+        assert f"decode_attention<__nv_bfloat16, {code}, 64>" in kernels.attention_name_expressions()
 
 
 def test_import_runtime_cuda_does_not_import_cupy():

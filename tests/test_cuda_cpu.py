@@ -12,6 +12,7 @@ Tolerances:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from runtime.cuda import kernels
 host_ops = pytest.importorskip("runtime.cuda.host_ops")
 
 FP8_KINDS = ("fp8_e4m3", "fp8_e5m2")
+CALIBRATED = tuple(m for m in kernels.KV_MODES if not quant.is_online(m))  # per-head fp32 parameters
 ACT_TOL = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # rtol per output dtype
 
 
@@ -145,12 +147,12 @@ def kernel_params(case: PagedCase) -> dict:
     return {n: (p if n in used[case.kv_dtype] else None) for n, p in zip(names, case.params, strict=True)}
 
 
-@pytest.mark.parametrize("kv_dtype", list(kernels.KV_MODES))
+@pytest.mark.parametrize("kv_dtype", CALIBRATED)
 @pytest.mark.parametrize("act", [torch.float32, torch.float16, torch.bfloat16])
 def test_kv_write_is_bit_exact(kv_dtype, act):
     """Every token lands, quantized exactly like quant.quantize, at row slot % block_size of block
     slot // block_size; negative and out-of-pool slots write nothing, every other byte is untouched."""
-    seed = list(kernels.KV_MODES).index(kv_dtype) * 3 + list(kernels.ACT_TYPES).index(act)
+    seed = CALIBRATED.index(kv_dtype) * 3 + list(kernels.ACT_TYPES).index(act)
     gen = torch.Generator().manual_seed(seed)
     num_blocks, hkv, block_size, dim = 4, 3, 7, 64 if act != torch.float16 else 128
     n = 19  # tokens at distinct, scattered slots
@@ -319,3 +321,286 @@ def test_plan_splits():
     for batch, heads, length in ((1, 9, 8192), (3, 8, 333), (4, 32, 1), (1, 1, 257)):
         splits, chunk = kernels.plan_splits(batch, heads, length, 132)
         assert (splits - 1) * chunk < length <= splits * chunk  # no split is empty at max_length
+
+
+# ---- online per-(token, KV head) modes -------------------------------------------------------------------
+# Reference: quant.quantize_online / dequantize_online. Writes are bit-exact (codes and fp16 params): the kernel
+# computes the same fp32 values with the same IEEE operations (min / max, (max - min) / (2^b - 1), the fp16
+# rounding, (x - zero) * (1 / scale)), so even ties round alike. Attention uses the tolerances above.
+# Not covered, by design: NaN inputs (no defined code on either side), and a row whose minimum is a zero of both
+# signs (0.0 and -0.0): torch's amin and the warp's fminf may pick different ones, so the stored fp16 zero may
+# differ in its sign bit only (same codes, same value read back).
+
+ONLINE = quant.ONLINE_MODES
+
+
+def online_pool_shape(kv_dtype: str, num_blocks: int, hkv: int, block_size: int, dim: int) -> tuple:
+    return (num_blocks, hkv, block_size, dim // 2 if kv_dtype == "int4_per_token_head" else dim)
+
+
+def online_poison(kv_dtype: str, num_blocks: int, hkv: int, block_size: int, dim: int, gen: torch.Generator):
+    """A data pool of random bytes (fp8: byte 0x7F, NaN in E4M3FN) and a NaN fp16 param pool: what a kernel must
+    never read (attention) or must leave alone (write)."""
+    shape = online_pool_shape(kv_dtype, num_blocks, hkv, block_size, dim)
+    if kv_dtype == "fp8_per_token_head":
+        data = torch.full(shape, 0x7F, dtype=torch.uint8)
+    else:
+        data = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    params = torch.full((num_blocks, hkv, block_size, 2), float("nan"), dtype=quant.PARAM_DTYPE)
+    return data.view(quant.ONLINE_STORAGE[kv_dtype]), params
+
+
+def hard_rows(n: int, hkv: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, H_kv, D) fp32 rows, random ranges and offsets, with the cases that break a careless kernel: all-equal
+    rows (scale 0), zeros, ranges of 1e4 and 1e-4 (fp16-subnormal scales), one outlier channel, all-negative."""
+    x = torch.randn(n, hkv, dim, generator=gen) * torch.rand(n, hkv, 1, generator=gen) * 8
+    x += torch.randn(n, hkv, 1, generator=gen) * 2
+    special = [
+        torch.full((dim,), 1.7),
+        torch.zeros(dim),
+        torch.randn(dim, generator=gen) * 1e4,
+        torch.randn(dim, generator=gen) * 1e-4 + 3e-4,
+        torch.cat([torch.full((1,), 300.0), torch.randn(dim - 1, generator=gen) * 0.1]),
+        -torch.rand(dim, generator=gen) - 0.5,
+    ]
+    for i, row in enumerate(special):
+        x[i % n, (i // n) % hkv] = row
+        x[(n - 1 - i) % n, (i + 1) % hkv] = -row.flip(0)
+    return x
+
+
+@pytest.mark.parametrize("kv_dtype", ONLINE)
+@pytest.mark.parametrize(
+    "act, dim", [(torch.float32, 64), (torch.float32, 128), (torch.float16, 128), (torch.bfloat16, 64)]
+)
+def test_online_kv_write_is_bit_exact(kv_dtype, act, dim):
+    """Codes and fp16 (scale, zero) equal quant.quantize_online bit for bit, at row slot % block_size of block
+    slot // block_size, for shuffled slots; negative and out-of-pool slots write nothing, other rows untouched."""
+    gen = torch.Generator().manual_seed(ONLINE.index(kv_dtype) * 7 + dim + list(kernels.ACT_TYPES).index(act))
+    num_blocks, hkv, block_size, n = 5, 3, 7, 23
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
+    k_new, v_new = hard_rows(n, hkv, dim, gen).to(act), (hard_rows(n, hkv, dim, gen) * 0.5 + 0.25).to(act)
+    k_pool, k_param = online_poison(kv_dtype, num_blocks, hkv, block_size, dim, gen)
+    v_pool, v_param = online_poison(kv_dtype, num_blocks, hkv, block_size, dim, gen)
+    want = [t.clone() for t in (k_pool, k_param, v_pool, v_param)]
+    skipped = torch.tensor([-1, -5, num_blocks * block_size, 2**32 + 3])  # the last wraps to slot 3 as int32
+    slot_mapping = torch.cat([slots, skipped]).to(torch.int64 if dim == 64 else torch.int32)
+    if slot_mapping.dtype == torch.int32:
+        slot_mapping = slot_mapping[:-1]
+    bad = torch.randn(len(slot_mapping) - n, hkv, dim, generator=gen).to(act)
+    host_ops.kv_cache_write(
+        k_pool,
+        v_pool,
+        torch.cat([k_new, bad]),
+        torch.cat([v_new, bad]),
+        slot_mapping,
+        None,
+        None,
+        None,
+        None,
+        kv_dtype,
+        k_param=k_param,
+        v_param=v_param,
+    )
+    blocks, rows = slots // block_size, slots % block_size
+    for x, data, params in ((k_new, want[0], want[1]), (v_new, want[2], want[3])):
+        data[blocks, :, rows], params[blocks, :, rows] = quant.quantize_online(x, kv_dtype)  # (n, H_kv, ...)
+    names = ("k data", "k params", "v data", "v params")
+    for got, ref, name in zip((k_pool, k_param, v_pool, v_param), want, names, strict=True):
+        diff = got.view(torch.uint8) != ref.view(torch.uint8)
+        assert not diff.any(), f"{name}: {int(diff.sum())} bytes differ"
+
+
+def test_online_read_path_all_bytes():
+    """unpack_vec of the online modes: uint8 codes as themselves, int4 low nibble then high, E4M3 bytes."""
+    stored = torch.arange(256, dtype=torch.uint8)
+    assert_same_values(host_ops.probe_unpack("int8_per_token_head", stored), stored.float(), "unpack_vec<uint8>")
+    got = host_ops.probe_unpack("int4_per_token_head", stored)
+    assert torch.equal(got, quant.unpack_int4(stored).float()), "unpack_vec<int4>"
+    fp8 = stored.view(torch.float8_e4m3fn)
+    assert_same_values(host_ops.probe_unpack("fp8_per_token_head", fp8), fp8.float(), "unpack_vec<fp8 per row>")
+
+
+@dataclass
+class OnlineCase:
+    kv_dtype: str
+    q: torch.Tensor  # (B, H, D)
+    k_pool: torch.Tensor  # (num_blocks, H_kv, block_size, D or D / 2)
+    v_pool: torch.Tensor
+    k_param: torch.Tensor  # (num_blocks, H_kv, block_size, 2) fp16
+    v_param: torch.Tensor
+    block_tables: torch.Tensor  # (B, max_blocks) int32
+    lengths: torch.Tensor  # (B,) int32
+    softmax_scale: float
+
+
+def online_case(kv_dtype, dim, num_heads, hkv, act, block_size, lengths, seed) -> OnlineCase:
+    """K (channel outliers, per-head offsets) and V quantized per row by quant.quantize_online into shuffled blocks
+    of a poisoned pool; block tables padded with -1, a far block id or a poisoned spare block."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, longest = len(lengths), max(lengths)
+    need = [math.ceil(n / block_size) for n in lengths]
+    num_blocks, max_blocks = sum(need) + 3, max(need) + 2
+    k = torch.randn(batch, longest, hkv, dim, generator=gen) * (1 + 4 * torch.rand(dim, generator=gen))
+    k += torch.arange(hkv).view(-1, 1) * 0.5 - 0.3
+    v = torch.randn(batch, longest, hkv, dim, generator=gen) + 0.3
+    (kq, kp), (vq, vp) = quant.quantize_online(k, kv_dtype), quant.quantize_online(v, kv_dtype)  # (B, L, H_kv, ...)
+    k_pool, k_param = online_poison(kv_dtype, num_blocks, hkv, block_size, dim, gen)
+    v_pool, v_param = online_poison(kv_dtype, num_blocks, hkv, block_size, dim, gen)
+    perm = torch.randperm(num_blocks, generator=gen)  # the last 3 are spare blocks
+    tables, taken = torch.empty(batch, max_blocks, dtype=torch.int32), 0
+    for b, n in enumerate(lengths):
+        ids = perm[taken : taken + need[b]]
+        taken += need[b]
+        tables[b] = (-1, 10**6, int(perm[-1]))[b % 3]
+        tables[b, : need[b]] = ids
+        pos = torch.arange(n)
+        for pool, src in ((k_pool, kq), (v_pool, vq), (k_param, kp), (v_param, vp)):
+            pool[ids[pos // block_size], :, pos % block_size] = src[b, :n]
+    q = torch.randn(batch, num_heads, dim, generator=gen).to(act)
+    lengths_t = torch.tensor(lengths, dtype=torch.int32)
+    return OnlineCase(kv_dtype, q, k_pool, v_pool, k_param, v_param, tables, lengths_t, 1 / math.sqrt(dim))
+
+
+def online_reference(c: OnlineCase) -> torch.Tensor:
+    """float64 (B, H, D): each sequence's rows gathered through its block table, dequantized by
+    quant.dequantize_online, then plain softmax attention (GQA: query head h reads KV head h // group)."""
+    batch, num_heads, dim = c.q.shape
+    block_size, hkv = c.k_pool.shape[2], c.k_pool.shape[1]
+    out = torch.zeros(batch, num_heads, dim, dtype=torch.float64)
+    for b in range(batch):
+        n = int(c.lengths[b])
+        if n == 0:
+            continue
+        t = torch.arange(n)
+        blocks, rows = c.block_tables[b, t // block_size].long(), t % block_size
+        kv = []
+        for pool, params in ((c.k_pool, c.k_param), (c.v_pool, c.v_param)):
+            x = quant.dequantize_online(pool[blocks, :, rows], params[blocks, :, rows], c.kv_dtype)  # (n, H_kv, D)
+            kv.append(x.double().transpose(0, 1).repeat_interleave(num_heads // hkv, 0))  # (H, n, D)
+        scores = torch.einsum("hd,hnd->hn", c.q[b].double(), kv[0]) * c.softmax_scale
+        out[b] = torch.einsum("hn,hnd->hd", scores.softmax(-1), kv[1])
+    return out
+
+
+def online_attention(c: OnlineCase, num_splits: int | None) -> torch.Tensor:
+    return host_ops.decode_attention(
+        c.q,
+        c.k_pool,
+        c.v_pool,
+        c.block_tables,
+        c.lengths,
+        None,
+        None,
+        None,
+        None,
+        c.kv_dtype,
+        c.softmax_scale,
+        max_length=int(c.lengths.max()),
+        k_param=c.k_param,
+        v_param=c.v_param,
+        num_splits=num_splits,
+        num_sms=4,
+    )
+
+
+ONLINE_CASES = [  # kv_dtype, head_dim, H, H_kv (GQA 1 / 3 / 8), q dtype, block_size
+    ("int8_per_token_head", 64, 9, 3, torch.float32, 5),
+    ("int8_per_token_head", 128, 8, 1, torch.bfloat16, 16),
+    ("int4_per_token_head", 64, 2, 2, torch.float32, 16),
+    ("int4_per_token_head", 128, 8, 1, torch.float16, 5),
+    ("fp8_per_token_head", 128, 3, 1, torch.float32, 7),
+    ("fp8_per_token_head", 64, 4, 4, torch.float16, 16),
+]
+
+
+def online_case_id(c) -> str:
+    return f"{c[0]}-D{c[1]}-H{c[2]}-KV{c[3]}-{c[4]}-bs{c[5]}".replace("torch.", "")
+
+
+@pytest.mark.parametrize("case", ONLINE_CASES, ids=online_case_id)
+def test_online_decode_attention_matches_reference(case):
+    """Shuffled blocks in a poisoned pool, padded block tables, lengths 1, one block, 0, ragged and one long
+    sequence (600 keys: several key tiles per group); one split, split-K forced to 3 (some splits empty for the
+    short sequences) and the planner's choice, which splits the long sequence into MIN_CHUNK chunks."""
+    kv_dtype, dim, num_heads, hkv, act, block_size = case
+    lengths = [1, block_size, 0, 3 * block_size - 2, 45, 600]
+    c = online_case(kv_dtype, dim, num_heads, hkv, act, block_size, lengths, seed=ONLINE_CASES.index(case))
+    want = online_reference(c)
+    tol = ACT_TOL[act]
+    for splits in (1, 3, None):
+        got = online_attention(c, splits)
+        assert got.dtype == act and got.shape == c.q.shape
+        err = (got.double() - want).abs()
+        bound = 1e-5 + tol * want.abs()
+        assert (err <= bound).all(), f"splits={splits}: max err {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+        assert got[2].abs().max() == 0  # the empty sequence
+
+
+def test_online_write_then_attention():
+    """The two kernels together: kv_write fills the pools and param pools, decode attention reads them back."""
+    gen = torch.Generator().manual_seed(5)
+    kv_dtype, num_blocks, hkv, block_size, dim, n = "int4_per_token_head", 6, 2, 8, 64, 40
+    k_pool, k_param = online_poison(kv_dtype, num_blocks, hkv, block_size, dim, gen)
+    v_pool, v_param = online_poison(kv_dtype, num_blocks, hkv, block_size, dim, gen)
+    k, v = torch.randn(n, hkv, dim, generator=gen), torch.randn(n, hkv, dim, generator=gen)
+    blocks = torch.randperm(num_blocks, generator=gen)[:5].to(torch.int32)
+    t = torch.arange(n)
+    slot_mapping = blocks.long()[t // block_size] * block_size + t % block_size
+    host_ops.kv_cache_write(
+        k_pool, v_pool, k, v, slot_mapping, None, None, None, None, kv_dtype, k_param=k_param, v_param=v_param
+    )
+    q = torch.randn(1, 4, dim, generator=gen)
+    c = OnlineCase(
+        kv_dtype, q, k_pool, v_pool, k_param, v_param, blocks.view(1, -1), torch.tensor([n], dtype=torch.int32), 0.125
+    )
+    want = online_reference(c)
+    got = online_attention(c, None)
+    assert ((got.double() - want).abs() <= 1e-5 + 1e-4 * want.abs()).all()
+
+
+def test_online_launch_checks_name_the_bad_argument():
+    k_pool = torch.zeros(6, 2, 16, 32, dtype=torch.uint8)  # int4, D = 64
+    param = torch.zeros(6, 2, 16, 2, dtype=torch.float16)
+    q = torch.zeros(2, 4, 64)
+    tables, lengths = torch.zeros(2, 3, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+    none = dict(k_scale=None, k_zp=None, v_scale=None, v_zp=None)
+    ok = dict(**none, kv_dtype="int4_per_token_head", max_length=None, num_sms=1, k_param=param, v_param=param)
+    assert kernels.prepare_attention(q, k_pool, k_pool, tables, lengths, **ok).head_dim == 64
+    bad = [
+        (dict(k_param=None), "k_param"),
+        (dict(v_param=param.float()), "v_param.dtype"),
+        (dict(k_param=param[:, :, :8]), "k_param.shape"),
+        (dict(v_param=param.transpose(0, 1).contiguous().transpose(0, 1)), "non-contiguous"),
+        (dict(k_scale=torch.ones(2)), "k_scale"),
+        (dict(kv_dtype="int8_per_token_head"), "head_dim"),  # a 32-wide int8 pool: D = 32
+        (dict(kv_dtype="fp8_per_token_head"), "k_pool.dtype"),
+    ]
+    for override, needle in bad:
+        with pytest.raises(kernels.CudaOpError, match=needle.replace(".", r"\.")):
+            kernels.prepare_attention(q, k_pool, k_pool, tables, lengths, **{**ok, **override})
+    per_head = dict(k_scale=torch.ones(2), k_zp=torch.ones(2), v_scale=torch.ones(2), v_zp=torch.ones(2))
+    int8_pool = torch.zeros(6, 2, 16, 64, dtype=torch.int8)
+    calibrated = {**ok, **per_head, "kv_dtype": "int8"}
+    with pytest.raises(kernels.CudaOpError, match="k_param"):  # a calibrated mode takes no param pool
+        kernels.prepare_attention(q, int8_pool, int8_pool, tables, lengths, **calibrated)
+    new = torch.zeros(3, 2, 64)
+    slots = torch.zeros(3, dtype=torch.int32)
+    w = kernels.prepare_write(
+        k_pool, k_pool, new, new, slots, **none, kv_dtype="int4_per_token_head", k_param=param, v_param=param
+    )
+    assert w.grid == 1 and w.head_dim == 64  # 3 tokens x 2 heads = 6 rows of one warp each
+    with pytest.raises(kernels.CudaOpError, match="v_param"):
+        kernels.prepare_write(k_pool, k_pool, new, new, slots, **none, kv_dtype="int4_per_token_head", k_param=param)
+    with pytest.raises(kernels.CudaOpError, match=r"k_new\.shape"):
+        kernels.prepare_write(
+            k_pool,
+            k_pool,
+            new[..., :32].contiguous(),
+            new,
+            slots,
+            **none,
+            kv_dtype="int4_per_token_head",
+            k_param=param,
+            v_param=param,
+        )

@@ -28,7 +28,20 @@ def _gpu_available() -> bool:
 if not _gpu_available():
     pytest.skip("needs a CUDA device (cupy.cuda.runtime.getDeviceCount() failed or is 0)", allow_module_level=True)
 
-from test_cuda_cpu import ACT_TOL, ATTENTION_CASES, case_id, kernel_params, make_params  # noqa: E402
+from test_cuda_cpu import (  # noqa: E402
+    ACT_TOL,
+    ATTENTION_CASES,
+    ONLINE,
+    ONLINE_CASES,
+    case_id,
+    hard_rows,
+    kernel_params,
+    make_params,
+    online_case,
+    online_case_id,
+    online_poison,
+    online_reference,
+)
 from test_paged_attention import make_case  # noqa: E402
 
 from runtime.cpu_attention import decode_attention_torch  # noqa: E402
@@ -82,5 +95,70 @@ def test_gpu_decode_attention_matches_reference(case, splits):
     err = (got.double() - want.double()).abs()
     # exp2f / division may use the GPU's approximate paths: allow a little more than on the CPU
     bound = 2e-5 + 2 * ACT_TOL[act] * want.double().abs()
+    assert (err <= bound).all(), f"max err {err.max():.3g}"
+    assert (got[2] == 0).all()  # the empty sequence
+
+
+@pytest.mark.parametrize("kv_dtype", ONLINE)
+@pytest.mark.parametrize("act", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_online_kv_write_matches_reference_bit_exactly(kv_dtype, act):
+    """Codes and fp16 params from the GPU equal quant.quantize_online (no FMA can form in the write's formulas)."""
+    gen = torch.Generator().manual_seed(3)
+    num_blocks, hkv, block_size, dim, n = 64, 4, 16, 128, 700
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
+    slots[::50] = -1  # skipped tokens
+    k_new, v_new = hard_rows(n, hkv, dim, gen).to(act), hard_rows(n, hkv, dim, gen).to(act)
+    k_pool, k_param = online_poison(kv_dtype, num_blocks, hkv, block_size, dim, gen)
+    v_pool, v_param = online_poison(kv_dtype, num_blocks, hkv, block_size, dim, gen)
+    want = [t.clone() for t in (k_pool, k_param, v_pool, v_param)]
+    gpu = [t.cuda() for t in (k_pool, k_param, v_pool, v_param)]
+    kv_cache_write(
+        gpu[0],
+        gpu[2],
+        k_new.cuda(),
+        v_new.cuda(),
+        slots.to(torch.int32).cuda(),
+        None,
+        None,
+        None,
+        None,
+        kv_dtype,
+        k_param=gpu[1],
+        v_param=gpu[3],
+    )
+    kept = slots >= 0
+    blocks, rows = slots[kept] // block_size, slots[kept] % block_size
+    for x, data, params in ((k_new[kept], want[0], want[1]), (v_new[kept], want[2], want[3])):
+        data[blocks, :, rows], params[blocks, :, rows] = quant.quantize_online(x, kv_dtype)
+    for got, ref in zip(gpu, want, strict=True):
+        assert torch.equal(got.cpu().view(torch.uint8), ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("case", ONLINE_CASES, ids=online_case_id)
+@pytest.mark.parametrize("splits", [None, 1, 7])
+def test_gpu_online_decode_attention_matches_reference(case, splits):
+    kv_dtype, dim, num_heads, hkv, act, block_size = case
+    lengths = [1, block_size, 0, 1000, 77, 2049]
+    c = online_case(kv_dtype, dim, num_heads, hkv, act, block_size, lengths, seed=11)
+    want = online_reference(c)
+    got = decode_attention(
+        c.q.cuda(),
+        c.k_pool.cuda(),
+        c.v_pool.cuda(),
+        c.block_tables.cuda(),
+        c.lengths.cuda(),
+        None,
+        None,
+        None,
+        None,
+        kv_dtype,
+        c.softmax_scale,
+        max_length=max(lengths),
+        k_param=c.k_param.cuda(),
+        v_param=c.v_param.cuda(),
+        num_splits=splits,
+    ).cpu()
+    err = (got.double() - want).abs()
+    bound = 2e-5 + 2 * ACT_TOL[act] * want.abs()
     assert (err <= bound).all(), f"max err {err.max():.3g}"
     assert (got[2] == 0).all()  # the empty sequence

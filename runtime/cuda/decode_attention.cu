@@ -3,19 +3,25 @@
 // Computes, for every sequence b and query head h (GQA: KV head kvh = h / (H / H_kv)):
 //     out[b, h] = softmax(softmax_scale * q[b, h] . K^[b, kvh, :L_b]) @ V^[b, kvh, :L_b]
 // with L_b = lengths[b] and K^[b, kvh, t] the dequantized pool row k_pool[block_tables[b, t / block_size], kvh,
-// t % block_size] (kvq_common.cuh: int8 x^ = q*scale + zp, fp8 x^ = f*scale, per KV head); V^ likewise. No
-// dequantized copy is written anywhere: the K scale is folded into q (and the INT8 zero point into one
-// per-query constant zp * sum(q)), the V scale and zero point are applied once to the output, so the inner
-// loop only converts stored bytes to floats. Online softmax in fp32, in the log2 domain (exp2f); a sequence
-// with L_b = 0 gets a zero output.
+// t % block_size] (kvq_common.cuh: int8 x^ = q*scale + zp, fp8 x^ = f*scale, per KV head; online modes
+// x^ = code*scale_t + zero_t with the row's own fp16 (scale_t, zero_t)); V^ likewise. No dequantized copy is
+// written anywhere, and the inner loop only converts stored bytes to floats:
+//   per-head modes: the K scale is folded into q (and the INT8 zero point into one per-query constant
+//     zp * sum(q)), the V scale and zero point are applied once to the output;
+//   online modes:   score_t = scale_t * (q . code_t) + zero_t * sum(q), one FMA per key on the reduced dot;
+//     out accumulates (p_t * scale_t) * code_t per channel plus one scalar p_t * zero_t per key, added to
+//     every channel when the groups merge.
+// Online softmax in fp32, in the log2 domain (exp2f); a sequence with L_b = 0 gets a zero output.
 //
 // Layout (contiguous, row-major):
 //   q, out              (B, H, D)                              Tq = float | __half | __nv_bfloat16
 //   k_pool, v_pool      (num_blocks, H_kv, block_size, D)      KvStore<MODE>::T; rows 16-byte aligned
 //                                                               (D * bytes % 16 == 0, pool base % 16 == 0)
+//                       (num_blocks, H_kv, block_size, D / 2)  uint8, int4 mode (two codes per byte)
 //   block_tables        (B, max_blocks) int32                   pool block of each block_size positions
 //   lengths             (B,) int32                              L_b, clamped to [0, max_blocks * block_size]
-//   k_scale ... v_zp    (H_kv,) fp32       not read in fp16 mode; zero points not read in fp8 modes
+//   k_scale ... v_zp    (H_kv,) fp32       modes 1-3 only; zero points not read in fp8 modes
+//   k_param, v_param    (num_blocks, H_kv, block_size, 2) fp16  (scale, zero) per row, online modes only
 //   part_o              (B, H, splits, D)  fp32, split-K partial outputs (normalised), splits > 1 only
 //   part_ml             (B, H, splits, 2)  fp32, each split's running max (log2 domain) and softmax sum
 // Only rows t < L_b are read, and only the block-table entries those rows fall in: rows past the length and
@@ -24,10 +30,11 @@
 //
 // Launch (flash-decoding):
 //   decode_attention<Tq, MODE, D>: grid (H, B, splits), block 128 threads = 4 warps. Block (h, b, z) reads
-//     keys [z*chunk, min(L_b, (z+1)*chunk)). Lanes work in groups of TPK = D / (16 / sizeof(elem)) lanes
-//     per key: each lane loads 16 bytes of a K row and of a V row (a pool row is D contiguous elements, so a
-//     group reads one whole row); the group looks the key's block up in the block table (one int, the same
-//     address for the group's lanes). The block's 128/TPK groups take consecutive keys, UNROLL keys per
+//     keys [z*chunk, min(L_b, (z+1)*chunk)). Lanes work in groups of TPK = D / EPV lanes per key: each lane
+//     loads 16 bytes (8 for int4) of a K row and of a V row, EPV = 8 (fp16) or 16 values (a pool row is
+//     contiguous, so a group reads one whole row); the group looks the key's block up in the block table and,
+//     in the online modes, loads the key's K and V (scale, zero) as one __half2 each (same addresses for the
+//     group's lanes: broadcast loads). The block's 128/TPK groups take consecutive keys, UNROLL keys per
 //     group per iteration with all loads issued before the math; q.k is reduced across the group with
 //     __shfl_xor_sync. The groups' (max, sum, acc) are merged through shared memory at the end.
 //     splits == 1: the block writes out directly; splits > 1: it writes part_o / part_ml (empty splits
@@ -52,14 +59,18 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
     const Tq* __restrict__ q, const typename KvStore<MODE>::T* __restrict__ k_pool,
     const typename KvStore<MODE>::T* __restrict__ v_pool, const int* __restrict__ block_tables,
     const int* __restrict__ lengths, const float* __restrict__ k_scale, const float* __restrict__ k_zp,
-    const float* __restrict__ v_scale, const float* __restrict__ v_zp, float softmax_scale, int num_heads,
+    const float* __restrict__ v_scale, const float* __restrict__ v_zp, const __half* __restrict__ k_param,
+    const __half* __restrict__ v_param, float softmax_scale, int num_heads,
     int num_kv_heads, int num_blocks, int block_size, int max_blocks, int chunk, Tq* __restrict__ out,
     float* __restrict__ part_o, float* __restrict__ part_ml) {
-    constexpr int EPV = KvVec<MODE>::N;  // cache elements per 16-byte load: 8 (fp16) or 16 (int8/fp8)
+    constexpr bool ONLINE = kvq_is_online(MODE);
+    constexpr int EPV = KvVec<MODE>::N;  // values per lane load: 8 (fp16) or 16 (8-bit and 4-bit modes)
     constexpr int TPK = D / EPV;         // lanes per key
     constexpr int NG = KVQ_ATTN_THREADS / TPK;  // key groups per block
     constexpr int U = KVQ_ATTN_UNROLL;
-    static_assert(D % EPV == 0 && 32 % TPK == 0, "head_dim must split into 16-byte loads within a warp");
+    constexpr int ROW = MODE == KVQ_MODE_INT4_PTH ? D / 2 : D;  // storage elements per pool row
+    constexpr int LANE_ELEMS = KvVec<MODE>::BYTES / (int)sizeof(typename KvStore<MODE>::T);  // per lane load
+    static_assert(D % EPV == 0 && 32 % TPK == 0, "head_dim must split into lane loads within a warp");
 
     const int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
     const int kvh = h / (num_heads / num_kv_heads);
@@ -70,9 +81,10 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
     const int group = threadIdx.x / TPK, lane = threadIdx.x % TPK;
     const int c0 = lane * EPV;  // this lane's channels [c0, c0 + EPV)
 
-    const float k_mul = MODE == KVQ_MODE_FP16 ? 1.0f : k_scale[kvh];
+    // Per-head parameters (modes 1-3); the online modes apply theirs per key below.
+    const float k_mul = MODE == KVQ_MODE_FP16 || ONLINE ? 1.0f : k_scale[kvh];
     const float k_add = MODE == KVQ_MODE_INT8 ? k_zp[kvh] : 0.0f;
-    const float v_mul = MODE == KVQ_MODE_FP16 ? 1.0f : v_scale[kvh];
+    const float v_mul = MODE == KVQ_MODE_FP16 || ONLINE ? 1.0f : v_scale[kvh];
     const float v_add = MODE == KVQ_MODE_INT8 ? v_zp[kvh] : 0.0f;
 
     // q . k^ = sum_d q_d (k_d * k_mul + k_add) = k_mul * (q . k) + k_add * sum(q); log2 domain for exp2f.
@@ -86,34 +98,41 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
         qf[i] = x * q_mul * k_mul;
         q_sum += x;
     }
-    if constexpr (MODE == KVQ_MODE_INT8) {
+    if constexpr (MODE == KVQ_MODE_INT8 || ONLINE) {
 #pragma unroll
         for (int off = TPK / 2; off > 0; off /= 2) q_sum += __shfl_xor_sync(0xffffffffu, q_sum, off);
     }
-    const float z_term = q_mul * k_add * q_sum;
+    const float z_term = q_mul * k_add * q_sum;  // per-head int8
+    const float q_sum_scaled = q_mul * q_sum;     // online: times zero_t per key
 
-    // Element offset of (block, kvh, row, c0) = block * block_stride + head_base + row * D; 64-bit, since a
-    // pool of num_blocks * H_kv * block_size * D elements passes 2^31 easily.
+    // Pool row of (block, kvh, row) = (block * H_kv + kvh) * block_size + row; its params sit at 2 * that, its
+    // data at ROW * that (+ this lane's LANE_ELEMS slice). 64-bit: a pool passes 2^31 elements easily.
     const int* table = block_tables + (long long)b * max_blocks;
-    const long long block_stride = (long long)num_kv_heads * block_size * D;
-    const long long head_base = (long long)kvh * block_size * D + c0;
-    float m = KVQ_NEG_INF, l = 0.0f, acc[EPV];
+    const long long head_row = (long long)kvh * block_size;
+    const long long block_rows = (long long)num_kv_heads * block_size;
+    float m = KVQ_NEG_INF, l = 0.0f, z_acc = 0.0f, acc[EPV];  // z_acc: online sum_t p_t * zero_t
 #pragma unroll
     for (int i = 0; i < EPV; ++i) acc[i] = 0.0f;
 
     // Trip count is the same for every thread of the block, so the shuffles below see the full warp.
     for (int t0 = start; t0 < end; t0 += NG * U) {
         uint4 k_raw[U], v_raw[U];
+        float2 k_par[U], v_par[U];  // online: each key's (scale, zero)
         unsigned valid = 0u;  // bit u: key t0 + u*NG + group is read (inside the range and the pool)
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int t = t0 + u * NG + group;
             const unsigned col = (unsigned)t / (unsigned)block_size;  // t >= 0, block_size >= 1
             const int block = t < end ? table[col] : -1;
+            k_par[u] = v_par[u] = make_float2(0.0f, 0.0f);
             if ((unsigned)block < (unsigned)num_blocks) {
-                const long long off = block * block_stride + head_base + (long long)(t - (int)col * block_size) * D;
-                k_raw[u] = *reinterpret_cast<const uint4*>(k_pool + off);
-                v_raw[u] = *reinterpret_cast<const uint4*>(v_pool + off);
+                const long long row = block * block_rows + head_row + (t - (int)col * block_size);
+                k_raw[u] = load_vec<MODE>(k_pool + row * ROW + lane * LANE_ELEMS);
+                v_raw[u] = load_vec<MODE>(v_pool + row * ROW + lane * LANE_ELEMS);
+                if constexpr (ONLINE) {
+                    k_par[u] = __half22float2(*reinterpret_cast<const __half2*>(k_param + 2 * row));
+                    v_par[u] = __half22float2(*reinterpret_cast<const __half2*>(v_param + 2 * row));
+                }
                 valid |= 1u << u;
             } else {
                 k_raw[u] = make_uint4(0u, 0u, 0u, 0u);
@@ -125,42 +144,46 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             float kf[EPV];
-            unpack16<MODE>(k_raw[u], kf);
+            unpack_vec<MODE>(k_raw[u], kf);
             float dot = 0.0f;
 #pragma unroll
             for (int i = 0; i < EPV; ++i) dot += qf[i] * kf[i];
 #pragma unroll
             for (int off = TPK / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-            s[u] = ((valid >> u) & 1u) ? dot + z_term : KVQ_NEG_INF;
+            const float score = ONLINE ? k_par[u].x * dot + k_par[u].y * q_sum_scaled : dot + z_term;
+            s[u] = ((valid >> u) & 1u) ? score : KVQ_NEG_INF;
             tile_max = fmaxf(tile_max, s[u]);
         }
         const float m_new = fmaxf(m, tile_max);
         if (m_new == KVQ_NEG_INF) continue;  // no valid key for this group in this tile yet
         const float corr = exp2f(m - m_new);  // 0 on the first valid tile (m = -inf)
         l *= corr;
+        z_acc *= corr;
 #pragma unroll
         for (int i = 0; i < EPV; ++i) acc[i] *= corr;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const float p = exp2f(s[u] - m_new);  // 0 for masked keys
+            const float pv = ONLINE ? p * v_par[u].x : p;  // p_t * scale_t: the codes' weight
             float vf[EPV];
-            unpack16<MODE>(v_raw[u], vf);
+            unpack_vec<MODE>(v_raw[u], vf);
             l += p;
+            if constexpr (ONLINE) z_acc += p * v_par[u].y;
 #pragma unroll
-            for (int i = 0; i < EPV; ++i) acc[i] += p * vf[i];
+            for (int i = 0; i < EPV; ++i) acc[i] += pv * vf[i];
         }
         m = m_new;
     }
 
     // Merge the NG groups: shared (max, sum) per group and the group's D accumulators.
     __shared__ float s_m[NG], s_l[NG];
-    __shared__ float s_acc[NG * D];  // NG * D = 128 * EPV floats: 4 KiB (fp16) or 8 KiB (8-bit)
+    __shared__ float s_acc[NG * D];  // NG * D = 128 * EPV floats: 4 KiB (fp16) or 8 KiB (8-bit, 4-bit)
     if (lane == 0) {
         s_m[group] = m;
         s_l[group] = l;
     }
 #pragma unroll
-    for (int i = 0; i < EPV; ++i) s_acc[group * D + c0 + i] = acc[i];
+    for (int i = 0; i < EPV; ++i) s_acc[group * D + c0 + i] = acc[i] + z_acc;  // z_acc = 0 unless online
     __syncthreads();
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float m_all = KVQ_NEG_INF;

@@ -11,32 +11,39 @@
 #include "decode_attention.cu"
 #include "kv_write.cu"
 
+// Every storage mode, for the runtime -> template dispatch: X(mode code) once per KVQ_MODE_*.
+#define KVQ_FOR_EACH_MODE(X)                                                                                \
+    X(KVQ_MODE_FP16) X(KVQ_MODE_INT8) X(KVQ_MODE_FP8_E4M3) X(KVQ_MODE_FP8_E5M2) X(KVQ_MODE_INT8_PTH) \
+        X(KVQ_MODE_FP8_PTH) X(KVQ_MODE_INT4_PTH)
+
 namespace {
 
+struct WriteArgs {
+    const void* k_new;
+    const void* v_new;
+    void* k_pool;
+    void* v_pool;
+    const int* slot_mapping;
+    const float *k_scale, *k_zp, *v_scale, *v_zp;
+    __half *k_param, *v_param;
+    int num_tokens, num_kv_heads, num_blocks, block_size, head_dim, grid;
+};
+
 template <typename Tin, int MODE>
-void write_one(const void* k_new, const void* v_new, void* k_pool, void* v_pool, const int* slot_mapping,
-               const float* k_scale, const float* k_zp, const float* v_scale, const float* v_zp, int num_tokens,
-               int num_kv_heads, int num_blocks, int block_size, int head_dim, int grid) {
+void write_one(const WriteArgs& a) {
     typedef typename KvStore<MODE>::T Store;
-    kvq_emu::launch(dim3(grid), dim3(256), [&] {
-        kv_write<Tin, MODE>((const Tin*)k_new, (const Tin*)v_new, (Store*)k_pool, (Store*)v_pool, slot_mapping,
-                            k_scale, k_zp, v_scale, v_zp, num_tokens, num_kv_heads, num_blocks, block_size,
-                            head_dim);
+    kvq_emu::launch(dim3(a.grid), dim3(KVQ_WRITE_THREADS), [&] {
+        kv_write<Tin, MODE>((const Tin*)a.k_new, (const Tin*)a.v_new, (Store*)a.k_pool, (Store*)a.v_pool,
+                            a.slot_mapping, a.k_scale, a.k_zp, a.v_scale, a.v_zp, a.k_param, a.v_param, a.num_tokens,
+                            a.num_kv_heads, a.num_blocks, a.block_size, a.head_dim);
     });
 }
 
 template <typename Tin>
-int write_mode(int mode, const void* k_new, const void* v_new, void* k_pool, void* v_pool, const int* slot_mapping,
-               const float* k_scale, const float* k_zp, const float* v_scale, const float* v_zp, int n, int hkv,
-               int num_blocks, int block_size, int d, int grid) {
-#define KVQ_W(M) write_one<Tin, M>(k_new, v_new, k_pool, v_pool, slot_mapping, k_scale, k_zp, v_scale, v_zp, n, hkv, \
-                                   num_blocks, block_size, d, grid)
-    switch (mode) {
-        case KVQ_MODE_FP16: KVQ_W(KVQ_MODE_FP16); return 0;
-        case KVQ_MODE_INT8: KVQ_W(KVQ_MODE_INT8); return 0;
-        case KVQ_MODE_FP8_E4M3: KVQ_W(KVQ_MODE_FP8_E4M3); return 0;
-        case KVQ_MODE_FP8_E5M2: KVQ_W(KVQ_MODE_FP8_E5M2); return 0;
-    }
+int write_mode(int mode, const WriteArgs& a) {
+#define KVQ_W(M) \
+    case M: return write_one<Tin, M>(a), 0;
+    switch (mode) { KVQ_FOR_EACH_MODE(KVQ_W) }
 #undef KVQ_W
     return -1;
 }
@@ -48,6 +55,7 @@ struct AttnArgs {
     const int* block_tables;
     const int* lengths;
     const float *k_scale, *k_zp, *v_scale, *v_zp;
+    const __half *k_param, *v_param;
     float softmax_scale;
     int batch, num_heads, num_kv_heads, num_blocks, block_size, max_blocks, chunk, num_splits;
     void* out;
@@ -60,9 +68,9 @@ void attn_one(const AttnArgs& a) {
     typedef typename KvStore<MODE>::T Store;
     kvq_emu::launch(dim3(a.num_heads, a.batch, a.num_splits), dim3(KVQ_ATTN_THREADS), [&] {
         decode_attention<Tq, MODE, D>((const Tq*)a.q, (const Store*)a.k_pool, (const Store*)a.v_pool,
-                                      a.block_tables, a.lengths, a.k_scale, a.k_zp, a.v_scale, a.v_zp,
-                                      a.softmax_scale, a.num_heads, a.num_kv_heads, a.num_blocks, a.block_size,
-                                      a.max_blocks, a.chunk, (Tq*)a.out, a.part_o, a.part_ml);
+                                      a.block_tables, a.lengths, a.k_scale, a.k_zp, a.v_scale, a.v_zp, a.k_param,
+                                      a.v_param, a.softmax_scale, a.num_heads, a.num_kv_heads, a.num_blocks,
+                                      a.block_size, a.max_blocks, a.chunk, (Tq*)a.out, a.part_o, a.part_ml);
     });
     if (a.num_splits > 1) {
         kvq_emu::launch(dim3(a.num_heads, a.batch), dim3(D), [&] {
@@ -81,13 +89,22 @@ int attn_dim(int head_dim, const AttnArgs& a) {
 
 template <typename Tq>
 int attn_mode(int mode, int head_dim, const AttnArgs& a) {
-    switch (mode) {
-        case KVQ_MODE_FP16: return attn_dim<Tq, KVQ_MODE_FP16>(head_dim, a);
-        case KVQ_MODE_INT8: return attn_dim<Tq, KVQ_MODE_INT8>(head_dim, a);
-        case KVQ_MODE_FP8_E4M3: return attn_dim<Tq, KVQ_MODE_FP8_E4M3>(head_dim, a);
-        case KVQ_MODE_FP8_E5M2: return attn_dim<Tq, KVQ_MODE_FP8_E5M2>(head_dim, a);
-    }
+#define KVQ_A(M) \
+    case M: return attn_dim<Tq, M>(head_dim, a);
+    switch (mode) { KVQ_FOR_EACH_MODE(KVQ_A) }
+#undef KVQ_A
     return -1;
+}
+
+// The attention kernel's read path for one mode: unpack_vec over n_bytes (a multiple of the mode's load).
+template <int MODE>
+void unpack_all(const void* raw, long long n_bytes, float* out) {
+    constexpr int bytes = KvVec<MODE>::BYTES, values = KvVec<MODE>::N;
+    for (long long off = 0; off < n_bytes; off += bytes) {
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        std::memcpy(&v, (const char*)raw + off, bytes);
+        unpack_vec<MODE>(v, out + off / bytes * values);
+    }
 }
 
 }  // namespace
@@ -96,29 +113,27 @@ extern "C" {
 
 int kvq_kv_write(int in_dtype, int mode, const void* k_new, const void* v_new, void* k_pool, void* v_pool,
                  const int* slot_mapping, const float* k_scale, const float* k_zp, const float* v_scale,
-                 const float* v_zp, int num_tokens, int num_kv_heads, int num_blocks, int block_size, int head_dim,
-                 int grid) {
+                 const float* v_zp, void* k_param, void* v_param, int num_tokens, int num_kv_heads, int num_blocks,
+                 int block_size, int head_dim, int grid) {
+    const WriteArgs a{k_new, v_new, k_pool, v_pool, slot_mapping, k_scale, k_zp, v_scale, v_zp, (__half*)k_param,
+                      (__half*)v_param, num_tokens, num_kv_heads, num_blocks, block_size, head_dim, grid};
     switch (in_dtype) {
-        case 0: return write_mode<float>(mode, k_new, v_new, k_pool, v_pool, slot_mapping, k_scale, k_zp, v_scale,
-                                         v_zp, num_tokens, num_kv_heads, num_blocks, block_size, head_dim, grid);
-        case 1: return write_mode<__half>(mode, k_new, v_new, k_pool, v_pool, slot_mapping, k_scale, k_zp, v_scale,
-                                          v_zp, num_tokens, num_kv_heads, num_blocks, block_size, head_dim, grid);
-        case 2: return write_mode<__nv_bfloat16>(mode, k_new, v_new, k_pool, v_pool, slot_mapping, k_scale, k_zp,
-                                                 v_scale, v_zp, num_tokens, num_kv_heads, num_blocks, block_size,
-                                                 head_dim, grid);
+        case 0: return write_mode<float>(mode, a);
+        case 1: return write_mode<__half>(mode, a);
+        case 2: return write_mode<__nv_bfloat16>(mode, a);
     }
     return -1;
 }
 
 int kvq_decode_attention(int q_dtype, int mode, int head_dim, const void* q, const void* k_pool,
                          const void* v_pool, const int* block_tables, const int* lengths, const float* k_scale,
-                         const float* k_zp, const float* v_scale, const float* v_zp, float softmax_scale, int batch,
-                         int num_heads, int num_kv_heads, int num_blocks, int block_size, int max_blocks, int chunk,
-                         int num_splits, void* out, float* part_o, float* part_ml) {
-    const AttnArgs a{q,          k_pool,     v_pool,     block_tables, lengths,      k_scale,
-                     k_zp,       v_scale,    v_zp,       softmax_scale, batch,       num_heads,
-                     num_kv_heads, num_blocks, block_size, max_blocks,  chunk,        num_splits,
-                     out,        part_o,     part_ml};
+                         const float* k_zp, const float* v_scale, const float* v_zp, const void* k_param,
+                         const void* v_param, float softmax_scale, int batch, int num_heads, int num_kv_heads,
+                         int num_blocks, int block_size, int max_blocks, int chunk, int num_splits, void* out,
+                         float* part_o, float* part_ml) {
+    const AttnArgs a{q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp, v_scale, v_zp, (const __half*)k_param,
+                     (const __half*)v_param, softmax_scale, batch, num_heads, num_kv_heads, num_blocks, block_size,
+                     max_blocks, chunk, num_splits, out, part_o, part_ml};
     switch (q_dtype) {
         case 0: return attn_mode<float>(mode, head_dim, a);
         case 1: return attn_mode<__half>(mode, head_dim, a);
@@ -138,16 +153,12 @@ void kvq_probe_store(int kind, const float* x, long long n, float scale, float z
     }
 }
 
-// The attention kernel's read path: unpack16<mode> over n bytes (n a multiple of 16) into floats.
+// The attention kernel's read path: unpack_vec<mode> over n bytes (n a multiple of 16) into floats.
 void kvq_probe_unpack(int mode, const void* raw, long long n_bytes, float* out) {
-    for (long long off = 0; off < n_bytes; off += 16) {
-        uint4 v;
-        std::memcpy(&v, (const char*)raw + off, 16);
-        if (mode == KVQ_MODE_FP16) unpack16<KVQ_MODE_FP16>(v, out + off / 2);
-        if (mode == KVQ_MODE_INT8) unpack16<KVQ_MODE_INT8>(v, out + off);
-        if (mode == KVQ_MODE_FP8_E4M3) unpack16<KVQ_MODE_FP8_E4M3>(v, out + off);
-        if (mode == KVQ_MODE_FP8_E5M2) unpack16<KVQ_MODE_FP8_E5M2>(v, out + off);
-    }
+#define KVQ_U(M) \
+    case M: unpack_all<M>(raw, n_bytes, out); break;
+    switch (mode) { KVQ_FOR_EACH_MODE(KVQ_U) }
+#undef KVQ_U
 }
 
 // Activation conversions (q / k_new loads and the output store): dtype codes as above, float in, T out.

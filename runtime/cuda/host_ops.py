@@ -23,12 +23,12 @@ _P, _I, _F, _LL = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_longlo
 def library() -> ctypes.CDLL:
     lib = build_host_library()
     # kvq_kv_write(in_dtype, mode, k_new, v_new, k_pool, v_pool, slot_mapping, k_scale, k_zp, v_scale, v_zp,
-    #              num_tokens, num_kv_heads, num_blocks, block_size, head_dim, grid)
-    lib.kvq_kv_write.argtypes = [_I, _I, *[_P] * 9, *[_I] * 6]
+    #              k_param, v_param, num_tokens, num_kv_heads, num_blocks, block_size, head_dim, grid)
+    lib.kvq_kv_write.argtypes = [_I, _I, *[_P] * 11, *[_I] * 6]
     # kvq_decode_attention(q_dtype, mode, head_dim, q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp,
-    #                      v_scale, v_zp, softmax_scale, batch, num_heads, num_kv_heads, num_blocks, block_size,
-    #                      max_blocks, chunk, num_splits, out, part_o, part_ml)
-    lib.kvq_decode_attention.argtypes = [_I, _I, _I, *[_P] * 9, _F, *[_I] * 8, _P, _P, _P]
+    #                      v_scale, v_zp, k_param, v_param, softmax_scale, batch, num_heads, num_kv_heads,
+    #                      num_blocks, block_size, max_blocks, chunk, num_splits, out, part_o, part_ml)
+    lib.kvq_decode_attention.argtypes = [_I, _I, _I, *[_P] * 11, _F, *[_I] * 8, _P, _P, _P]
     lib.kvq_probe_store.argtypes = [_I, _P, _LL, _F, _F, _P]
     lib.kvq_probe_store.restype = None
     lib.kvq_probe_unpack.argtypes = [_I, _P, _LL, _P]
@@ -42,9 +42,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def kv_cache_write(k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype: str) -> None:
+def kv_cache_write(
+    k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype: str, k_param=None, v_param=None
+) -> None:
     """CPU emulation of kernels.kv_cache_write (same arguments, CPU tensors)."""
-    w = prepare_write(k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype)
+    w = prepare_write(
+        k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype, k_param, v_param
+    )
     if w.num_tokens == 0:
         return
     rc = library().kvq_kv_write(
@@ -59,6 +63,8 @@ def kv_cache_write(k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_
         _ptr(k_zp),
         _ptr(v_scale),
         _ptr(v_zp),
+        _ptr(k_param),
+        _ptr(v_param),
         w.num_tokens,
         w.num_kv_heads,
         w.num_blocks,
@@ -83,6 +89,8 @@ def decode_attention(
     kv_dtype: str,
     softmax_scale: float,
     max_length: int | None = None,
+    k_param=None,
+    v_param=None,
     num_splits: int | None = None,
     num_sms: int = 132,
 ) -> torch.Tensor:
@@ -101,6 +109,8 @@ def decode_attention(
         max_length,
         num_sms,
         num_splits,
+        k_param,
+        v_param,
     )
     out = torch.empty_like(q)
     if a.batch == 0:
@@ -122,6 +132,8 @@ def decode_attention(
         _ptr(k_zp),
         _ptr(v_scale),
         _ptr(v_zp),
+        _ptr(k_param),
+        _ptr(v_param),
         softmax_scale,
         a.batch,
         a.num_heads,
@@ -151,12 +163,13 @@ def probe_store(kind: str, x: torch.Tensor, scale: float = 1.0, zp: float = 0.0)
 
 
 def probe_unpack(kind: str, stored: torch.Tensor) -> torch.Tensor:
-    """The attention kernel's 16-byte read path (stored values as fp32, no scale) over a 1-D stored tensor."""
+    """The attention kernel's read path (stored values as fp32, no scale) over a 1-D stored tensor; int4: the
+    unpacked codes, two per byte."""
     stored = stored.contiguous()
     nbytes = stored.numel() * stored.element_size()
     if nbytes % 16:
         raise ValueError(f"probe_unpack: {nbytes} bytes is not a multiple of 16")
-    out = torch.empty(stored.numel(), dtype=torch.float32)
+    out = torch.empty(stored.numel() * (2 if kind == "int4_per_token_head" else 1), dtype=torch.float32)
     library().kvq_probe_unpack(KV_MODES[kind], stored.data_ptr(), nbytes, out.data_ptr())
     return out
 

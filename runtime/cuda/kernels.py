@@ -1,15 +1,20 @@
 """GPU launchers for the paged KV-cache kernels (kv_write.cu, decode_attention.cu), compiled by CuPy at first use.
 
-    kv_cache_write(k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype)
+    kv_cache_write(k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype,
+                   k_param=None, v_param=None)
     decode_attention(q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp, v_scale, v_zp, kv_dtype,
-                     softmax_scale, max_length=None) -> out (B, H, D)
+                     softmax_scale, max_length=None, k_param=None, v_param=None) -> out (B, H, D)
 
 Arguments are torch CUDA tensors in the engine's paged layout: per-layer pools (num_blocks, H_kv, block_size, D)
-contiguous in the storage dtype of `kv_dtype` (runtime/quant.py STORAGE_DTYPES); token t of sequence b in block
+contiguous in the storage dtype of `kv_dtype` (runtime/quant.py STORAGE_DTYPES / ONLINE_STORAGE; int4 pools are
+(num_blocks, H_kv, block_size, D / 2) uint8, two codes per byte); token t of sequence b in block
 block_tables[b, t // block_size], row t % block_size. New K/V (N, H_kv, D) and q (B, H, D) in fp32 / fp16 / bf16;
 slot_mapping (N,) = block_id * block_size + row (negative = skip), int32 or int64; block_tables (B, max_blocks)
 and lengths (B,) int32 (built once per step and shared by every layer, so no per-layer conversion is hidden
-here); per-KV-head fp32 parameters (H_kv,) (None where the mode does not use them). Every argument is checked
+here). Calibrated modes take per-KV-head fp32 parameters (H_kv,) (None where the mode does not use them) and no
+param pools; the online modes (*_per_token_head) take k_scale ... v_zp = None and the fp16 param pools k_param,
+v_param (num_blocks, H_kv, block_size, 2) = (scale, zero) per row, which kv_cache_write fills and
+decode_attention reads. Every argument is checked
 (dtype, shape, contiguity, device, alignment) before anything launches; `prepare_write` / `prepare_attention`
 do the checks and the grid choice without touching a GPU, and the CPU emulation (host_ops.py) goes through the
 same two functions. Values inside the index tensors are not checked (that would synchronise with the GPU): the
@@ -27,10 +32,19 @@ from pathlib import Path
 
 import torch
 
-from runtime.quant import STORAGE_DTYPES
+from runtime.quant import FP8_DTYPES, ONLINE_STORAGE, PARAM_DTYPE, STORAGE_DTYPES, is_online
 
 CUDA_DIR = Path(__file__).resolve().parent
-KV_MODES = {"fp16": 0, "int8": 1, "fp8_e4m3": 2, "fp8_e5m2": 3}  # kvq_common.cuh KVQ_MODE_*
+KV_MODES = {  # kvq_common.cuh KVQ_MODE_*
+    "fp16": 0,
+    "int8": 1,
+    "fp8_e4m3": 2,
+    "fp8_e5m2": 3,
+    "int8_per_token_head": 4,
+    "fp8_per_token_head": 5,
+    "int4_per_token_head": 6,
+}
+POOL_DTYPES = {**STORAGE_DTYPES, **ONLINE_STORAGE}
 # Activation dtypes (q, k_new, v_new, out): torch dtype -> (host dtype code, C++ type).
 ACT_TYPES = {torch.float32: (0, "float"), torch.float16: (1, "__half"), torch.bfloat16: (2, "__nv_bfloat16")}
 HEAD_DIMS = (64, 128)
@@ -45,7 +59,7 @@ class CudaOpError(ValueError):
 
 
 def write_name_expressions() -> list[str]:
-    """Every kv_write instantiation the launchers can use (input dtype x storage mode)."""
+    """Every kv_write instantiation the launchers can use (input dtype x storage mode, online modes included)."""
     return [f"kv_write<{ctype}, {mode}>" for _, ctype in ACT_TYPES.values() for mode in KV_MODES.values()]
 
 
@@ -120,33 +134,54 @@ def _check_tensor(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype |
         _fail(f"{name}.device", t.device, f"{device} (all arguments on one device)")
 
 
-def _check_pools(kv_dtype: str, k_pool: torch.Tensor, v_pool: torch.Tensor) -> int:
-    """Both pools (num_blocks, H_kv, block_size, D) contiguous in kv_dtype's storage dtype; returns the mode code."""
+def _check_pools(kv_dtype: str, k_pool: torch.Tensor, v_pool: torch.Tensor) -> tuple[int, int]:
+    """Both pools (num_blocks, H_kv, block_size, D) (int4: D / 2) contiguous in kv_dtype's storage dtype;
+    returns (mode code, head_dim D)."""
     if kv_dtype not in KV_MODES:
         _fail("kv_dtype", repr(kv_dtype), f"one of {sorted(KV_MODES)}")
+    packed = kv_dtype == "int4_per_token_head"  # two codes per byte
     if not isinstance(k_pool, torch.Tensor) or k_pool.dim() != 4:
-        _fail("k_pool.shape", tuple(getattr(k_pool, "shape", ())), "(num_blocks, H_kv, block_size, D)")
-    want = STORAGE_DTYPES[kv_dtype]
+        last = "D / 2" if packed else "D"
+        _fail("k_pool.shape", tuple(getattr(k_pool, "shape", ())), f"(num_blocks, H_kv, block_size, {last})")
+    want = POOL_DTYPES[kv_dtype]
     if k_pool.dtype != want:
         _fail("k_pool.dtype", k_pool.dtype, f"{want} for kv_dtype={kv_dtype!r}")
-    if k_pool.shape[-1] not in HEAD_DIMS:
-        _fail("head_dim", k_pool.shape[-1], f"one of {HEAD_DIMS} (kernels are instantiated for these)")
+    head_dim = k_pool.shape[-1] * (2 if packed else 1)
+    if head_dim not in HEAD_DIMS:
+        what = f"one of {HEAD_DIMS}" + (" (the int4 pool's last dim is D / 2)" if packed else "")
+        _fail("head_dim", head_dim, f"{what} (kernels are instantiated for these)")
     if k_pool.shape[2] < 1:
         _fail("block_size", k_pool.shape[2], ">= 1")
     _check_tensor("k_pool", k_pool, tuple(k_pool.shape), want, k_pool.device)
     _check_tensor("v_pool", v_pool, tuple(k_pool.shape), want, k_pool.device)
-    return KV_MODES[kv_dtype]
+    return KV_MODES[kv_dtype], head_dim
 
 
-def _check_params(kv_dtype: str, num_kv_heads: int, device: torch.device, **params: torch.Tensor | None) -> None:
-    """Scales always for int8/fp8, zero points for int8; fp32 (H_kv,) each."""
+def _check_params(kv_dtype: str, k_pool: torch.Tensor, **params: torch.Tensor | None) -> None:
+    """Calibrated modes: scales for int8/fp8, zero points for int8, fp32 (H_kv,) each, and no param pools.
+    Online modes: k_param / v_param fp16 (num_blocks, H_kv, block_size, 2), 4-byte aligned, and no per-head
+    parameters (each row's own (scale, zero) replace them)."""
+    num_blocks, num_kv_heads, block_size = k_pool.shape[:3]
+    online = is_online(kv_dtype)
     for name, p in params.items():
-        needed = kv_dtype != "fp16" and (name.endswith("scale") or kv_dtype == "int8")
+        is_pool = name.endswith("_param")
+        if is_pool:
+            shape, dtype = (num_blocks, num_kv_heads, block_size, 2), PARAM_DTYPE
+            needed, want = online, f"a {shape} float16 (scale, zero) pool for kv_dtype={kv_dtype!r}"
+        else:
+            shape, dtype = (num_kv_heads,), torch.float32
+            needed = kv_dtype in ("int8", *FP8_DTYPES) and (name.endswith("scale") or kv_dtype == "int8")
+            want = f"a (H_kv,) float32 tensor for kv_dtype={kv_dtype!r}"
         if p is None:
             if needed:
-                _fail(name, None, f"a (H_kv,) float32 tensor for kv_dtype={kv_dtype!r}")
+                _fail(name, None, want)
             continue
-        _check_tensor(name, p, (num_kv_heads,), torch.float32, device)
+        if online != is_pool:
+            fix = "the per-row params live in k_param / v_param" if online else "only the online modes read it"
+            _fail(name, "a tensor", f"None for kv_dtype={kv_dtype!r} ({fix})")
+        _check_tensor(name, p, shape, dtype, k_pool.device)
+        if is_pool and p.data_ptr() % 4:
+            _fail(f"{name}.data_ptr() % 4", p.data_ptr() % 4, "0 (read as __half2; use a fresh allocation)")
 
 
 def _check_index(name: str, t: torch.Tensor, shape: tuple, device: torch.device, dtypes: tuple) -> None:
@@ -182,11 +217,11 @@ def plan_splits(batch: int, num_heads: int, max_length: int, num_sms: int) -> tu
 
 
 def prepare_write(
-    k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype: str
+    k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype: str, k_param=None, v_param=None
 ) -> WriteLaunch:
     """Check every kv_cache_write argument (any device) and choose the grid."""
-    mode = _check_pools(kv_dtype, k_pool, v_pool)
-    num_blocks, num_kv_heads, block_size, head_dim = k_pool.shape
+    mode, head_dim = _check_pools(kv_dtype, k_pool, v_pool)
+    num_blocks, num_kv_heads, block_size = k_pool.shape[:3]
     device = k_pool.device
     if num_blocks * block_size > INT32_MAX:
         _fail("num_blocks * block_size", num_blocks * block_size, f"<= {INT32_MAX} (slots are int32 in the kernel)")
@@ -195,7 +230,9 @@ def prepare_write(
     num_tokens = k_new.shape[0]
     act_code, act_ctype = _check_activation("k_new", k_new, (num_tokens, num_kv_heads, head_dim), device)
     _check_tensor("v_new", v_new, tuple(k_new.shape), k_new.dtype, device)
-    _check_params(kv_dtype, num_kv_heads, device, k_scale=k_scale, k_zp=k_zp, v_scale=v_scale, v_zp=v_zp)
+    _check_params(
+        kv_dtype, k_pool, k_scale=k_scale, k_zp=k_zp, v_scale=v_scale, v_zp=v_zp, k_param=k_param, v_param=v_param
+    )
     _check_index("slot_mapping", slot_mapping, (num_tokens,), device, (torch.int32, torch.int64))
     return WriteLaunch(
         mode,
@@ -208,7 +245,8 @@ def prepare_write(
         head_dim,
         # int64 slots clamped first so that no out-of-range value wraps into the pool; int32 passes as is
         slot_mapping if slot_mapping.dtype == torch.int32 else slot_mapping.clamp(-1, num_blocks * block_size).int(),
-        write_grid(num_tokens * num_kv_heads * head_dim),
+        # online modes: one warp (32 threads) per row, which reduces the row to its (scale, zero)
+        write_grid(num_tokens * num_kv_heads * (32 if is_online(kv_dtype) else head_dim)),
     )
 
 
@@ -226,14 +264,16 @@ def prepare_attention(
     max_length: int | None,
     num_sms: int,
     num_splits: int | None = None,
+    k_param=None,
+    v_param=None,
 ) -> AttentionLaunch:
     """Check every decode_attention argument (any device) and plan the split-K grid.
 
     max_length bounds lengths (default: the block table's reach, max_blocks * block_size; pass the true
     maximum to avoid empty splits); num_splits forces a plan (tests), else plan_splits decides.
     """
-    mode = _check_pools(kv_dtype, k_pool, v_pool)
-    num_blocks, num_kv_heads, block_size, head_dim = k_pool.shape
+    mode, head_dim = _check_pools(kv_dtype, k_pool, v_pool)
+    num_blocks, num_kv_heads, block_size = k_pool.shape[:3]
     device = k_pool.device
     for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
         if t.data_ptr() % 16:
@@ -244,7 +284,9 @@ def prepare_attention(
     act_code, act_ctype = _check_activation("q", q, (batch, num_heads, head_dim), device)
     if num_heads % num_kv_heads:
         _fail("num_heads % num_kv_heads", f"{num_heads} % {num_kv_heads}", "0 (GQA groups of equal size)")
-    _check_params(kv_dtype, num_kv_heads, device, k_scale=k_scale, k_zp=k_zp, v_scale=v_scale, v_zp=v_zp)
+    _check_params(
+        kv_dtype, k_pool, k_scale=k_scale, k_zp=k_zp, v_scale=v_scale, v_zp=v_zp, k_param=k_param, v_param=v_param
+    )
     if not isinstance(block_tables, torch.Tensor) or block_tables.dim() != 2:
         _fail("block_tables.shape", tuple(getattr(block_tables, "shape", ())), f"(B={batch}, max_blocks)")
     max_blocks = block_tables.shape[1]
@@ -307,11 +349,16 @@ def _run(device: torch.device, name: str, expression: str, grid: tuple, block: t
         _module(name).get_function(expression)(grid, block, args)
 
 
-def kv_cache_write(k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype: str) -> None:
-    """Quantize k_new / v_new (N, H_kv, D) into the pools (num_blocks, H_kv, block_size, D) at slot_mapping[n]."""
+def kv_cache_write(
+    k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype: str, k_param=None, v_param=None
+) -> None:
+    """Quantize k_new / v_new (N, H_kv, D) into the pools (num_blocks, H_kv, block_size, D) at slot_mapping[n]
+    (online modes: also each row's (scale, zero) into k_param / v_param)."""
     import numpy
 
-    w = prepare_write(k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype)
+    w = prepare_write(
+        k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype, k_param, v_param
+    )
     if w.num_tokens == 0:
         return
     i32 = numpy.int32
@@ -325,6 +372,8 @@ def kv_cache_write(k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_
         _ptr(k_zp),
         _ptr(v_scale),
         _ptr(v_zp),
+        _ptr(k_param),
+        _ptr(v_param),
         i32(w.num_tokens),
         i32(w.num_kv_heads),
         i32(w.num_blocks),
@@ -347,6 +396,8 @@ def decode_attention(
     kv_dtype: str,
     softmax_scale: float,
     max_length: int | None = None,
+    k_param=None,
+    v_param=None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of q (B, H, D) over each sequence's first lengths[b] tokens, found through its block table."""
@@ -368,6 +419,8 @@ def decode_attention(
         max_length,
         num_sms,
         num_splits,
+        k_param,
+        v_param,
     )
     out = torch.empty_like(q)
     if a.batch == 0:
@@ -387,6 +440,8 @@ def decode_attention(
         _ptr(k_zp),
         _ptr(v_scale),
         _ptr(v_zp),
+        _ptr(k_param),
+        _ptr(v_param),
         numpy.float32(softmax_scale),
         i32(a.num_heads),
         i32(a.num_kv_heads),

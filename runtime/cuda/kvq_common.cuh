@@ -5,8 +5,14 @@
 //   1 int8      q  = clamp(rn_even((x - zp) / scale), -128, 127);  x^ = q * scale + zp
 //   2 fp8_e4m3  f  = cast_rne(clamp(x / scale, +-448));            x^ = f * scale
 //   3 fp8_e5m2  f  = cast_rne(clamp(x / scale, +-57344));          x^ = f * scale
+// Modes 0-3 use fp32 scales and zero points, one per KV head (calibrated). The online modes carry their own
+// (scale, zero) per row (one token, one KV head), computed on write and stored as fp16 pairs beside the data:
+//   4 int8_per_token_head  scale = (max - min) / 255, zero = min;  q = clamp(rn_even((x - zero) * inv), 0, 255)
+//   5 fp8_per_token_head   scale = absmax / 448,      zero = 0;    f = cast_rne(clamp(x * inv, +-448)) (E4M3)
+//   6 int4_per_token_head  scale = (max - min) / 15,  zero = min;  q = clamp(rn_even((x - zero) * inv), 0, 15),
+//                          element 2i in the low nibble, 2i + 1 in the high nibble of byte i
+// with inv = 1 / scale (0 when scale is 0) from the fp16-rounded scale; read x^ = q * scale + zero.
 // The formulas are those of runtime/quant.py (the reference the tests compare against).
-// Scales and zero points are fp32, one per KV head.
 //
 // Compiled by NVRTC for the GPU, and by g++ through cuda_host_emulation.h for the CPU tests.
 #pragma once
@@ -19,8 +25,14 @@
 #define KVQ_MODE_INT8 1
 #define KVQ_MODE_FP8_E4M3 2
 #define KVQ_MODE_FP8_E5M2 3
+#define KVQ_MODE_INT8_PTH 4
+#define KVQ_MODE_FP8_PTH 5
+#define KVQ_MODE_INT4_PTH 6
 
-// Cache element type per mode; fp8 is stored as raw bytes (__nv_fp8_storage_t).
+__host__ __device__ constexpr bool kvq_is_online(int mode) { return mode >= KVQ_MODE_INT8_PTH; }
+
+// Cache element type per mode; fp8 is stored as raw bytes (__nv_fp8_storage_t), online integer codes as unsigned
+// bytes (int4: two codes per byte).
 template <int MODE> struct KvStore { typedef unsigned char T; };
 template <> struct KvStore<KVQ_MODE_FP16> { typedef __half T; };
 template <> struct KvStore<KVQ_MODE_INT8> { typedef signed char T; };
@@ -46,21 +58,51 @@ __device__ __forceinline__ signed char quantize_int8(float x, float scale, float
     return (signed char)q;
 }
 
-template <int MODE> __device__ __forceinline__ unsigned char quantize_fp8(float x, float scale) {
-    const float fmax = MODE == KVQ_MODE_FP8_E4M3 ? 448.0f : 57344.0f;
-    float y = x / scale;
+// Saturating cast of an already scaled value: clamp to +-max, then round to nearest even.
+template <int MODE> __device__ __forceinline__ unsigned char fp8_cast(float y) {
+    const float fmax = MODE == KVQ_MODE_FP8_E5M2 ? 57344.0f : 448.0f;
     y = y > fmax ? fmax : (y < -fmax ? -fmax : y);  // clamp before the cast; NaN passes through as NaN
-    return __nv_cvt_float_to_fp8(y, __NV_SATFINITE, MODE == KVQ_MODE_FP8_E4M3 ? __NV_E4M3 : __NV_E5M2);
+    return __nv_cvt_float_to_fp8(y, __NV_SATFINITE, MODE == KVQ_MODE_FP8_E5M2 ? __NV_E5M2 : __NV_E4M3);
 }
 
-// ---- dequantize 16 bytes of cache (attention read) -----------------------------------------------
-// Returns the *stored* values as floats: fp16 values, int8 integers, fp8 values; the per-head scale and
-// zero point are folded into q and the output by the attention kernel, so they cost nothing per element.
+template <int MODE> __device__ __forceinline__ unsigned char quantize_fp8(float x, float scale) {
+    return fp8_cast<MODE>(x / scale);
+}
+
+// Online integer code: (x - zero) * inv with inv = 1 / scale (0 for an all-equal row), exactly as quant.py
+// computes it (subtract, then multiply by the fp32 reciprocal; no FMA can form), rounded half to even, clamped.
+__device__ __forceinline__ unsigned int quantize_code(float x, float zero, float inv, int top) {
+    const int q = __float2int_rn((x - zero) * inv);
+    return (unsigned int)(q < 0 ? 0 : (q > top ? top : q));
+}
+
+// ---- dequantize one load of cache (attention read) -----------------------------------------------
+// Returns the *stored* values as floats: fp16 values, int8 / uint8 / uint4 integers, fp8 values; the scale and
+// zero point (per head, or per row in the online modes) are folded into q, the scores and the output by the
+// attention kernel, so they cost nothing per element. A load is 16 bytes, except int4 which loads 8 bytes
+// (16 codes), so that every 8-bit and 4-bit mode gives a lane 16 values and the same register footprint.
 template <int MODE> struct KvVec {
-    static constexpr int N = 16 / (int)sizeof(typename KvStore<MODE>::T);  // elements per 16-byte load
+    static constexpr int BYTES = MODE == KVQ_MODE_INT4_PTH ? 8 : 16;  // bytes per lane load
+    static constexpr int N = MODE == KVQ_MODE_INT4_PTH ? 16 : 16 / (int)sizeof(typename KvStore<MODE>::T);  // values
 };
 
-template <int MODE> __device__ __forceinline__ void unpack16(const uint4& raw, float* out) {
+// Unsigned code (< 2^23) to float without a conversion instruction: 2^23 + code has the code in its mantissa.
+__device__ __forceinline__ float code_to_float(unsigned int code) {
+    return __int_as_float(0x4B000000 | (int)code) - 8388608.0f;
+}
+
+// One lane's load: KvVec<MODE>::BYTES bytes at p (aligned to them), in a uint4 (int4: .x and .y only).
+template <int MODE> __device__ __forceinline__ uint4 load_vec(const typename KvStore<MODE>::T* p) {
+    if constexpr (KvVec<MODE>::BYTES == 16) {
+        return *reinterpret_cast<const uint4*>(p);
+    } else {
+        const uint2 r = *reinterpret_cast<const uint2*>(p);
+        return make_uint4(r.x, r.y, 0u, 0u);
+    }
+}
+
+// raw holds KvVec<MODE>::BYTES bytes of one row (int4: raw.x, raw.y); out gets KvVec<MODE>::N floats.
+template <int MODE> __device__ __forceinline__ void unpack_vec(const uint4& raw, float* out) {
     const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
     if constexpr (MODE == KVQ_MODE_FP16) {
 #pragma unroll
@@ -75,8 +117,14 @@ template <int MODE> __device__ __forceinline__ void unpack16(const uint4& raw, f
     } else if constexpr (MODE == KVQ_MODE_INT8) {
 #pragma unroll
         for (int i = 0; i < 16; ++i) out[i] = (float)(signed char)((w[i / 4] >> (8 * (i % 4))) & 0xffu);
+    } else if constexpr (MODE == KVQ_MODE_INT8_PTH) {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) out[i] = code_to_float((w[i / 4] >> (8 * (i % 4))) & 0xffu);
+    } else if constexpr (MODE == KVQ_MODE_INT4_PTH) {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) out[i] = code_to_float((w[i / 8] >> (4 * (i % 8))) & 0xfu);  // low nibble first
     } else {
-        const __nv_fp8_interpretation_t kind = MODE == KVQ_MODE_FP8_E4M3 ? __NV_E4M3 : __NV_E5M2;
+        const __nv_fp8_interpretation_t kind = MODE == KVQ_MODE_FP8_E5M2 ? __NV_E5M2 : __NV_E4M3;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {  // two fp8 bytes -> half2 (one cvt instruction on sm_89+)
             const __nv_fp8x2_storage_t pair = (__nv_fp8x2_storage_t)((w[i / 2] >> (16 * (i % 2))) & 0xffffu);
