@@ -18,7 +18,8 @@
 //     (double-buffered), the warp meets at a barrier, and reads its source lane. Like on the GPU, every lane of
 //     the warp must call the shuffle (full mask); a missing lane deadlocks, and the barrier then aborts
 //     with a message after 60 s instead of hanging the test run.
-//   - __float2int_rn (round half to even, saturating, NaN -> 0 like cvt.rni.s32.f32), __int_as_float,
+//   - __float2int_rn (round half to even, saturating, NaN -> 0 like cvt.rni.s32.f32), __fdiv_rn (IEEE division,
+//     which the host's `/` is: the emulation is compiled without fast-math), __int_as_float,
 //     exp2f/fmaxf from <cmath>, integer min/max.
 #pragma once
 
@@ -169,6 +170,8 @@ inline int __float2int_rn(float x) {
     if (x < -2147483648.0f) return INT_MIN;
     return (int)std::nearbyint(x);  // default FE_TONEAREST: half to even
 }
+
+inline float __fdiv_rn(float x, float y) { return x / y; }
 
 inline float __int_as_float(int x) {
     float f;

@@ -90,7 +90,6 @@ __device__ __forceinline__ void quantize_row(const float* x, int n, unsigned cha
     const __half scale_h = __float2half_rn(scale32);
     const __half zero_h = __float2half_rn(MODE == KVQ_MODE_FP8_PTH ? 0.0f : lo);
     const float scale = __half2float(scale_h), zero = __half2float(zero_h);
-    const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
     if (lane == 0) {
         param[0] = scale_h;
         param[1] = zero_h;
@@ -99,8 +98,8 @@ __device__ __forceinline__ void quantize_row(const float* x, int n, unsigned cha
 #pragma unroll
         for (int i = 0; i < KVQ_MAX_PER_LANE; i += 2) {
             if (i < n) {
-                const unsigned int even = quantize_code(x[i], zero, inv, top);
-                const unsigned int odd = quantize_code(x[i + 1], zero, inv, top);
+                const unsigned int even = quantize_code(x[i], zero, scale, top);
+                const unsigned int odd = quantize_code(x[i + 1], zero, scale, top);
                 pool[(lane * n + i) / 2] = (unsigned char)(even | (odd << 4));  // element 2j low nibble, 2j+1 high
             }
         }
@@ -108,8 +107,8 @@ __device__ __forceinline__ void quantize_row(const float* x, int n, unsigned cha
 #pragma unroll
         for (int i = 0; i < KVQ_MAX_PER_LANE; ++i) {
             if (i < n) {
-                pool[lane * n + i] = MODE == KVQ_MODE_FP8_PTH ? fp8_cast<MODE>(x[i] * inv)
-                                                              : (unsigned char)quantize_code(x[i], zero, inv, top);
+                pool[lane * n + i] = MODE == KVQ_MODE_FP8_PTH ? fp8_cast<MODE>(online_divide(x[i], scale))
+                                                              : (unsigned char)quantize_code(x[i], zero, scale, top);
             }
         }
     }

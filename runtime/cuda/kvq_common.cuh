@@ -7,11 +7,11 @@
 //   3 fp8_e5m2  f  = cast_rne(clamp(x / scale, +-57344));          x^ = f * scale
 // Modes 0-3 use fp32 scales and zero points, one per KV head (calibrated). The online modes carry their own
 // (scale, zero) per row (one token, one KV head), computed on write and stored as fp16 pairs beside the data:
-//   4 int8_per_token_head  scale = (max - min) / 255, zero = min;  q = clamp(rn_even((x - zero) * inv), 0, 255)
-//   5 fp8_per_token_head   scale = absmax / 448,      zero = 0;    f = cast_rne(clamp(x * inv, +-448)) (E4M3)
-//   6 int4_per_token_head  scale = (max - min) / 15,  zero = min;  q = clamp(rn_even((x - zero) * inv), 0, 15),
+//   4 int8_per_token_head  scale = (max - min) / 255, zero = min;  q = clamp(rn_even((x - zero) / scale), 0, 255)
+//   5 fp8_per_token_head   scale = absmax / 448,      zero = 0;    f = cast_rne(clamp(x / scale, +-448)) (E4M3)
+//   6 int4_per_token_head  scale = (max - min) / 15,  zero = min;  q = clamp(rn_even((x - zero) / scale), 0, 15),
 //                          element 2i in the low nibble, 2i + 1 in the high nibble of byte i
-// with inv = 1 / scale (0 when scale is 0) from the fp16-rounded scale; read x^ = q * scale + zero.
+// dividing by the fp16-rounded scale (a row with scale 0 stores code 0 / fp8 0); read x^ = q * scale + zero.
 // The formulas are those of runtime/quant.py (the reference the tests compare against).
 //
 // Compiled by NVRTC for the GPU, and by g++ through cuda_host_emulation.h for the CPU tests.
@@ -69,10 +69,15 @@ template <int MODE> __device__ __forceinline__ unsigned char quantize_fp8(float 
     return fp8_cast<MODE>(x / scale);
 }
 
-// Online integer code: (x - zero) * inv with inv = 1 / scale (0 for an all-equal row), exactly as quant.py
-// computes it (subtract, then multiply by the fp32 reciprocal; no FMA can form), rounded half to even, clamped.
-__device__ __forceinline__ unsigned int quantize_code(float x, float zero, float inv, int top) {
-    const int q = __float2int_rn((x - zero) * inv);
+// Online: y / scale by IEEE division (__fdiv_rn, whatever the compile flags), 0 for an all-equal row (scale 0),
+// exactly as quant.py computes it.
+__device__ __forceinline__ float online_divide(float y, float scale) {
+    return scale > 0.0f ? __fdiv_rn(y, scale) : 0.0f;
+}
+
+// Online integer code: (x - zero) / scale rounded half to even, clamped to [0, top].
+__device__ __forceinline__ unsigned int quantize_code(float x, float zero, float scale, int top) {
+    const int q = __float2int_rn(online_divide(x - zero, scale));
     return (unsigned int)(q < 0 ? 0 : (q > top ? top : q));
 }
 
