@@ -166,29 +166,35 @@ class Transformer:
         self, tokens: torch.Tensor, cache: KVCache, batch: Batch, *, use_context_fmha: int = 1, all_logits: bool = False
     ) -> torch.Tensor | None:
         """tokens (B, T) -> fp32 logits (B, T, vocab) if all_logits else (B, vocab) at each sequence's last token
-        (None on a tensor-parallel rank other than 0)."""
+        (None on a tensor-parallel rank other than 0).
+
+        Only the valid tokens (the first counts[b] of row b) are computed: they are packed into one row of
+        N = sum(counts) tokens for every per-token operation (projections, norms, RoPE, FFN), so right-padding
+        costs nothing; attention then runs per sequence over its own slice (`attention`)."""
         B, T = tokens.shape
-        x = self.embed(tokens)  # (B, T, hidden)
-        pos = batch.starts.view(B, 1) + torch.arange(T).view(1, T)  # (B, T)
-        pos = pos.clamp_(max=self.max_positions - 1).to(self.rotations.device)  # clamp: padding tokens only
-        rot = self.rotations[pos].unsqueeze(1)  # (B, 1, T, D/2)
+        counts = torch.tensor(batch.counts)
+        if T == 1:
+            flat, pos = tokens[:, 0], batch.starts
+        else:
+            valid = torch.arange(T).view(1, T) < counts.view(B, 1)  # (B, T)
+            flat = tokens[valid.to(tokens.device)]
+            pos = (batch.starts.view(B, 1) + torch.arange(T).view(1, T))[valid]  # (N,), sequence by sequence
+        N = flat.shape[0]
+        x = self.embed(flat.view(1, N))  # (1, N, hidden)
+        rot = self.rotations[pos.to(self.rotations.device)].view(1, 1, N, -1)  # (1, 1, N, D/2)
         H, Hkv, D = self.H, self.Hkv, self.D
-        valid = (torch.arange(T).view(1, T) < torch.tensor(batch.counts).view(B, 1)).to(x.device)  # (B, T)
         for i, L in enumerate(self.layers):
             h = self.rms_norm(x, L["attention_norm"])
-            qkv = linear(h, L["wqkv"])  # (B, T, (H + 2 H_kv) D)
+            qkv = linear(h, L["wqkv"])  # (1, N, (H + 2 H_kv) D)
             if L["bqkv"] is not None:
                 qkv = qkv + L["bqkv"]
             qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
-            qk = self.rope(qk.view(B, T, H + Hkv, D).transpose(1, 2), rot)  # q and k heads in one rotation
-            q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, H_kv, T, D)
-            v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, H_kv, T, D)
-            if T == 1:  # decode: every row is one valid token
-                cache.write(i, batch.slot_mapping, k[:, :, 0], v[:, :, 0])
-            else:
-                cache.write(i, batch.slot_mapping, k.transpose(1, 2)[valid], v.transpose(1, 2)[valid])  # (N, H_kv, D)
-            o = self.attention(i, q, k, v, cache, batch, use_context_fmha)  # (B, T, H D)
-            y = linear(o, L["wo"])  # (B, T, hidden); with TP this rank's heads' share
+            qk = self.rope(qk.view(1, N, H + Hkv, D).transpose(1, 2), rot)  # q and k heads in one rotation
+            q, k = qk[0].split([H, Hkv])  # (H, N, D), (H_kv, N, D)
+            v = v.view(N, Hkv, D)
+            cache.write(i, batch.slot_mapping, k.transpose(0, 1), v)  # (N, H_kv, D)
+            o = self.attention(i, q, k, v.transpose(0, 1), cache, batch, use_context_fmha)  # (1, N, H D)
+            y = linear(o, L["wo"])  # (1, N, hidden); with TP this rank's heads' share
             if self.tp is not None:
                 self.tp.all_reduce(y)
             x = x + y
@@ -196,21 +202,26 @@ class Transformer:
                 x = x + L["bo"]
             h = self.rms_norm(x, L["ffn_norm"])
             gate, up = linear(h, L["w13"]).chunk(2, dim=-1)
-            y = linear(F.silu(gate) * up, L["w2"])  # (B, T, hidden); with TP a partial sum
+            y = linear(F.silu(gate) * up, L["w2"])  # (1, N, hidden); with TP a partial sum
             if self.tp is not None:
                 self.tp.all_reduce(y)
             x = x + y
-        if not all_logits:  # only each sequence's last real token
-            last = torch.tensor([c - 1 for c in batch.counts], device=x.device)
-            x = x[torch.arange(B, device=x.device), last].unsqueeze(1)  # (B, 1, hidden)
+        if not all_logits and T > 1:  # only each sequence's last real token
+            x = x[:, (counts.cumsum(0) - 1).to(x.device)]  # (1, B, hidden)
         x = self.rms_norm(x, self.norm)
-        logits = linear(x, self.output).float()  # (B, T', vocab rows)
+        logits = linear(x, self.output).float()  # (1, N or B, vocab rows)
         if self.tp is not None:
-            logits = self.tp.gather_vocab(logits)  # rank 0: (B, T', padded vocab); others: None
+            logits = self.tp.gather_vocab(logits)  # rank 0: (1, N or B, padded vocab); others: None
             if logits is None:
                 return None
             logits = logits[..., : self.cfg.vocab_size]
-        return logits if all_logits else logits[:, 0]
+        if not all_logits:
+            return logits[0]  # (B, vocab)
+        if T == 1:
+            return logits[0].unsqueeze(1)
+        out = logits.new_zeros(B, T, logits.shape[-1])  # padding positions: zeros
+        out[valid.to(out.device)] = logits[0]
+        return out
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> (B, T, hidden) in the compute dtype."""
@@ -224,31 +235,32 @@ class Transformer:
         return x
 
     def attention(self, i: int, q, k, v, cache: KVCache, batch: Batch, use_context_fmha: int) -> torch.Tensor:
-        """q (B, H, T, D), k/v (B, H_kv, T, D) of this step (already written to the cache) -> (B, T, H D)."""
-        B, H, T, D = q.shape
+        """q (H, N, D), k/v (H_kv, N, D) of this step's N packed tokens (already written to the cache) -> (1, N, H D).
+
+        Decode (one token per sequence): one paged-attention call over the cache for the whole batch. Prefill:
+        per sequence, over its own slice of the packed tokens (see the module docstring for use_context_fmha)."""
+        H, N, D = q.shape
         scale = 1.0 / math.sqrt(D)
-        if T == 1:  # decode: the new token is in the cache already
+        if N == len(batch.counts) and max(batch.counts) == 1:  # decode: the new tokens are in the cache already
             o = cache.decode_attention(
-                i, q[:, :, 0], batch.block_tables, batch.lengths, scale, batch.max_length
+                i, q.transpose(0, 1), batch.block_tables, batch.lengths, scale, batch.max_length
             )  # (B, H, D)
-            return o.reshape(B, 1, H * D)
-        no_history = bool((batch.starts == 0).all())
-        if use_context_fmha and no_history:  # causal over the chunk's own unquantized K/V
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-            return o.transpose(1, 2).reshape(B, T, H * D)
-        dev = q.device
-        starts = batch.starts.to(dev)  # (B,) for the masks; batch tensors live on the CPU
-        P = int(batch.starts.max())
-        if use_context_fmha:  # keys = [history (padded to P) | this chunk unquantized]
-            kf, vf = cache.read(i, batch.block_tables, P, q.dtype)  # (B, H_kv, P, D)
-            kf, vf = torch.cat([kf, k], dim=2), torch.cat([vf, v], dim=2)
-            j = torch.arange(P + T, device=dev).view(1, 1, -1)
-            i_q = torch.arange(T, device=dev).view(1, -1, 1)
-            mask = torch.where(j < P, j < starts.view(-1, 1, 1), (j - P) <= i_q)  # (B, T, P + T)
-        else:  # keys = the cache prefix, this chunk read back after quantization
-            total = batch.max_length  # tokens in the longest sequence's cache after this write
-            kf, vf = cache.read(i, batch.block_tables, total, q.dtype)  # (B, H_kv, total, D)
-            j = torch.arange(total, device=dev).view(1, 1, -1)
-            mask = j <= starts.view(-1, 1, 1) + torch.arange(T, device=dev).view(1, -1, 1)  # (B, T, total)
-        o = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True)
-        return o.transpose(1, 2).reshape(B, T, H * D)
+            return o.reshape(1, N, H * D)
+        out, offset = [], 0
+        for b, (start, n) in enumerate(zip(batch.starts.tolist(), batch.counts, strict=True)):
+            qb, kb, vb = (t[None, :, offset : offset + n] for t in (q, k, v))  # (1, heads, n, D)
+            offset += n
+            if use_context_fmha and start == 0:  # causal over the chunk's own unquantized K/V
+                o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
+            else:
+                table = batch.block_tables[b : b + 1]
+                if use_context_fmha:  # keys = [history | this chunk unquantized]
+                    kh, vh = cache.read(i, table, start, q.dtype)  # (1, H_kv, start, D)
+                    kb, vb = torch.cat([kh, kb], dim=2), torch.cat([vh, vb], dim=2)
+                else:  # keys = the cache prefix, this chunk read back after quantization
+                    kb, vb = cache.read(i, table, start + n, q.dtype)
+                j = torch.arange(start + n, device=q.device).view(1, -1)
+                mask = j <= start + torch.arange(n, device=q.device).view(-1, 1)  # (n, start + n): causal
+                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
+            out.append(o[0].transpose(0, 1).reshape(n, H * D))
+        return torch.cat(out).unsqueeze(0)
