@@ -3,7 +3,10 @@
 The CPU kernels (runtime.cpu_attention, runtime.cpu_linear) are C++ sources compiled by g++ at first use, into
 `~/.cache/kvq/kernels` (or $KVQ_KERNEL_CACHE) under a name that hashes the source and the flags, so an edited
 kernel is rebuilt and concurrent builders race harmlessly (each writes its own temporary file, then an atomic
-rename). Where the machine cannot build or run a kernel (not x86-64, a CPU without the instruction sets the
+rename). Compiling and linking are separate steps: linking with -ffast-math would add GCC's crtfastmath.o,
+whose constructor switches the whole process to flush-to-zero / denormals-are-zero the moment the library
+loads, silently changing PyTorch's arithmetic everywhere else; kernels that want FTZ set it around their
+own work. Where the machine cannot build or run a kernel (not x86-64, a CPU without the instruction sets the
 flags assume, no g++, a failed build, or $KVQ_NO_CPP_KERNEL set) `load` returns None and callers use PyTorch.
 """
 
@@ -43,17 +46,22 @@ def load(name: str, source: str, flags: list[str], cpu_flags: tuple[str, ...]) -
     if shutil.which("g++") is None:
         warnings.warn(f"g++ not found: the {name} kernel is replaced by the slower torch path", stacklevel=3)
         return None
-    flags = [*flags, "-shared", "-fPIC"]
+    flags = [*flags, "-fPIC"]
     digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
     out_dir = Path(os.environ.get("KVQ_KERNEL_CACHE", Path.home() / ".cache" / "kvq" / "kernels"))
     so = out_dir / f"{name}_{digest}.so"
     if not so.is_file():
         out_dir.mkdir(parents=True, exist_ok=True)
         src = out_dir / f"{name}_{digest}.{os.getpid()}.cpp"
+        obj = src.with_suffix(".o")
         src.write_text(source)
         tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
-        proc = subprocess.run(["g++", *flags, str(src), "-o", str(tmp)], capture_output=True, text=True)
+        link = ["-shared", *(f for f in flags if f == "-fopenmp")]  # no -ffast-math: see the module docstring
+        proc = subprocess.run(["g++", *flags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
+        if proc.returncode == 0:
+            proc = subprocess.run(["g++", *link, str(obj), "-o", str(tmp)], capture_output=True, text=True)
         src.unlink()
+        obj.unlink(missing_ok=True)
         if proc.returncode != 0:
             warnings.warn(f"building the C++ {name} kernel failed, using the torch path:\n{proc.stderr}", stacklevel=3)
             return None
