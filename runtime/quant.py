@@ -133,6 +133,11 @@ def is_online(kv_dtype: str) -> bool:
     return kv_dtype in ONLINE_MODES
 
 
+def kv_row_bytes(kv_dtype: str, head_dim: int) -> int:
+    """Bytes of one cached row (one token, one KV head, K or V) in any mode, an online mode's params included."""
+    return online_row_bytes(kv_dtype, head_dim) if is_online(kv_dtype) else head_dim * BYTES_PER_ELEM[kv_dtype]
+
+
 def online_row_bytes(kv_dtype: str, head_dim: int) -> int:
     """Bytes of one cached row (one token, one KV head, K or V): data plus its fp16 (scale, zero)."""
     data = head_dim // 2 if kv_dtype == "int4_per_token_head" else head_dim
