@@ -459,6 +459,8 @@ def kernel_kind(kv_dtype: str | None, pool_dtype: torch.dtype) -> int | None:
     if kv_dtype is not None and quant.is_online(kv_dtype):
         return ONLINE_KINDS[kv_dtype]
     return KINDS.get(pool_dtype)
+
+
 _lib: list = []  # [ctypes.CDLL | None], resolved once
 
 

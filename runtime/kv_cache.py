@@ -109,6 +109,20 @@ class StaticQuantizer:
         return scale[layer], zp[layer]
 
 
+# Rotation per online mode when kv_rotation is auto (measured on the README's evaluation text, docs/formats.md).
+DEFAULT_ROTATION = {"int8_per_token_head": False, "fp8_per_token_head": False, "int4_per_token_head": True}
+ROTATION_SEED = 0  # fixed: the same R for every run, layer and head
+
+
+def rotation_for(kv_dtype: str, head_dim: int, setting: str = "auto") -> torch.Tensor | None:
+    """R (D, D) fp32 for an online mode, or None. setting: auto (DEFAULT_ROTATION) | on | off; auto leaves a
+    head size that is not a power of two unrotated, on refuses it."""
+    on = DEFAULT_ROTATION[kv_dtype] if setting == "auto" else setting == "on"
+    if not on or (setting == "auto" and head_dim & (head_dim - 1)):
+        return None
+    return quant.hadamard(head_dim, ROTATION_SEED)
+
+
 class OnlineQuantizer:
     """Per-row (scale, zero) computed at write time (`quant.quantize_online`); nothing held per layer.
 
