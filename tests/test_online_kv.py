@@ -317,6 +317,15 @@ def test_cpp_kernel_equals_the_reference(kv, G, D, chunk):
 
 @needs_cpp
 @pytest.mark.parametrize("kv", ONLINE)
+@pytest.mark.parametrize("lengths", [[3000], [700, 1, 333, 900, 64, 0, 257, 512]], ids=["batch1-long", "batch8"])
+def test_cpp_kernel_parallel_split_k_on_odd_blocks(kv, lengths):
+    """Enough work for the OpenMP path and the kernel's own chunk plan, blocks of 5 rows."""
+    case = paged_case(kv, B=len(lengths), H=6, Hkv=2, D=64, BS=5, lengths=lengths, seed=len(lengths))
+    assert torch.allclose(call(decode_attention_cpp, case, kv), call(decode_attention_torch, case, kv), atol=2e-5)
+
+
+@needs_cpp
+@pytest.mark.parametrize("kv", ONLINE)
 def test_cpp_kernel_never_reads_rows_past_the_length(kv):
     case = paged_case(kv, B=2, H=3, Hkv=1, D=64, BS=16, lengths=[21, 5])
     q, kd, vd, kp, vp, tables, lengths, _ = case
