@@ -619,9 +619,9 @@ def add_engine_arguments(p, *, max_batch_size_default: int | None = None) -> Non
         "--kv-rotation",
         default="auto",
         choices=list(KV_ROTATIONS),
-        help="online *_per_token_head modes: Hadamard-rotate K, V and q (default auto: on for "
-        + ", ".join(m for m, on in DEFAULT_ROTATION.items() if on)
-        + ", off for the others)",
+        help="online *_per_token_head modes: Hadamard-rotate K, V and q (default auto, the measured choice: "
+        + ", ".join(f"{m} {'on' if on else 'off'}" for m, on in DEFAULT_ROTATION.items())
+        + ")",
     )
     p.add_argument(
         "--calculate-kv-scales", action="store_true", help="FP8: per-layer scales from the first prompt (default off)"
