@@ -37,8 +37,10 @@ from pathlib import Path
 
 import torch
 
+from runtime.quant import ONLINE_MODES
+
 DEFAULT_OUT = "./eval_out"
-ONLINE = ("int8_per_token_head", "fp8_per_token_head", "int4_per_token_head")  # = runtime.quant.ONLINE_MODES
+ONLINE = ONLINE_MODES  # int8 | fp8 | int4 _per_token_head: scales per token and KV head, no files
 DTYPE_ALIASES = {
     "fp16": "fp16",
     "int8": "int8",
