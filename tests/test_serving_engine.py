@@ -113,6 +113,19 @@ def test_int4_per_token_head_holds_about_3_5x_fp16s_tokens_at_d64(tiny_hf, tmp_p
     assert len(out) == 5
 
 
+def test_config_ini_selects_an_online_mode(ws, tmp_path):
+    import shutil
+
+    from runtime.workspace import load_config, replace, save_config, weights_dir
+
+    copy = shutil.copytree(ws, tmp_path / "ws", symlinks=True)
+    wdir = weights_dir(copy)
+    save_config(replace(load_config(wdir), kv_cache_dtype="int4_per_token_head"), wdir)  # quant_policy stays 0
+    e = Engine(copy, max_batch_size=1)
+    assert e.kv_dtype == "int4_per_token_head" and e.cache.k[0].dtype == torch.uint8
+    assert e.cache.k[0].shape[-1] == e.config.size_per_head // 2
+
+
 def test_online_modes_need_no_parameter_files_and_check_their_settings(ws):
     for kv in ("int8_per_token_head", "fp8_per_token_head"):  # the workspace has no files for these
         e = Engine(ws, kv_cache_dtype=kv, max_batch_size=2)
