@@ -4,10 +4,13 @@
         [--granularity tensor|head] [--use-context-fmha 0|1] [--calculate-kv-scales] [--dtype float32|bfloat16]
         [--batch-size 2] [--seed 0] [--out ./eval_out] [--calib-dataset NAME|PATH|WORK_DIR]
 
-A mode is DTYPE[:VARIANT]; DTYPE fp16 | int8 | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2; VARIANT
+A mode is DTYPE[:VARIANT]; DTYPE fp16 | int8 | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2 (static scales) or
+int8_per_token_head | fp8_per_token_head | int4_per_token_head (online: scale per token and KV head); VARIANT
     tensor | head   calibrated scales from the workspace files at that granularity (default --granularity)
     dynamic         FP8 scales calculated on the fly from the first batch (calculate_kv_scales)
     unit            FP8 with scale 1.0: the uncalibrated baseline peers fall back to
+    rot | norot     online modes with / without the Hadamard rotation (default: the runtime's per-mode choice,
+                    runtime.kv_cache.DEFAULT_ROTATION)
 fp16 is the reference row and always runs first. Every mode scores the same seeded windows
 (`lite.datasets.get_calib_windows`) with `runtime.engine.Engine.score`: a teacher-forced prefill
 through a fresh cache of that mode. Metrics over every predicted position t (token t+1 from logits t):
@@ -34,9 +37,20 @@ from pathlib import Path
 
 import torch
 
+from runtime.quant import ONLINE_MODES
+
 DEFAULT_OUT = "./eval_out"
-DTYPE_ALIASES = {"fp16": "fp16", "int8": "int8", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
-VARIANTS = ("tensor", "head", "dynamic", "unit")
+ONLINE = ONLINE_MODES  # int8 | fp8 | int4 _per_token_head: scales per token and KV head, no files
+DTYPE_ALIASES = {
+    "fp16": "fp16",
+    "int8": "int8",
+    "fp8": "fp8_e4m3",
+    "fp8_e4m3": "fp8_e4m3",
+    "fp8_e5m2": "fp8_e5m2",
+    **{m: m for m in ONLINE},
+}
+VARIANTS = ("tensor", "head", "dynamic", "unit")  # static modes
+ONLINE_VARIANTS = ("rot", "norot")
 ROWS_PER_CHUNK = 256  # positions per metric chunk: bounds the (rows, V) temporaries
 
 
@@ -102,8 +116,8 @@ def perplexity(logits: torch.Tensor, tokens: torch.Tensor) -> float:
 @dataclass
 class ModeSpec:
     name: str  # exactly as given on the command line
-    kv_dtype: str  # fp16 | int8 | fp8_e4m3 | fp8_e5m2
-    variant: str  # "" (fp16) | tensor | head | dynamic | unit
+    kv_dtype: str  # fp16 | int8 | fp8_e4m3 | fp8_e5m2 | *_per_token_head
+    variant: str  # "" (fp16) | tensor | head | dynamic | unit | rot | norot (online)
 
     @property
     def scales(self) -> str:
@@ -113,6 +127,8 @@ class ModeSpec:
             "head": "calibrated (head)",
             "dynamic": "calculated on the fly",
             "unit": "unit (1.0)",
+            "rot": "per token-head, rotated",
+            "norot": "per token-head",
         }[self.variant]
 
 
@@ -126,12 +142,21 @@ def parse_modes(text: str, granularity: str, calculate_kv_scales: bool = False) 
         if dtype not in DTYPE_ALIASES:
             raise EvalError(
                 f"--modes: unknown mode {name!r}; a mode is DTYPE[:VARIANT] with DTYPE in "
-                f"{', '.join(DTYPE_ALIASES)} and VARIANT in {', '.join(VARIANTS)}"
+                f"{', '.join(DTYPE_ALIASES)} and VARIANT in {', '.join(VARIANTS)} (static modes) or "
+                f"{', '.join(ONLINE_VARIANTS)} (*_per_token_head)"
             )
         kv = DTYPE_ALIASES[dtype]
         if kv == "fp16":
             if variant:
                 raise EvalError(f"--modes: {name!r}: fp16 takes no variant (it is the unquantized reference)")
+        elif kv in ONLINE:
+            from runtime.kv_cache import DEFAULT_ROTATION
+
+            variant = variant or ("rot" if DEFAULT_ROTATION[kv] else "norot")
+            if variant not in ONLINE_VARIANTS:
+                raise EvalError(
+                    f"--modes: {name!r}: {kv} takes no calibrated scales; its variant is {' or '.join(ONLINE_VARIANTS)}"
+                )
         else:
             variant = variant or ("dynamic" if calculate_kv_scales and kv.startswith("fp8") else granularity)
             if variant not in VARIANTS:
@@ -190,17 +215,21 @@ def build_engine(
     )
     if params is not None:
         kw.update(kv_params=params, kv_granularity=params.granularity)
+    if spec.variant in ONLINE_VARIANTS:
+        kw.update(kv_rotation="on" if spec.variant == "rot" else "off")
     return Engine(workspace, kv_cache_dtype=spec.kv_dtype, **kw)
 
 
 def check_cache_bytes(engine, kv_dtype: str) -> dict:
     """Bytes/token from the formula against what the engine allocated: blocks * block_size * bytes/token plus
-    its fp32 parameters (4 per layer and KV head, as `runtime.kv_cache.StaticQuantizer` holds them)."""
+    its fp32 parameters (4 per layer and KV head, as `runtime.kv_cache.StaticQuantizer` holds them; none for the
+    online modes, whose per-row parameters are in the bytes/token)."""
     from lite.memory import bytes_per_token
 
     cfg = engine.config
     per_token = bytes_per_token(cfg, kv_dtype)
-    expected = engine.kv_cache_tokens * per_token + 16 * cfg.num_layer * cfg.kv_head_num
+    held = 0 if kv_dtype in ONLINE else 16 * cfg.num_layer * cfg.kv_head_num
+    expected = engine.kv_cache_tokens * per_token + held
     if engine.cache_bytes() != expected:
         warnings.warn(
             f"{kv_dtype}: engine.cache_bytes() = {engine.cache_bytes()}, formula {expected} ({engine.num_kv_blocks}"
@@ -212,7 +241,7 @@ def check_cache_bytes(engine, kv_dtype: str) -> dict:
         "engine_cache_bytes": engine.cache_bytes(),
         "formula_cache_bytes": expected,
         "kv_cache_tokens": engine.kv_cache_tokens,
-        "scale_bytes": 0 if kv_dtype == "fp16" else 16 * cfg.num_layer * cfg.kv_head_num,
+        "scale_bytes": 0 if kv_dtype == "fp16" else held,
     }
 
 
@@ -357,12 +386,12 @@ def format_table(doc: dict) -> str:
     lines = [
         f"{doc['model_name']}: {doc['samples']} windows x {doc['seqlen']} tokens of {doc['dataset']} "
         f"({doc['positions']} predicted positions, seed {doc['seed']}, use_context_fmha {doc['use_context_fmha']})",
-        f"{'mode':<16} {'scales':<22} {'ppl':>9} {'change %':>9} {'top-1 agr':>9} {'KL':>10} "
+        f"{'mode':<25} {'scales':<23} {'ppl':>9} {'change %':>9} {'top-1 agr':>9} {'KL':>10} "
         f"{'max |dz|':>9} {'B/token':>8}",
     ]
     for name, r in doc["modes"].items():
         lines.append(
-            f"{name:<16} {doc['scales'][name]:<22} {r['ppl']:>9.4f} {r['ppl_change_pct']:>+9.3f} "
+            f"{name:<25} {doc['scales'][name]:<23} {r['ppl']:>9.4f} {r['ppl_change_pct']:>+9.3f} "
             f"{r['top1_agreement']:>9.4f} {r['kl']:>10.2e} {r['max_abs_logit_diff']:>9.4f} "
             f"{r['bytes_per_token']:>8}"
         )
@@ -399,7 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n")[0],
         epilog="A mode is DTYPE[:VARIANT]: DTYPE fp16 | int8 | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2; VARIANT tensor | "
         "head (calibrated scale files at that granularity), dynamic (FP8 scales from the first batch), unit (FP8 "
-        "with scale 1.0). fp16 is the reference and always runs first.",
+        "with scale 1.0). Online DTYPE int8_per_token_head | fp8_per_token_head | int4_per_token_head (scales per "
+        "token and KV head, no files); VARIANT rot | norot (with / without the Hadamard rotation; default: the "
+        "runtime's choice per mode), e.g. int4_per_token_head:norot. fp16 is the reference and always runs first.",
     )
     p.add_argument("workspace", metavar="WORKSPACE", help="workspace written by python -m deploy")
     p.add_argument(

@@ -1,19 +1,24 @@
 """How many sessions fit: KV-cache memory per mode, computed and measured on the runtime's real cache.
 
     python -m lite.memory WORKSPACE [--batch 8,16,32,48] [--session-len N] [--budget-gib G]
-                          [--modes fp16,int8,fp8_e4m3] [--out DIR]
+                          [--modes fp16,int8,fp8_e4m3,int4_per_token_head] [--out DIR]
     python -m lite.memory --shape internlm-chat-7b | --shape LAYERS,KV_HEADS,HEAD_DIM  (no weights needed)
 
 Formulas (docs/formats.md §1; bytes/elem from `runtime.quant.BYTES_PER_ELEM`: fp16 2, int8 1, fp8 1):
-    KV bytes per token    = 2 * num_layer * kv_head_num * size_per_head * bytes/elem   (K and V)
+    KV bytes per token    = 2 * num_layer * kv_head_num * row bytes   (K and V)
+    row bytes             = size_per_head * bytes/elem, or for the online *_per_token_head modes the data
+                            (size_per_head bytes; int4: size_per_head / 2) + 4 B of fp16 (scale, zero) stored
+                            in the block (`runtime.quant.kv_row_bytes`)
     KV bytes per session  = per token * session_len
     scale overhead        = 4 * num_layer * kv_head_num * 4 B   (fp32 [k_scale, k_zp, v_scale, v_zp] per layer
-                            and KV head, as the runtime holds them; once per cache, not per session; 0 for fp16)
+                            and KV head, as the runtime holds them; once per cache, not per session; 0 for fp16
+                            and the online modes, whose parameters are in the per-token bytes)
     total(batch)          = weight bytes + batch * per session + scale overhead
     sessions in a budget  = floor((budget - weights - scale overhead) / per session)
 
 "Measured" allocates `runtime.kv_cache.KVCache` for (batch, session_len) and sums the
-`untyped_storage().nbytes()` of the K/V tensors it holds plus its quantizer's parameters. The cache
+`untyped_storage().nbytes()` of the K/V tensors it holds (online modes: and their parameter pools) plus its
+quantizer's parameters. The cache
 fills its tensors with zeros, which commits the memory, so shapes above MEASURE_ON_CPU_LIMIT bytes are
 allocated on torch's "meta" device instead: the same class, shapes, dtypes and storage sizes, no memory.
 
@@ -35,7 +40,16 @@ from pathlib import Path
 from runtime.workspace import WorkspaceConfig, WorkspaceError, kv_bytes_per_token, weight_table
 
 MiB, GiB = 2**20, 2**30
-MODES = ("fp16", "int8", "fp8_e4m3", "fp8_e5m2")
+MODES = (
+    "fp16",
+    "int8",
+    "fp8_e4m3",
+    "fp8_e5m2",
+    "int8_per_token_head",
+    "fp8_per_token_head",
+    "int4_per_token_head",
+)
+DEFAULT_MODES = "fp16,int8,fp8_e4m3,int8_per_token_head,int4_per_token_head"
 MEASURE_ON_CPU_LIMIT = 256 * MiB
 PUBLISHED_INT8_DELTA_MIB = {8: -4096, 16: -8224, 32: -16448, 48: -24672}  # internlm-chat-7b, LMDeploy 2023
 
@@ -92,14 +106,14 @@ class ModeMemory:
 
 
 def scale_bytes(cfg: WorkspaceConfig, kv_dtype: str) -> int:
-    """fp32 (4,) parameters per layer and KV head (runtime layout); fp16 needs none."""
-    return 0 if kv_dtype == "fp16" else 4 * cfg.num_layer * cfg.kv_head_num * 4
+    """fp32 (4,) parameters per layer and KV head (runtime layout); fp16 and the online modes hold none."""
+    return 0 if kv_dtype == "fp16" or kv_dtype.endswith("_per_token_head") else 4 * cfg.num_layer * cfg.kv_head_num * 4
 
 
 def bytes_per_token(cfg: WorkspaceConfig, kv_dtype: str) -> int:
-    from runtime.quant import BYTES_PER_ELEM
+    from runtime.quant import kv_row_bytes
 
-    return int(kv_bytes_per_token(cfg, BYTES_PER_ELEM[kv_dtype]))
+    return int(kv_bytes_per_token(cfg, kv_row_bytes(kv_dtype, cfg.size_per_head)))
 
 
 def kv_total_bytes(cfg: WorkspaceConfig, kv_dtype: str, batch: int, session_len: int) -> int:
@@ -123,15 +137,20 @@ def weight_bytes(cfg: WorkspaceConfig, wdir: Path | None = None) -> int:
 
 def measure_cache(cfg: WorkspaceConfig, kv_dtype: str, batch: int, session_len: int) -> tuple[int, int, str]:
     """Allocate the runtime's KVCache for (batch, session_len): (data bytes, parameter bytes, device)."""
-    from runtime.kv_cache import KVCache, StaticQuantizer
+    from runtime import quant
+    from runtime.kv_cache import KVCache, OnlineQuantizer, StaticQuantizer
 
     device = "cpu" if batch * session_len * bytes_per_token(cfg, kv_dtype) <= MEASURE_ON_CPU_LIMIT else "meta"
-    quantizer = StaticQuantizer.identity(kv_dtype, cfg.num_layer, cfg.kv_head_num)
+    if quant.is_online(kv_dtype):
+        quantizer = OnlineQuantizer(kv_dtype)
+    else:
+        quantizer = StaticQuantizer.identity(kv_dtype, cfg.num_layer, cfg.kv_head_num)
     # one block of session_len tokens per session, so the pool is exactly batch x session_len tokens (the
     # engine's 64-token blocks round each session up to a multiple of 64)
     cache = KVCache(cfg.num_layer, batch, cfg.kv_head_num, session_len, cfg.size_per_head, quantizer, device=device)
-    data = sum(t.untyped_storage().nbytes() for t in cache.k + cache.v)  # each (batch, H_kv, session_len, D)
-    params = cache.nbytes() - sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    pools = cache.k + cache.v + cache.k_param + cache.v_param  # each (batch, H_kv, session_len, D | D/2 | 2)
+    data = sum(t.untyped_storage().nbytes() for t in pools)
+    params = cache.nbytes() - sum(t.numel() * t.element_size() for t in pools)
     del cache
     return data, params, device
 
@@ -244,7 +263,7 @@ def format_table(rows: list[ModeMemory], batches: list[int], weights: int, sessi
     head = f"weights {weights / GiB:.2f} GiB, session_len {session_len}"
     lines = [
         head,
-        f"{'mode':<10} {'B/token':>9} {'MiB/session':>12} {'batch':>6} {'total GiB':>10} "
+        f"{'mode':<19} {'B/token':>9} {'MiB/session':>12} {'batch':>6} {'total GiB':>10} "
         f"{'measured GiB':>13} {'vs fp16 MiB':>12} {'fit budget':>10}",
     ]
     for r in rows:
@@ -254,7 +273,7 @@ def format_table(rows: list[ModeMemory], batches: list[int], weights: int, sessi
             )
             fit = "" if r.sessions_in_budget is None or j else str(r.sessions_in_budget)
             lines.append(
-                f"{r.mode:<10} {r.bytes_per_token:>9} {r.bytes_per_session / MiB:>12.2f} {b:>6} "
+                f"{r.mode:<19} {r.bytes_per_token:>9} {r.bytes_per_session / MiB:>12.2f} {b:>6} "
                 f"{r.totals[j] / GiB:>10.3f} {measured:>13} {r.delta_vs_fp16_mib[j]:>12.1f} {fit:>10}"
             )
     if any("meta" in r.measured_device for r in rows):
@@ -283,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--modes",
-        default="fp16,int8,fp8_e4m3",
-        help=f"comma-separated KV modes of {', '.join(MODES)} (default: fp16,int8,fp8_e4m3)",
+        default=DEFAULT_MODES,
+        help=f"comma-separated KV modes of {', '.join(MODES)} (default: {DEFAULT_MODES})",
     )
     parser.add_argument(
         "--out", default=None, help="directory for memory.json and memory.png (default: none, the table only)"

@@ -50,6 +50,9 @@ MODE_STYLES = {
     "int8": dict(linestyle="--", marker="s", markersize=9, markerfacecolor="none", color="tab:orange"),
     "fp8_e4m3": dict(linestyle=":", marker="^", markersize=5, color="tab:green", linewidth=2),
     "fp8_e5m2": dict(linestyle="-.", marker="v", markersize=5, color="tab:red"),
+    "int8_per_token_head": dict(linestyle="--", marker="D", markersize=5, color="tab:purple"),
+    "fp8_per_token_head": dict(linestyle=":", marker="x", color="tab:brown"),
+    "int4_per_token_head": dict(linestyle="-", marker="P", color="tab:gray"),
 }
 
 

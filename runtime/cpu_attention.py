@@ -1,7 +1,8 @@
 """Decode attention straight from the paged (possibly quantized) KV pool, without a full-precision copy.
 
 Layout (the engine's paged cache): per layer, K and V pools `(num_blocks, H_kv, block_size, D)` contiguous in
-the storage dtype (fp16 | int8 | float8_e4m3fn | float8_e5m2). Token t of sequence b lives in block
+the storage dtype (fp16 | int8 | float8_e4m3fn | float8_e5m2; online modes: uint8 codes | float8_e4m3fn, or
+`(..., D / 2)` uint8 packed INT4, with `(num_blocks, H_kv, block_size, 2)` fp16 (scale, zero) parameter pools). Token t of sequence b lives in block
 `block_tables[b, t // block_size]`, row `t % block_size`; one query token per sequence attends over its
 positions [0, lengths[b]). Only those rows are ever read: rows past the length and the padding entries of
 the block table (any value) are not touched, so a pool holding stale or non-finite data from freed sequences
@@ -11,12 +12,21 @@ The cache's per-head affine map x^ = scale * stored + zp is folded into the arit
 applied to the cache:
     scores = softmax_scale * (k_scale * (q . k_stored) + k_zp * sum(q))
     out    = v_scale * (p @ v_stored) + v_zp            (the softmax weights p sum to 1)
-so each step reads 1 byte per INT8/FP8 element (2 for fp16).
+so each step reads 1 byte per INT8/FP8 element (2 for fp16). The online per-token-head modes
+(`runtime.quant`, kv_dtype int8_per_token_head | fp8_per_token_head | int4_per_token_head) carry one
+(scale_t, zero_t) per cached row t in k_param / v_param, folded the same way row by row:
+    score_t = softmax_scale * (k_scale_t * (q . k_code_t) + k_zero_t * sum(q))
+    out     = (sum_t (p_t v_scale_t) v_code_t + sum_t p_t v_zero_t) / sum_t p_t
+so each step reads 1 byte (INT4: half a byte) per element plus 4 bytes per row. Rotation (if any) is the
+caller's: q and the pools are already in the rotated basis.
 
 Three functions with one signature:
-    decode_attention(q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp, v_scale, v_zp, softmax_scale)
+    decode_attention(q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp, v_scale, v_zp, softmax_scale,
+                     *, kv_dtype=None, k_param=None, v_param=None)
   q (B, H, D) in the compute dtype, pools as above, block_tables (B, max_blocks) int32 or int64, lengths (B,),
-  parameters (H_kv,) fp32; returns (B, H, D) in q's dtype. H must be a multiple of H_kv (GQA).
+  static parameters (H_kv,) fp32; returns (B, H, D) in q's dtype. H must be a multiple of H_kv (GQA).
+  kv_dtype names the format (needed for the online modes, whose k_scale..v_zp are None and whose per-row
+  parameters are k_param / v_param; None = a static mode told apart by the pool dtype).
   - `decode_attention_torch`: the PyTorch reference (any device), online softmax over chunks of positions
     gathered through the block table;
   - `decode_attention_cpp`: a C++/OpenMP kernel (AVX2, built once under ~/.cache/kvq/kernels) that reads the
@@ -30,25 +40,33 @@ from __future__ import annotations
 
 import torch
 
+from runtime import quant
+
 CHUNK = 512  # positions per step of the reference's online softmax
 
 
-def check_paged_args(q, k_pool, v_pool, block_tables, lengths, params) -> None:
-    """Raise ValueError unless the shapes follow the paged layout (values are checked by each implementation)."""
+def check_paged_args(q, k_pool, v_pool, block_tables, lengths, params, kv_dtype=None, row_params=(None, None)):
+    """Raise ValueError unless the shapes follow the paged layout (values are checked by each implementation).
+
+    params: (k_scale, k_zp, v_scale, v_zp), each (H_kv,) for static modes, all None for online ones;
+    row_params: (k_param, v_param), each (num_blocks, H_kv, block_size, 2) fp16 for online modes.
+    """
     if q.dim() != 3 or k_pool.dim() != 4:
         raise ValueError(
             f"q must be (B, H, D) and k_pool (num_blocks, H_kv, block_size, D); got {q.shape}, {k_pool.shape}"
         )
     B, H, D = q.shape
-    _, Hkv, block_size, Dk = k_pool.shape
+    online = kv_dtype is not None and quant.is_online(kv_dtype)
+    _, Hkv, block_size, width = k_pool.shape
     if v_pool.shape != k_pool.shape or v_pool.dtype != k_pool.dtype:
         raise ValueError(
             f"v_pool {v_pool.dtype} {tuple(v_pool.shape)} must match k_pool {k_pool.dtype} {tuple(k_pool.shape)}"
         )
-    if Dk != D or Hkv < 1 or H % Hkv or block_size < 1:
+    want = D // 2 if kv_dtype == "int4_per_token_head" else D  # INT4 rows are D / 2 packed bytes
+    if width != want or Hkv < 1 or H % Hkv or block_size < 1:
         raise ValueError(
-            f"q {tuple(q.shape)} does not fit the pool {tuple(k_pool.shape)} "
-            "(same D, H a multiple of H_kv, block_size >= 1)"
+            f"q {tuple(q.shape)} does not fit the {kv_dtype or k_pool.dtype} pool {tuple(k_pool.shape)} "
+            f"(rows of {want}, H a multiple of H_kv, block_size >= 1)"
         )
     if block_tables.dim() != 2 or block_tables.shape[0] != B or block_tables.dtype not in (torch.int32, torch.int64):
         raise ValueError(
@@ -56,9 +74,18 @@ def check_paged_args(q, k_pool, v_pool, block_tables, lengths, params) -> None:
         )
     if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"lengths must be (B={B},) int32/int64; got {lengths.dtype} {tuple(lengths.shape)}")
+    if online:
+        if k_pool.dtype != quant.ONLINE_STORAGE[kv_dtype]:
+            raise ValueError(f"{kv_dtype} pools are {quant.ONLINE_STORAGE[kv_dtype]}; got {k_pool.dtype}")
+        pshape = (*k_pool.shape[:3], 2)
+        for name, p in zip(("k_param", "v_param"), row_params, strict=True):
+            if p is None or p.shape != pshape or p.dtype != quant.PARAM_DTYPE:
+                got = None if p is None else (p.dtype, tuple(p.shape))
+                raise ValueError(f"{kv_dtype}: {name} must be {pshape} float16 (scale, zero) per row; got {got}")
+        return
     for name, p in zip(("k_scale", "k_zp", "v_scale", "v_zp"), params, strict=True):
-        if p.shape != (Hkv,):
-            raise ValueError(f"{name} must be (H_kv={Hkv},); got {tuple(p.shape)}")
+        if p is None or p.shape != (Hkv,):
+            raise ValueError(f"{name} must be (H_kv={Hkv},); got {None if p is None else tuple(p.shape)}")
 
 
 def _check_values(block_tables: torch.Tensor, lengths: torch.Tensor, num_blocks: int, block_size: int) -> None:
@@ -87,9 +114,19 @@ def decode_attention_torch(
     v_scale: torch.Tensor,
     v_zp: torch.Tensor,
     softmax_scale: float,
+    *,
+    kv_dtype: str | None = None,
+    k_param: torch.Tensor | None = None,
+    v_param: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q (B, H, D); pools (num_blocks, H_kv, block_size, D); block_tables (B, max_blocks); lengths (B,) -> (B, H, D)."""
-    check_paged_args(q, k_pool, v_pool, block_tables, lengths, (k_scale, k_zp, v_scale, v_zp))
+    """q (B, H, D); pools (num_blocks, H_kv, block_size, D); block_tables (B, max_blocks); lengths (B,) -> (B, H, D).
+
+    Online modes: each gathered chunk of rows is dequantized with its own (scale, zero) (`quant.dequantize_online`,
+    the format's definition) and attended with unit static parameters.
+    """
+    params = (k_scale, k_zp, v_scale, v_zp)
+    check_paged_args(q, k_pool, v_pool, block_tables, lengths, params, kv_dtype, (k_param, v_param))
+    online = kv_dtype is not None and quant.is_online(kv_dtype)
     B, H, D = q.shape
     num_blocks, Hkv, block_size, _ = k_pool.shape
     dev = q.device
@@ -104,6 +141,16 @@ def decode_attention_torch(
     n = live.numel()
     G = H // Hkv
     cdt = torch.float32 if q.dtype == torch.float32 else q.dtype
+    if online:  # per-row parameters are applied when a chunk is gathered; the static map is the identity
+        k_scale = v_scale = torch.ones(Hkv)
+        k_zp = v_zp = torch.zeros(Hkv)
+
+    def gather(pool: torch.Tensor, param: torch.Tensor | None, pages, rows) -> torch.Tensor:
+        x = pool[pages, :, rows]  # (n, c, H_kv, D or D / 2)
+        if online:
+            x = quant.dequantize_online(x, param[pages, :, rows], kv_dtype)
+        return x.to(cdt).transpose(1, 2)  # (n, H_kv, c, D)
+
     qg = q.to(cdt).view(n, Hkv, G, D)  # query heads grouped by their KV head
     q_sum = qg.float().sum(-1)  # (n, H_kv, G)
     ks = (k_scale * softmax_scale).to(dev).view(1, Hkv, 1, 1)
@@ -120,14 +167,14 @@ def decode_attention_torch(
         pos = pos.masked_fill(invalid, 0)
         pages = block_tables.gather(1, pos // block_size)  # (n, c)
         rows = pos % block_size
-        kc = k_pool[pages, :, rows].to(cdt).transpose(1, 2)  # (n, H_kv, c, D)
+        kc = gather(k_pool, k_param, pages, rows)  # (n, H_kv, c, D)
         sc = torch.matmul(qg, kc.transpose(-1, -2)).float() * ks + kz  # (n, H_kv, G, c)
         sc.masked_fill_(invalid.view(n, 1, 1, -1), float("-inf"))
         m_new = torch.maximum(m, sc.amax(-1))  # finite: position 0 is valid in the first chunk
         p = torch.exp(sc - m_new.unsqueeze(-1))
         corr = torch.exp(m - m_new)
         den = den * corr + p.sum(-1)
-        vc = v_pool[pages, :, rows].to(cdt).transpose(1, 2)  # (n, H_kv, c, D)
+        vc = gather(v_pool, v_param, pages, rows)
         acc = acc * corr.unsqueeze(-1) + torch.matmul(p.to(cdt), vc).float()
         m = m_new
     res = acc / den.unsqueeze(-1) * v_scale.to(dev).view(1, Hkv, 1, 1) + v_zp.to(dev).view(1, Hkv, 1, 1)
@@ -152,6 +199,14 @@ def decode_attention_torch(
 #   e5m2:  the byte is the high byte of an fp16 (same exponent bias 15): bits << 8 -> cvtph_ps
 #   e4m3:  bits (s eeee mmm) -> fp16 bits s<<15 | (eeee mmm)<<7 is the same value * 2^-8 for normals
 #          and subnormals alike (bias 7 vs 15); the 2^8 is folded into the scale.
+#   uint8 codes (int8_per_token_head): cvtepu8_epi32 -> cvtepi32_ps
+#   int4 (int4_per_token_head): 4 bytes hold 8 codes; lo = w & 0x0F, hi = (w >> 4) & 0x0F per byte,
+#          unpacklo_epi8(lo, hi) interleaves them into element order (2i low nibble, 2i + 1 high) -> cvtepu8_epi32
+# Online kinds (4 int8, 5 e4m3, 6 int4 per token head) read each row's fp16 (scale, zero) (F16C cvtsh_ss) from the
+# parameter pool at row index off / D (the data pool's element offset in the unpacked layout, D a power of two:
+# a shift), and fold them per row: the K pass scores s_t = softmax_scale * (scale_t * (q . code_t) + zero_t *
+# sum(q)); the V pass accumulates (p_t scale_t) code_t and adds sum_t p_t zero_t to every output element of the
+# chunk, so the partial result is already sum_t p_t x^_t and the merge applies no affine map.
 KERNEL_SRC = r"""
 #include <immintrin.h>
 #include <omp.h>
@@ -162,13 +217,24 @@ KERNEL_SRC = r"""
 
 template <int kind>
 static inline __m256 load8(const void* base, int64_t i) {
+  if (kind == 4) {  // uint8 codes
+    __m128i b = _mm_loadl_epi64((const __m128i*)((const uint8_t*)base + i));
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+  }
+  if (kind == 6) {  // packed nibbles: elements i..i+7 are bytes i/2..i/2+3
+    int32_t w;
+    __builtin_memcpy(&w, (const uint8_t*)base + i / 2, 4);
+    const __m128i b = _mm_cvtsi32_si128(w), m = _mm_set1_epi8(0x0F);
+    const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+  }
   if (kind == 1) {  // int8
     __m128i b = _mm_loadl_epi64((const __m128i*)((const int8_t*)base + i));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
   }
   if (kind == 0) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)base + i)));
   __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)((const uint8_t*)base + i)));
-  if (kind == 3) return _mm256_cvtph_ps(_mm_slli_epi16(w, 8));  // e5m2
+  if (kind == 3) return _mm256_cvtph_ps(_mm_slli_epi16(w, 8));  // e5m2 (kinds 2 and 5: e4m3)
   __m128i sign = _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8);
   __m128i mag = _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x7F)), 7);
   return _mm256_cvtph_ps(_mm_or_si128(sign, mag));  // e4m3 * 2^-8
@@ -182,18 +248,38 @@ static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+// Row t's (scale, zero) for the online kinds: fp16 pair at row index off / D of the parameter pool.
+template <int D>
+static inline void row_params(const uint16_t* param, int64_t off, float* scale, float* zero) {
+  const uint16_t* p = param + off / D * 2;
+  *scale = _cvtsh_ss(p[0]);
+  *zero = _cvtsh_ss(p[1]);
+}
+
 // One work item with head size D known at compile time: the n rows at element offsets off[0..n) (n >= 1) of
 // one KV head, attended by its G query heads. qx: G rows of D + 1 floats (q, then sum(q)); sc: G * n scratch.
-// Writes acc (G, D) = sum_t p_t v_t unnormalised and ml (G, 2) = (max score, sum_t p_t).
+// Static kinds: score = dot * kscale + kzero * sum(q). Online kinds (>= 4): kscale, kzero multiply each row's
+// own (scale, zero) from kp; vp's fold into the V pass.
+// Writes acc (G, D) = sum_t p_t v_t unnormalised (online: sum_t p_t x^_t) and ml (G, 2) = (max score, sum_t p_t).
 template <int kind, int D>
-static void attend_chunk(const float* qx, int G, const void* kc, const void* vc, const int64_t* off, int64_t n,
-                         float kscale, float kzero, float* sc, float* acc, float* ml) {
+static void attend_chunk(const float* qx, int G, const void* kc, const void* vc, const uint16_t* kp,
+                         const uint16_t* vp, const int64_t* off, int64_t n, float kscale, float kzero, float vunit,
+                         float* sc, float* acc, float* ml) {
+  constexpr bool online = kind >= 4;
   alignas(32) float blk[8 * D];
+  float rs[8], rz[8];  // this block of rows' score multipliers (online: per row; static: constant)
   for (int64_t t0 = 0; t0 < n; t0 += 8) {
     const int r = n - t0 < 8 ? (int)(n - t0) : 8;
-    for (int j = 0; j < 8; ++j)  // rows past the chunk repeat its last row; their scores are dropped
-      for (int d = 0; d < D; d += 8)
-        _mm256_store_ps(blk + j * D + d, load8<kind>(kc, off[t0 + (j < r ? j : r - 1)] + d));
+    for (int j = 0; j < 8; ++j) {  // rows past the chunk repeat its last row; their scores are dropped
+      const int64_t o = off[t0 + (j < r ? j : r - 1)];
+      for (int d = 0; d < D; d += 8) _mm256_store_ps(blk + j * D + d, load8<kind>(kc, o + d));
+      rs[j] = kscale, rz[j] = kzero;
+      if (online) {
+        float s, z;
+        row_params<D>(kp, o, &s, &z);
+        rs[j] *= s, rz[j] *= z;
+      }
+    }
     for (int g = 0; g < G; ++g) {
       const float* qg = qx + g * (D + 1);
       __m256 a[8];
@@ -204,7 +290,7 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
       }
       alignas(32) float s8[8];
       _mm256_store_ps(s8, hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
-      for (int j = 0; j < r; ++j) sc[g * n + t0 + j] = s8[j] * kscale + kzero * qg[D];  // qg[D]: sum(q)
+      for (int j = 0; j < r; ++j) sc[g * n + t0 + j] = s8[j] * rs[j] + rz[j] * qg[D];  // qg[D]: sum(q)
     }
   }
   for (int g = 0; g < G; ++g) {  // softmax numerators over the chunk (expf vectorized through libmvec)
@@ -217,20 +303,33 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
     ml[2 * g + 1] = l;
   }
   for (int i = 0; i < G * D; ++i) acc[i] = 0.0f;
+  std::vector<float> zsum(online ? G : 0, 0.0f);  // online: sum_t p_t zero_t per query head
   for (int64_t t0 = 0; t0 < n; t0 += 8) {
     const int r = n - t0 < 8 ? (int)(n - t0) : 8;
-    for (int j = 0; j < r; ++j)
+    for (int j = 0; j < r; ++j) {
       for (int d = 0; d < D; d += 8) _mm256_store_ps(blk + j * D + d, load8<kind>(vc, off[t0 + j] + d));
+      rs[j] = vunit, rz[j] = 0.0f;
+      if (online) {
+        float s, z;
+        row_params<D>(vp, off[t0 + j], &s, &z);
+        rs[j] *= s, rz[j] = z;
+      }
+    }
     for (int g = 0; g < G; ++g) {
       __m256 o[D / 8];
       for (int d = 0; d < D / 8; ++d) o[d] = _mm256_loadu_ps(acc + g * D + d * 8);
       for (int j = 0; j < r; ++j) {
-        const __m256 p = _mm256_set1_ps(sc[g * n + t0 + j]);
+        const float pj = sc[g * n + t0 + j];
+        const __m256 p = _mm256_set1_ps(online ? pj * rs[j] : pj);
+        if (online) zsum[g] += pj * rz[j];
         for (int d = 0; d < D / 8; ++d) o[d] = _mm256_fmadd_ps(p, _mm256_load_ps(blk + j * D + d * 8), o[d]);
       }
       for (int d = 0; d < D / 8; ++d) _mm256_storeu_ps(acc + g * D + d * 8, o[d]);
     }
   }
+  if (online)
+    for (int g = 0; g < G; ++g)
+      for (int d = 0; d < D; ++d) acc[g * D + d] += zsum[g];
 }
 
 struct Item { int b, h; int64_t start, n; };  // positions [start, start + n) of sequence b, KV head h
@@ -238,10 +337,12 @@ struct Item { int b, h; int64_t start, n; };  // positions [start, start + n) of
 template <int kind, int D>
 static void decode_attn_t(const float* q, const void* kc, const void* vc, const int64_t* tables,
                           const int64_t* lengths, const float* ks, const float* kz, const float* vs,
-                          const float* vz, float softmax_scale, int B, int H, int Hkv, int64_t block_size,
-                          int64_t max_blocks, int64_t chunk, int parallel, float* out) {
+                          const float* vz, const uint16_t* kp, const uint16_t* vp, float softmax_scale, int B,
+                          int H, int Hkv, int64_t block_size, int64_t max_blocks, int64_t chunk, int parallel,
+                          float* out) {
+  constexpr bool online = kind >= 4;  // ks..vz unused (null); per-row parameters in kp, vp
   const int G = H / Hkv;
-  const float unit = kind == 2 ? 256.0f : 1.0f;  // e4m3 rows are read as value * 2^-8
+  const float unit = kind == 2 || kind == 5 ? 256.0f : 1.0f;  // e4m3 rows are read as value * 2^-8
   // Items (b, chunk, h) in order; first[b]: index of sequence b's first item (item of chunk c, head h is
   // first[b] + c * Hkv + h).
   std::vector<Item> items;
@@ -277,16 +378,17 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
         if (++row == block_size) { row = 0; ++col; }
       }
       sc.resize((size_t)G * it.n);
-      attend_chunk<kind, D>(qx.data(), G, kc, vc, off.data(), it.n, ks[it.h] * unit * softmax_scale,
-                            kz[it.h] * softmax_scale, sc.data(), part_acc.data() + i * G * D,
-                            part_ml.data() + i * G * 2);
+      const float kscale = (online ? 1.0f : ks[it.h]) * unit * softmax_scale;
+      const float kzero = (online ? 1.0f : kz[it.h]) * softmax_scale;
+      attend_chunk<kind, D>(qx.data(), G, kc, vc, kp, vp, off.data(), it.n, kscale, kzero, unit, sc.data(),
+                            part_acc.data() + i * G * D, part_ml.data() + i * G * 2);
     }
     // Split-K merge, one (sequence, KV head) per iteration; a sequence without items (length 0) gets zeros.
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < (int64_t)B * Hkv; ++bh) {
       const int b = (int)(bh / Hkv), h = (int)(bh % Hkv);
       const int64_t chunks = (first[b + 1] - first[b]) / Hkv;
-      const float vscale = vs[h] * unit, vzero = vz[h];
+      const float vscale = online ? 1.0f : vs[h] * unit, vzero = online ? 0.0f : vz[h];
       for (int g = 0; g < G; ++g) {
         float* o = out + ((int64_t)b * H + (int64_t)h * G + g) * D;
         float mx = -FLT_MAX;
@@ -314,7 +416,8 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
 // chunk <= 0: chosen here (whole sequences when they alone give every thread several items).
 extern "C" int decode_attn(const float* q, const void* kc, const void* vc, const int64_t* tables,
                            const int64_t* lengths, const float* ks, const float* kz, const float* vs,
-                           const float* vz, float softmax_scale, int B, int H, int Hkv, int64_t num_blocks,
+                           const float* vz, const uint16_t* kp, const uint16_t* vp, float softmax_scale, int B,
+                           int H, int Hkv, int64_t num_blocks,
                            int64_t block_size, int64_t max_blocks, int D, int kind, int64_t chunk,
                            int64_t parallel_min, float* out, int64_t* err) {
   int64_t total = 0, longest = 0;
@@ -336,18 +439,27 @@ extern "C" int decode_attn(const float* q, const void* kc, const void* vc, const
     chunk = threads == 1 ? longest : (total * Hkv + 8 * threads - 1) / (8 * threads);
     chunk = chunk < 256 ? 256 : (chunk + 63) / 64 * 64;
   }
-  auto* f = kind == 0 ? (D == 64 ? decode_attn_t<0, 64> : decode_attn_t<0, 128>)
-          : kind == 1 ? (D == 64 ? decode_attn_t<1, 64> : decode_attn_t<1, 128>)
-          : kind == 2 ? (D == 64 ? decode_attn_t<2, 64> : decode_attn_t<2, 128>)
-                      : (D == 64 ? decode_attn_t<3, 64> : decode_attn_t<3, 128>);
-  f(q, kc, vc, tables, lengths, ks, kz, vs, vz, softmax_scale, B, H, Hkv, block_size, max_blocks, chunk, parallel,
-    out);
+#define KVQ_KIND(k) (D == 64 ? decode_attn_t<k, 64> : decode_attn_t<k, 128>)
+  auto* f = kind == 0 ? KVQ_KIND(0) : kind == 1 ? KVQ_KIND(1) : kind == 2 ? KVQ_KIND(2) : kind == 3 ? KVQ_KIND(3)
+          : kind == 4 ? KVQ_KIND(4) : kind == 5 ? KVQ_KIND(5) : KVQ_KIND(6);
+#undef KVQ_KIND
+  f(q, kc, vc, tables, lengths, ks, kz, vs, vz, kp, vp, softmax_scale, B, H, Hkv, block_size, max_blocks, chunk,
+    parallel, out);
   return 0;
 }
 """
 # Below this many (token, KV head) rows the work is too small to repay waking the OpenMP threads.
 PARALLEL_MIN = 2048
-KINDS = {torch.float16: 0, torch.int8: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
+KINDS = {torch.float16: 0, torch.int8: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}  # static: by pool dtype
+ONLINE_KINDS = {"int8_per_token_head": 4, "fp8_per_token_head": 5, "int4_per_token_head": 6}
+
+
+def kernel_kind(kv_dtype: str | None, pool_dtype: torch.dtype) -> int | None:
+    """The kernel's kind: an online mode by name (a uint8 pool is INT8 or INT4), a static one by pool dtype."""
+    if kv_dtype is not None and quant.is_online(kv_dtype):
+        return ONLINE_KINDS[kv_dtype]
+    return KINDS.get(pool_dtype)
+
 
 
 def _cpp_module():
@@ -361,7 +473,7 @@ def _cpp_module():
     if lib is not None and lib.decode_attn.argtypes is None:
         lib.decode_attn.restype = ctypes.c_int
         lib.decode_attn.argtypes = (
-            [ctypes.c_void_p] * 9
+            [ctypes.c_void_p] * 11
             + [ctypes.c_float]
             + [ctypes.c_int] * 3
             + [ctypes.c_int64] * 3
@@ -373,7 +485,21 @@ def _cpp_module():
 
 
 def decode_attention_cpp(
-    q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp, v_scale, v_zp, softmax_scale, *, chunk: int = 0
+    q,
+    k_pool,
+    v_pool,
+    block_tables,
+    lengths,
+    k_scale,
+    k_zp,
+    v_scale,
+    v_zp,
+    softmax_scale,
+    *,
+    kv_dtype: str | None = None,
+    k_param=None,
+    v_param=None,
+    chunk: int = 0,
 ):
     """Same contract as decode_attention_torch, through the C++ kernel (caller checks availability).
 
@@ -381,22 +507,31 @@ def decode_attention_cpp(
     pass a small one to exercise the split-K merge on short sequences.
     """
     lib = _cpp_module()
-    check_paged_args(q, k_pool, v_pool, block_tables, lengths, (k_scale, k_zp, v_scale, v_zp))
+    params = (k_scale, k_zp, v_scale, v_zp)
+    check_paged_args(q, k_pool, v_pool, block_tables, lengths, params, kv_dtype, (k_param, v_param))
     B, H, D = q.shape
     num_blocks, Hkv, block_size, _ = k_pool.shape
-    if D not in (64, 128) or not (k_pool.is_contiguous() and v_pool.is_contiguous()) or k_pool.dtype not in KINDS:
+    kind = kernel_kind(kv_dtype, k_pool.dtype)
+    if D not in (64, 128) or not (k_pool.is_contiguous() and v_pool.is_contiguous()) or kind is None:
         raise ValueError(
-            f"the C++ decode kernel takes contiguous fp16/int8/fp8 pools with head size 64 or 128; got D={D}, "
-            f"{k_pool.dtype} (use decode_attention, which falls back to torch)"
+            f"the C++ decode kernel takes contiguous fp16/int8/fp8 or online pools with head size 64 or 128; got "
+            f"D={D}, {kv_dtype or k_pool.dtype} (use decode_attention, which falls back to torch)"
         )
-    tensors = (q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp, v_scale, v_zp)
+    online = kind in ONLINE_KINDS.values()
+    rows = (k_param, v_param) if online else ()
+    tensors = (q, k_pool, v_pool, block_tables, lengths, *(p for p in params + rows if p is not None))
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("the C++ decode kernel takes CPU tensors only (runtime.cuda has the GPU kernels)")
     qf = q.to(torch.float32).contiguous()
     out = torch.empty(B, H, D, dtype=torch.float32)
     tables = block_tables.to(torch.int64).contiguous()
     lengths64 = lengths.to(torch.int64).contiguous()
-    params = [p.to(torch.float32).contiguous() for p in (k_scale, k_zp, v_scale, v_zp)]
+    if online:  # per-row (scale, zero) pools; no per-head parameters (null pointers)
+        static = [None] * 4
+        row_ptrs = [p.contiguous() for p in rows]
+    else:
+        static = [p.to(torch.float32).contiguous() for p in params]
+        row_ptrs = [None, None]
     err = torch.zeros(3, dtype=torch.int64)
     rc = lib.decode_attn(
         qf.data_ptr(),
@@ -404,7 +539,7 @@ def decode_attention_cpp(
         v_pool.data_ptr(),
         tables.data_ptr(),
         lengths64.data_ptr(),
-        *(p.data_ptr() for p in params),
+        *(None if p is None else p.data_ptr() for p in static + row_ptrs),
         float(softmax_scale),
         B,
         H,
@@ -413,7 +548,7 @@ def decode_attention_cpp(
         block_size,
         tables.shape[1],
         D,
-        KINDS[k_pool.dtype],
+        kind,
         chunk,
         PARALLEL_MIN,
         out.data_ptr(),
@@ -427,13 +562,43 @@ def decode_attention_cpp(
     return out.to(q.dtype)
 
 
-def cpp_usable(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
-    """The kernel handles contiguous CPU pools of every storage dtype with head size 64 or 128."""
-    ok = not q.is_cuda and k_pool.is_contiguous() and k_pool.dtype in KINDS and q.shape[-1] in (64, 128)
+def cpp_usable(q: torch.Tensor, k_pool: torch.Tensor, kv_dtype: str | None = None) -> bool:
+    """The kernel handles contiguous CPU pools of every storage mode with head size 64 or 128."""
+    kind = kernel_kind(kv_dtype, k_pool.dtype)
+    ok = not q.is_cuda and k_pool.is_contiguous() and kind is not None and q.shape[-1] in (64, 128)
     return ok and _cpp_module() is not None
 
 
-def decode_attention(q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp, v_scale, v_zp, softmax_scale):
+def decode_attention(
+    q,
+    k_pool,
+    v_pool,
+    block_tables,
+    lengths,
+    k_scale,
+    k_zp,
+    v_scale,
+    v_zp,
+    softmax_scale,
+    *,
+    kv_dtype: str | None = None,
+    k_param=None,
+    v_param=None,
+):
     """The fastest available implementation (C++ kernel if it builds, else the torch one); same contract."""
-    impl = decode_attention_cpp if cpp_usable(q, k_pool) else decode_attention_torch
-    return impl(q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp, v_scale, v_zp, softmax_scale)
+    impl = decode_attention_cpp if cpp_usable(q, k_pool, kv_dtype) else decode_attention_torch
+    return impl(
+        q,
+        k_pool,
+        v_pool,
+        block_tables,
+        lengths,
+        k_scale,
+        k_zp,
+        v_scale,
+        v_zp,
+        softmax_scale,
+        kv_dtype=kv_dtype,
+        k_param=k_param,
+        v_param=v_param,
+    )

@@ -8,7 +8,9 @@
 The pool: `num_blocks` blocks of `block_size` tokens per layer in the KV storage dtype, as many as the
 budget holds (`kv_cache_gib`, or `cache_max_entry_count` x the memory free after the weights are loaded;
 see `pool_budget`). INT8/FP8 blocks are half the bytes of fp16 ones, so the same budget holds twice the
-tokens, and the scheduler (`runtime.scheduler`) runs twice the sequences at once.
+tokens, and the scheduler (`runtime.scheduler`) runs twice the sequences at once. The online per-token-head
+modes (int8/fp8/int4_per_token_head) keep 4 bytes of (scale, zero) per row inside each block: INT4 at D 64
+is 36 bytes a row against fp16's 128, 3.56x the tokens.
 
 Each `step` asks the scheduler what to run, then makes at most two forward passes: one over the prefill
 chunks (right-padded to the longest) and one over every running decode (one token each). Sequences whose
@@ -35,7 +37,14 @@ from dataclasses import dataclass
 import torch
 
 from runtime import distributed, kv_params, quant
-from runtime.kv_cache import KVCache, StaticQuantizer, block_bytes
+from runtime.kv_cache import (
+    DEFAULT_ROTATION,
+    KVCache,
+    OnlineQuantizer,
+    StaticQuantizer,
+    block_bytes,
+    rotation_for,
+)
 from runtime.model import Batch, Transformer
 from runtime.scheduler import RequestError, Scheduler, Sequence, Status
 from runtime.workspace import (
@@ -50,7 +59,15 @@ from runtime.workspace import (
 
 __all__ = ["Engine", "EngineStats", "RequestError", "Session", "StepOutput"]
 
-KV_ALIASES = {"fp8": "fp8_e4m3", "fp16": "fp16", "int8": "int8", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
+KV_ALIASES = {
+    "fp8": "fp8_e4m3",
+    "fp16": "fp16",
+    "int8": "int8",
+    "fp8_e4m3": "fp8_e4m3",
+    "fp8_e5m2": "fp8_e5m2",
+    **{mode: mode for mode in quant.ONLINE_MODES},  # int8 | fp8 | int4 _per_token_head: no calibration files
+}
+KV_ROTATIONS = ("auto", "on", "off")  # auto: kv_cache.DEFAULT_ROTATION of the online mode
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Overrides what dtype="auto" resolves to (the test suite pins float32, the dtype of its accuracy checks).
 AUTO_DTYPE_ENV = "KVQ_COMPUTE_DTYPE"
@@ -91,7 +108,7 @@ def cpu_has_native_bf16() -> bool:
 class EngineSettings:
     """Run-time choices, validated once. None / "auto" = the workspace's config.ini value or the default."""
 
-    kv_cache_dtype: str = "auto"  # auto | fp16 | int8 | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2
+    kv_cache_dtype: str = "auto"  # auto | fp16 | int8 | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2 | *_per_token_head
     calculate_kv_scales: bool = False  # FP8 only: per-layer scales from the first prompt's amax
     dtype: str = "auto"  # compute dtype: auto | float32 | bfloat16 | float16 (see resolve_compute_dtype)
     device: str = "cpu"
@@ -103,6 +120,7 @@ class EngineSettings:
     cache_max_entry_count: float | None = None  # fraction of free memory for the pool
     kv_cache_gib: float | None = None  # explicit pool size; wins over cache_max_entry_count
     max_prefill_token_num: int = 4096  # prefill tokens per step (longer prompts go in chunks)
+    kv_rotation: str = "auto"  # online modes: Hadamard rotation of K, V, q (auto = the mode's measured default)
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_ALIASES:
@@ -124,12 +142,14 @@ class EngineSettings:
             raise ValueError(f"kv_cache_gib = {self.kv_cache_gib!r}: must be positive")
         if self.use_context_fmha not in (None, 0, 1):
             raise ValueError(f"use_context_fmha = {self.use_context_fmha!r}: must be 0 or 1")
+        if self.kv_rotation not in KV_ROTATIONS:
+            raise ValueError(f"kv_rotation = {self.kv_rotation!r}: expected one of {', '.join(KV_ROTATIONS)}")
         if self.kv_granularity not in (None, *KV_GRANULARITIES):
             raise ValueError(f"kv_granularity = {self.kv_granularity!r}: expected one of {', '.join(KV_GRANULARITIES)}")
 
     def resolve_kv_dtype(self, config_value: str) -> str:
         kv = config_value if self.kv_cache_dtype == "auto" else KV_ALIASES[self.kv_cache_dtype]
-        if self.calculate_kv_scales and not kv.startswith("fp8"):
+        if self.calculate_kv_scales and kv not in quant.FP8_DTYPES:
             raise ValueError(
                 f"calculate_kv_scales=True needs an FP8 KV cache (kv_cache_dtype fp8 | fp8_e4m3 | fp8_e5m2), got {kv}"
             )
@@ -187,7 +207,7 @@ class Engine:
         *,
         kv_cache_dtype: str = "auto",
         calculate_kv_scales: bool = False,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "cpu",
         max_batch_size: int | None = None,
         session_len: int | None = None,
@@ -197,11 +217,13 @@ class Engine:
         cache_max_entry_count: float | None = None,
         kv_cache_gib: float | None = None,
         max_prefill_token_num: int = 4096,
+        kv_rotation: str = "auto",
         kv_params: kv_params.KVParams | None = None,
         model: Transformer | None = None,
         tensor_parallel_size: int | None = None,
     ) -> None:
-        """kv_params: explicit parameters (e.g. lite.eval's scale-1.0 baseline) instead of the workspace files.
+        """kv_rotation: auto | on | off, the Hadamard rotation of an online (per-token-head) KV mode.
+        kv_params: explicit parameters (e.g. lite.eval's scale-1.0 baseline) instead of the workspace files.
         model: the weights of another engine on the same workspace, dtype and device, shared instead of loaded
         again (lite.eval runs one engine per KV mode).
         tensor_parallel_size: N = config.ini's tensor_para_size runs one process per rank, this one being
@@ -222,6 +244,7 @@ class Engine:
             cache_max_entry_count,
             kv_cache_gib,
             max_prefill_token_num,
+            kv_rotation,
         )
         self.wdir = weights_dir(workspace_path)
         self.config = cfg = load_config(self.wdir)
@@ -310,8 +333,12 @@ class Engine:
         if self.tp is not None:
             self.tp.close()
 
-    def _make_quantizer(self, explicit: kv_params.KVParams | None) -> tuple[StaticQuantizer, str]:
+    def _make_quantizer(self, explicit: kv_params.KVParams | None) -> tuple[StaticQuantizer | OnlineQuantizer, str]:
         cfg, kv, heads, rank = self.config, self.kv_dtype, self.kv_heads, self.tp.rank if self.tp else None
+        if quant.is_online(kv):  # parameters per row at write time; calibrated files, if any, are unused
+            rotation = rotation_for(kv, cfg.size_per_head, self.settings.kv_rotation)
+            how = "Hadamard-rotated" if rotation is not None else "unrotated"
+            return OnlineQuantizer(kv, rotation, device=self.device), f"per token and KV head at write time, {how}"
         if kv == "fp16":
             return StaticQuantizer.identity(kv, cfg.num_layer, heads, device=self.device), "none needed"
         if self.settings.calculate_kv_scales:  # with TP: each rank's scales from its own heads' amax
@@ -336,9 +363,7 @@ class Engine:
     # -- the memory budget ------------------------------------------------------------------------
     def block_bytes(self) -> int:
         cfg = self.config
-        return block_bytes(
-            cfg.num_layer, self.kv_heads, self.block_size, cfg.size_per_head, quant.BYTES_PER_ELEM[self.kv_dtype]
-        )
+        return block_bytes(cfg.num_layer, self.kv_heads, self.block_size, self.quantizer.row_bytes(cfg.size_per_head))
 
     def pool_budget(self) -> tuple[int, str]:
         """(num_blocks, how the budget was chosen). Blocks = (budget - quantization parameters) // block bytes,
@@ -381,13 +406,15 @@ class Engine:
     def banner(self) -> str:
         """The 'what fits' line: pool size in tokens, bytes per token, concurrency at the session length."""
         cfg = self.config
-        per_token = kv_bytes_per_token(cfg, quant.BYTES_PER_ELEM[self.kv_dtype])
+        per_token = kv_bytes_per_token(cfg, self.quantizer.row_bytes(cfg.size_per_head))
         fits = self.kv_cache_tokens / self.session_len
+        granularity = "-" if self.kv_dtype == "fp16" or quant.is_online(self.kv_dtype) else self.kv_granularity
         line = (
             f"KV cache {self.kv_dtype} ({'int8 quant_policy 4' if self.kv_dtype == 'int8' else 'no quant_policy bit'}), "
-            f"granularity {self.kv_granularity if self.kv_dtype != 'fp16' else '-'}, scales {self.scale_source}; "
+            f"granularity {granularity}, scales {self.scale_source}; "
             f"KV cache size: {self.num_kv_blocks} blocks x {self.block_size} = {self.kv_cache_tokens} tokens, "
-            f"{per_token:.0f} bytes/token, {self.cache_bytes() / 2**20:.1f} MiB"
+            f"{per_token:.0f} bytes/token{' with the scales' if quant.is_online(self.kv_dtype) else ''}, "
+            f"{self.cache_bytes() / 2**20:.1f} MiB"
             f"{' per rank' if self.tp else ''} ({self.budget_source}); "
             f"maximum concurrency for {self.session_len} tokens per request: {fits:.2f}x; "
             f"use_context_fmha={self.use_context_fmha}, compute {self.settings.dtype} on {self.device}"
@@ -611,7 +638,16 @@ def add_engine_arguments(p, *, max_batch_size_default: int | None = None) -> Non
         "--kv-cache-dtype",
         default="auto",
         choices=["auto", *KV_ALIASES],
-        help="KV cache storage (default auto = config.ini kv_cache_dtype; fp8 = fp8_e4m3)",
+        help="KV cache storage (default auto = config.ini kv_cache_dtype; fp8 = fp8_e4m3; *_per_token_head: "
+        "online scales per token and KV head, no calibration)",
+    )
+    p.add_argument(
+        "--kv-rotation",
+        default="auto",
+        choices=list(KV_ROTATIONS),
+        help="online *_per_token_head modes: Hadamard-rotate K, V and q (default auto, the measured choice: "
+        + ", ".join(f"{m} {'on' if on else 'off'}" for m, on in DEFAULT_ROTATION.items())
+        + ")",
     )
     p.add_argument(
         "--calculate-kv-scales", action="store_true", help="FP8: per-layer scales from the first prompt (default off)"
@@ -683,6 +719,7 @@ def engine_kwargs(args) -> dict:
         block_size=args.block_size,
         max_batch_size=args.max_batch_size,
         max_prefill_token_num=args.max_prefill_token_num,
+        kv_rotation=args.kv_rotation,
     )
 
 

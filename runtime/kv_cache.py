@@ -6,15 +6,25 @@ of blocks (its block table): token t lives in block `block_table[t // block_size
 Writes address the pool through a slot mapping, slot = block * block_size + row. K is stored after RoPE
 in TurboMind's interleaved channel order. Which blocks belong to whom is `runtime.scheduler`'s business.
 
-Every format-specific step goes through one `KVQuantizer` (quantize / dequantize / the per-head affine
-map x^ = scale * q + zp used by the fused attention). The formulas live in `runtime.quant`:
+Every format-specific step goes through one `KVQuantizer`. The formulas live in `runtime.quant`.
+Static modes (`StaticQuantizer`: quantize / dequantize / the per-head affine map x^ = scale * q + zp used by
+the fused attention):
     int8:  q = clamp(round_half_even((x - zp) / scale), -128, 127);   x^ = q * scale + zp
     fp8:   f = cast(clamp(x / scale, +-fp8_max));                      x^ = f * scale
     fp16:  plain cast (scale 1, zp 0)
-Parameters come from the workspace files (`runtime.kv_params`) or, for FP8 with calculate_kv_scales,
+Their parameters come from the workspace files (`runtime.kv_params`) or, for FP8 with calculate_kv_scales,
 from the first prompt's per-layer amax with headroom (later, larger values saturate). They are per
-layer and KV head, not per block: 16 bytes per (layer, KV head) outside the pool. A later online mode
-(scale/zp per token) keeps its side data inside the blocks and counts it in `block_bytes`.
+layer and KV head, not per block: 16 bytes per (layer, KV head) outside the pool.
+
+Online modes (`OnlineQuantizer`: int8_per_token_head, fp8_per_token_head, int4_per_token_head) compute each
+row's (scale, zero) when it is written and keep them inside the block, in parameter pools beside the data:
+    data   k[layer], v[layer]              (num_blocks, H_kv, block_size, D)  uint8 | float8_e4m3fn
+                                           (num_blocks, H_kv, block_size, D / 2) uint8 for int4 (packed)
+    params k_param[layer], v_param[layer]  (num_blocks, H_kv, block_size, 2)  float16 (scale, zero)
+Same block ids and rows for both, so a block's parameters travel with it and `block_bytes` counts them.
+With a rotation R (orthonormal Hadamard, `quant.hadamard`) rows are stored as x @ R: q is rotated the same
+way before attention (q R . k R = q . k) and the attention output, a mix of rotated V rows, is un-rotated
+by @ R.T; the prefill read-back un-rotates K and V.
 """
 
 from __future__ import annotations
@@ -27,16 +37,19 @@ from runtime import quant
 
 
 class KVQuantizer(Protocol):
-    """The one place a cache format differs: how values are stored and read back."""
+    """The one place a cache format differs: how values are stored and read back.
 
-    kv_dtype: str  # fp16 | int8 | fp8_e4m3 | fp8_e5m2
+    `online` False: StaticQuantizer's quantize / dequantize / affine (per-layer, per-head parameters);
+    `online` True: OnlineQuantizer's per-row quantize / dequantize (parameters stored in the blocks).
+    """
+
+    kv_dtype: str  # fp16 | int8 | fp8_e4m3 | fp8_e5m2 | int8_per_token_head | fp8_per_token_head | int4_per_token_head
     storage_dtype: torch.dtype
+    online: bool
 
-    def bytes_per_elem(self) -> float: ...
+    def row_bytes(self, head_dim: int) -> int: ...
+    def param_bytes(self) -> int: ...
     def observe(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
-    def quantize(self, x: torch.Tensor, layer: int, which: str) -> torch.Tensor: ...
-    def dequantize(self, q: torch.Tensor, layer: int, which: str, dtype: torch.dtype) -> torch.Tensor: ...
-    def affine(self, layer: int, which: str) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class StaticQuantizer:
@@ -46,6 +59,8 @@ class StaticQuantizer:
     `dynamic=True` (FP8 calculate_kv_scales): the first `observe` of each layer sets its scales from
     amax over all heads of that prompt via `quant.dynamic_fp8_scale`.
     """
+
+    online = False
 
     def __init__(self, kv_dtype: str, k_scale, k_zp, v_scale, v_zp, *, dynamic: bool = False, device="cpu") -> None:
         self.kv_dtype = kv_dtype
@@ -65,8 +80,8 @@ class StaticQuantizer:
         ones, zeros = torch.ones(num_layer, kv_heads), torch.zeros(num_layer, kv_heads)
         return cls(kv_dtype, ones, zeros, ones, zeros, dynamic=dynamic, device=device)
 
-    def bytes_per_elem(self) -> float:
-        return float(quant.BYTES_PER_ELEM[self.kv_dtype])
+    def row_bytes(self, head_dim: int) -> int:
+        return quant.kv_row_bytes(self.kv_dtype, head_dim)
 
     def param_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.params.values() for t in pair)
@@ -94,13 +109,80 @@ class StaticQuantizer:
         return scale[layer], zp[layer]
 
 
-def block_bytes(num_layer: int, kv_heads: int, block_size: int, head_dim: int, bytes_per_elem: float) -> int:
-    """Bytes of one block across all layers, K and V (plus per-block side data, none for static scales)."""
-    return int(2 * num_layer * kv_heads * block_size * head_dim * bytes_per_elem)
+# Rotation per online mode when kv_rotation is auto, measured with lite.eval on the README's evaluation text
+# (docs/formats.md §3a): it lowers the mean KL to fp16 in every mode (INT8 3.9e-4 -> 1.6e-4, FP8 5.4e-3 ->
+# 4.2e-3, INT4 0.120 -> 0.048), so it is on for all three.
+DEFAULT_ROTATION = {"int8_per_token_head": True, "fp8_per_token_head": True, "int4_per_token_head": True}
+ROTATION_SEED = 0  # fixed: the same R for every run, layer and head
+
+
+def rotation_for(kv_dtype: str, head_dim: int, setting: str = "auto") -> torch.Tensor | None:
+    """R (D, D) fp32 for an online mode, or None. setting: auto (DEFAULT_ROTATION) | on | off; auto leaves a
+    head size that is not a power of two unrotated, on refuses it."""
+    on = DEFAULT_ROTATION[kv_dtype] if setting == "auto" else setting == "on"
+    if not on or (setting == "auto" and head_dim & (head_dim - 1)):
+        return None
+    return quant.hadamard(head_dim, ROTATION_SEED)
+
+
+class OnlineQuantizer:
+    """Per-row (scale, zero) computed at write time (`quant.quantize_online`); nothing held per layer.
+
+    rotation: None, or R (D, D) fp32 orthonormal (`quant.hadamard`): rows are stored as x @ R.
+    """
+
+    online = True
+
+    def __init__(self, kv_dtype: str, rotation: torch.Tensor | None = None, device="cpu") -> None:
+        if not quant.is_online(kv_dtype):
+            raise ValueError(f"OnlineQuantizer takes one of {', '.join(quant.ONLINE_MODES)}; got {kv_dtype!r}")
+        self.kv_dtype = kv_dtype
+        self.storage_dtype = quant.ONLINE_STORAGE[kv_dtype]
+        self.rotation = None if rotation is None else rotation.to(device=device, dtype=torch.float32)
+
+    def row_bytes(self, head_dim: int) -> int:
+        return quant.online_row_bytes(self.kv_dtype, head_dim)
+
+    def data_dim(self, head_dim: int) -> int:
+        """Stored elements per row: D, or D / 2 bytes for packed INT4."""
+        return head_dim // 2 if self.kv_dtype == "int4_per_token_head" else head_dim
+
+    def param_bytes(self) -> int:
+        return 0  # the parameters live in the blocks
+
+    def observe(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        pass
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) -> x @ R in x's dtype (identity without a rotation); used for K, V and q."""
+        if self.rotation is None:
+            return x
+        return (x.to(torch.float32) @ self.rotation).to(x.dtype)
+
+    def unrotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) -> x @ R.T: back from the rotated basis (attention outputs, read-back K and V)."""
+        if self.rotation is None:
+            return x
+        return (x.to(torch.float32) @ self.rotation.T).to(x.dtype)
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., D) -> (data (..., D or D / 2) storage dtype, params (..., 2) fp16), rotated first (in fp32)."""
+        return quant.quantize_online(self.rotate(x.to(torch.float32)), self.kv_dtype)
+
+    def dequantize(self, data: torch.Tensor, params: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Stored rows -> x^ (..., D) in `dtype`, un-rotated."""
+        return self.unrotate(quant.dequantize_online(data, params, self.kv_dtype)).to(dtype)
+
+
+def block_bytes(num_layer: int, kv_heads: int, block_size: int, row_bytes: int) -> int:
+    """Bytes of one block across all layers, K and V; row_bytes (`KVQuantizer.row_bytes`) counts an online
+    mode's per-row parameters, which live in the block."""
+    return 2 * num_layer * kv_heads * block_size * row_bytes
 
 
 class KVCache:
-    """Per-layer K/V block pools `(num_blocks, H_kv, block_size, D)` in the quantizer's storage dtype."""
+    """Per-layer K/V block pools `(num_blocks, H_kv, block_size, D)` in the quantizer's storage dtype (online modes:
+    plus `(num_blocks, H_kv, block_size, 2)` fp16 parameter pools; D / 2 data bytes per row for INT4)."""
 
     def __init__(
         self,
@@ -117,44 +199,66 @@ class KVCache:
         # runtime.cuda.host_ops runs the same kernels on the CPU in tests); None = the PyTorch/C++ CPU path.
         self.kernels = kernels
         self.quantizer = quantizer
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.shape = (num_blocks, kv_heads, block_size, head_dim)
+        self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
+        online = quantizer.online
+        width = quantizer.data_dim(head_dim) if online else head_dim
+        self.shape = (num_blocks, kv_heads, block_size, width)
         dt = quantizer.storage_dtype
         # zeros, not empty: a never-written row must be finite in case a reader's mask lets 0 * x through
         self.k = [torch.zeros(self.shape, dtype=dt, device=device) for _ in range(num_layer)]
         self.v = [torch.zeros(self.shape, dtype=dt, device=device) for _ in range(num_layer)]
+        pshape = (num_blocks, kv_heads, block_size, 2)  # (scale, zero) per row
+        pools = range(num_layer) if online else ()
+        self.k_param = [torch.zeros(pshape, dtype=quant.PARAM_DTYPE, device=device) for _ in pools]
+        self.v_param = [torch.zeros(pshape, dtype=quant.PARAM_DTYPE, device=device) for _ in pools]
 
     @property
     def num_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
     def nbytes(self) -> int:
-        data = sum(t.numel() * t.element_size() for t in self.k + self.v)
-        side = getattr(self.quantizer, "param_bytes", lambda: 0)()
-        return data + side
+        pools = self.k + self.v + self.k_param + self.v_param
+        return sum(t.numel() * t.element_size() for t in pools) + self.quantizer.param_bytes()
+
+    def _params(self, layer: int) -> dict:
+        """Keyword arguments naming this layer's parameter pools (online modes; empty otherwise)."""
+        if not self.quantizer.online:
+            return {}
+        return {"k_param": self.k_param[layer], "v_param": self.v_param[layer]}
+
+    def _affine(self, layer: int) -> tuple:
+        """(k_scale, k_zp, v_scale, v_zp) per head for static modes; four None for online ones."""
+        if self.quantizer.online:
+            return None, None, None, None
+        return (*self.quantizer.affine(layer, "k"), *self.quantizer.affine(layer, "v"))
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v `(N, H_kv, D)` (the step's valid tokens) at slot_mapping (N,) = block * block_size + row."""
-        self.quantizer.observe(layer, k, v)
+        qz = self.quantizer
+        qz.observe(layer, k, v)
         if self.kernels is not None:
-            ks, kz = self.quantizer.affine(layer, "k")
-            vs, vz = self.quantizer.affine(layer, "v")
+            if qz.online:  # the kernels see rotated rows; rotation is never inside them
+                k, v = qz.rotate(k), qz.rotate(v)
             self.kernels.kv_cache_write(
                 self.k[layer],
                 self.v[layer],
                 k.contiguous(),
                 v.contiguous(),
                 slot_mapping,
-                ks,
-                kz,
-                vs,
-                vz,
-                self.quantizer.kv_dtype,
+                *self._affine(layer),
+                qz.kv_dtype,
+                **self._params(layer),
             )
             return
-        kq = self.quantizer.quantize(k.transpose(0, 1), layer, "k").transpose(0, 1)  # (N, H_kv, D) storage
-        vq = self.quantizer.quantize(v.transpose(0, 1), layer, "v").transpose(0, 1)
         blocks, rows = slot_mapping // self.block_size, slot_mapping % self.block_size
+        if qz.online:
+            for x, data, param in ((k, self.k, self.k_param), (v, self.v, self.v_param)):
+                q, p = qz.quantize(x)  # (N, H_kv, D or D / 2), (N, H_kv, 2)
+                data[layer][blocks, :, rows] = q
+                param[layer][blocks, :, rows] = p
+            return
+        kq = qz.quantize(k.transpose(0, 1), layer, "k").transpose(0, 1)  # (N, H_kv, D) storage
+        vq = qz.quantize(v.transpose(0, 1), layer, "v").transpose(0, 1)
         self.k[layer][blocks, :, rows] = kq  # advanced indices on dims 0 and 2: (N, H_kv, D)
         self.v[layer][blocks, :, rows] = vq
 
@@ -170,29 +274,25 @@ class KVCache:
         """q (B, H, D), one token per sequence, over the first lengths[b] tokens of block_tables[b] -> (B, H, D).
 
         Dequantization happens inside the attention arithmetic; no full-precision copy of the cache is made.
+        Online modes with a rotation: q is rotated here and the output un-rotated (o @ R.T).
         """
-        ks, kz = self.quantizer.affine(layer, "k")
-        vs, vz = self.quantizer.affine(layer, "v")
+        qz = self.quantizer
+        if qz.online:
+            q = qz.rotate(q)
+        args = (q.contiguous(), self.k[layer], self.v[layer], block_tables, lengths, *self._affine(layer))
         if self.kernels is None:
             from runtime.cpu_attention import decode_attention
 
-            return decode_attention(
-                q, self.k[layer], self.v[layer], block_tables, lengths, ks, kz, vs, vz, softmax_scale
+            o = decode_attention(*args, softmax_scale, kv_dtype=qz.kv_dtype, **self._params(layer))
+        else:
+            o = self.kernels.decode_attention(
+                *args,
+                qz.kv_dtype,
+                softmax_scale,
+                max_length=int(lengths.max()) if max_length is None else max_length,
+                **self._params(layer),
             )
-        return self.kernels.decode_attention(
-            q.contiguous(),
-            self.k[layer],
-            self.v[layer],
-            block_tables,
-            lengths,
-            ks,
-            kz,
-            vs,
-            vz,
-            self.quantizer.kv_dtype,
-            softmax_scale,
-            max_length=int(lengths.max()) if max_length is None else max_length,
-        )
+        return qz.unrotate(o) if qz.online else o
 
     def read(
         self, layer: int, block_tables: torch.Tensor, length: int, dtype: torch.dtype
@@ -201,9 +301,17 @@ class KVCache:
         (prefill only; positions past a sequence's own length hold other data and must be masked)."""
         n = -(-length // self.block_size)
         bt = block_tables[:, :n].to(self.k[layer].device)  # (B, n)
-        out = []
-        for which, pool in (("k", self.k[layer]), ("v", self.v[layer])):
-            x = pool[bt]  # (B, n, H_kv, bs, D)
-            x = x.transpose(1, 2).flatten(2, 3)[:, :, :length]  # (B, H_kv, length, D)
-            out.append(self.quantizer.dequantize(x, layer, which, dtype))
-        return out[0], out[1]
+
+        def gather(pool: torch.Tensor) -> torch.Tensor:
+            x = pool[bt]  # (B, n, H_kv, bs, width)
+            return x.transpose(1, 2).flatten(2, 3)[:, :, :length]  # (B, H_kv, length, width)
+
+        qz = self.quantizer
+        if qz.online:
+            k = qz.dequantize(gather(self.k[layer]), gather(self.k_param[layer]), dtype)
+            v = qz.dequantize(gather(self.v[layer]), gather(self.v_param[layer]), dtype)
+            return k, v
+        return (
+            qz.dequantize(gather(self.k[layer]), layer, "k", dtype),
+            qz.dequantize(gather(self.v[layer]), layer, "v", dtype),
+        )

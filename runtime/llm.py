@@ -2,6 +2,7 @@
 
     from runtime import LLM, SamplingParams
     llm = LLM("./workspace", kv_cache_dtype="int8", kv_cache_gib=1)  # auto | fp16 | int8 | fp8 | fp8_e4m3 | fp8_e5m2
+    # | int8_per_token_head | fp8_per_token_head | int4_per_token_head (online scales, no files; kv_rotation=auto|on|off)
     out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=32))
     print(out[0].outputs[0].text, out[0].outputs[0].finish_reason)
     print(llm.kv_cache_tokens, llm.num_kv_blocks)          # what the KV budget holds

@@ -116,7 +116,7 @@ def dequantize(
 #     integer:  q = clamp(round_half_even((x - zero) / scale), 0, 2^b - 1)      x^ = q * scale + zero
 #     fp8:      f = cast_rne(clamp(x / scale, +-448))                            x^ = f * scale
 # A row whose values are all equal (scale 0 in fp16) stores q = 0 and reads back zero exactly (fp8: 0); the
-# division uses 1 / scale computed as 0 there, never inf or NaN. Integer codes are unsigned: uint8 storage
+# division is a true (IEEE, correctly rounded) division by scale elsewhere, and is skipped there: never inf or NaN. Integer codes are unsigned: uint8 storage
 # (0..255) for 8 bits; for 4 bits element 2i goes to the low nibble and element 2i + 1 to the high nibble of
 # byte i, so a row of D values is D / 2 bytes. Parameters: (..., 2) float16 = (scale, zero) per row.
 ONLINE_MODES = ("int8_per_token_head", "fp8_per_token_head", "int4_per_token_head")
@@ -131,6 +131,11 @@ PARAM_DTYPE = torch.float16  # (scale, zero) per row: 4 bytes
 
 def is_online(kv_dtype: str) -> bool:
     return kv_dtype in ONLINE_MODES
+
+
+def kv_row_bytes(kv_dtype: str, head_dim: int) -> int:
+    """Bytes of one cached row (one token, one KV head, K or V) in any mode, an online mode's params included."""
+    return online_row_bytes(kv_dtype, head_dim) if is_online(kv_dtype) else head_dim * BYTES_PER_ELEM[kv_dtype]
 
 
 def online_row_bytes(kv_dtype: str, head_dim: int) -> int:
@@ -151,9 +156,11 @@ def online_params(x: torch.Tensor, kv_dtype: str) -> torch.Tensor:
     return torch.stack((scale, zero), -1).to(PARAM_DTYPE)
 
 
-def _inv(scale: torch.Tensor) -> torch.Tensor:
-    """1 / scale, 0 where scale is 0 (an all-equal row)."""
-    return torch.where(scale > 0, 1.0 / scale.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(scale))
+def _divide(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y (..., D) / scale (...,) per row, 0 where scale is 0 (an all-equal row)."""
+    scale = scale.unsqueeze(-1)
+    live = scale > 0
+    return torch.where(live, y / torch.where(live, scale, torch.ones_like(scale)), torch.zeros_like(y))
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -174,10 +181,10 @@ def quantize_online(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch
     xf = x.to(torch.float32)
     if kv_dtype == "fp8_per_token_head":
         fmax = FP8_MAX["fp8_e4m3"]
-        y = (xf * _inv(scale).unsqueeze(-1)).clamp_(-fmax, fmax)
+        y = _divide(xf, scale).clamp_(-fmax, fmax)
         return y.to(torch.float8_e4m3fn), params
     top = 2 ** ONLINE_BITS[kv_dtype] - 1
-    q = torch.round((xf - zero.unsqueeze(-1)) * _inv(scale).unsqueeze(-1)).clamp_(0, top).to(torch.uint8)
+    q = torch.round(_divide(xf - zero.unsqueeze(-1), scale)).clamp_(0, top).to(torch.uint8)
     return (pack_int4(q) if top == 15 else q), params
 
 

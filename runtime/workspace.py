@@ -35,7 +35,16 @@ from runtime.atomic import staged_files
 
 FORMAT_VERSION = 1
 SECTION = "llama"
-KV_CACHE_DTYPES = ("fp16", "int8", "fp8_e4m3", "fp8_e5m2")
+# The *_per_token_head modes (runtime.quant) need no parameter files; like FP8 they keep quant_policy 0.
+KV_CACHE_DTYPES = (
+    "fp16",
+    "int8",
+    "fp8_e4m3",
+    "fp8_e5m2",
+    "int8_per_token_head",
+    "fp8_per_token_head",
+    "int4_per_token_head",
+)
 KV_GRANULARITIES = ("tensor", "head")
 # quant_policy is the 2023 TurboMind bitmask: 4 (kCacheKVInt8) = INT8 KV cache. (LMDeploy >= 0.4
 # reused 4 for int4 and 8 for int8; this project keeps the 2023 meaning.) FP8 has no bit there:
@@ -79,7 +88,7 @@ class WorkspaceConfig:
     use_dynamic_ntk: int = 0
     use_logn_attn: int = 0
     # Keys of this project (absent upstream).
-    kv_cache_dtype: str = "fp16"  # fp16 | int8 | fp8_e4m3 | fp8_e5m2 ; int8 <=> quant_policy 4
+    kv_cache_dtype: str = "fp16"  # fp16 | int8 | fp8_e4m3 | fp8_e5m2 | *_per_token_head; int8 <=> quant_policy 4
     kv_granularity: str = "tensor"  # tensor (one scale per layer and TP rank) | head (one per KV head)
     format_version: int = FORMAT_VERSION
 
@@ -393,9 +402,11 @@ def read_rank(wdir: str | os.PathLike, cfg: WorkspaceConfig, rank: int) -> dict[
     return out
 
 
-def kv_bytes_per_token(cfg: WorkspaceConfig, bytes_per_elem: float) -> float:
-    """K and V of every layer for one token: 2 * num_layer * kv_head_num * size_per_head * bytes."""
-    return 2 * cfg.num_layer * cfg.kv_head_num * cfg.size_per_head * bytes_per_elem
+def kv_bytes_per_token(cfg: WorkspaceConfig, row_bytes: float) -> float:
+    """K and V of every layer for one token: 2 * num_layer * kv_head_num * row_bytes, where a row (one KV head)
+    is size_per_head * bytes per element, plus 4 bytes of (scale, zero) in the online modes
+    (`runtime.quant.kv_row_bytes`)."""
+    return 2 * cfg.num_layer * cfg.kv_head_num * row_bytes
 
 
 def replace(cfg: WorkspaceConfig, **changes) -> WorkspaceConfig:

@@ -75,6 +75,11 @@ def test_kv_dtype_aliases(tiny_hf, tmp_path):
     assert len(llm.generate("Hi", SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].token_ids) <= 4
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         LLM(str(ws), kv_cache_dtype="int4")
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for kv in ("int8_per_token_head", "fp8_per_token_head", "int4_per_token_head"):  # vLLM's names, no files
+        online = LLM(str(ws), kv_cache_dtype=kv, kv_rotation="on", max_batch_size=1, kv_cache_gib=0.001)
+        assert online.engine.kv_dtype == kv and online.engine.quantizer.rotation is not None
+        assert len(online.generate("Hi", sp)[0].outputs[0].token_ids) == 4
 
 
 def test_text_cut_by_max_tokens_drops_the_partial_character(tiny_hf):

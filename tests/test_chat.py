@@ -311,6 +311,8 @@ def test_real_engine_ctrl_c_keeps_yielded_tokens(tiny_workspace):
     [
         (["--kv-cache-dtype", "int8"], "KV cache int8"),
         (["--kv-cache-dtype", "fp8", "--calculate-kv-scales"], "fp8_e4m3"),
+        (["--kv-cache-dtype", "int4_per_token_head", "--kv-rotation", "off"], "KV cache int4_per_token_head"),
+        (["--kv-cache-dtype", "int8_per_token_head"], "Hadamard-rotated"),
     ],
 )
 def test_quantized_cache_flags_reach_engine(tiny_workspace, tmp_path, flags, banner):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lite import eval as ev
+from runtime.kv_cache import DEFAULT_ROTATION
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"ppl", "ppl_change_pct", "top1_agreement", "kl", "max_abs_logit_diff", "bytes_per_token"}
@@ -106,7 +107,16 @@ def test_parse_modes():
     ]
     assert [s.name for s in ev.parse_modes("fp8,fp16", "head")] == ["fp16", "fp8"]
     assert ev.parse_modes("fp8,int8", "head", calculate_kv_scales=True)[1].variant == "dynamic"
+    online = ev.parse_modes("int4_per_token_head,int4_per_token_head:norot,int8_per_token_head:rot", "head", True)
+    assert [(s.name, s.kv_dtype, s.variant) for s in online[1:]] == [
+        ("int4_per_token_head", "int4_per_token_head", "rot" if DEFAULT_ROTATION["int4_per_token_head"] else "norot"),
+        ("int4_per_token_head:norot", "int4_per_token_head", "norot"),
+        ("int8_per_token_head:rot", "int8_per_token_head", "rot"),
+    ]
+    assert online[3].scales == "per token-head, rotated" and online[2].scales == "per token-head"
+    assert ev.parse_modes("fp8_per_token_head", "tensor", calculate_kv_scales=True)[1].variant in ("rot", "norot")
     for bad, message in (
+        ("int4_per_token_head:head", "no calibrated scales"),
         ("int4", "unknown mode 'int4'"),
         ("int8:dynamic", "FP8 only"),
         ("fp16:head", "no variant"),
@@ -115,6 +125,26 @@ def test_parse_modes():
     ):
         with pytest.raises(ev.EvalError, match=message):
             ev.parse_modes(bad, "tensor")
+
+
+def test_online_modes_score_close_to_fp16_and_count_their_bytes(workspace, text_file):
+    doc = ev.evaluate(
+        workspace,
+        str(text_file),
+        modes="int8_per_token_head:norot,int8_per_token_head:rot,int4_per_token_head",
+        samples=2,
+        seqlen=24,
+        progress=False,
+    )
+    rows, cfg = doc["modes"], doc["cache"]
+    assert list(rows) == ["fp16", "int8_per_token_head:norot", "int8_per_token_head:rot", "int4_per_token_head"]
+    for name in list(rows)[1:]:
+        assert rows[name]["kl"] < 0.05 and rows[name]["top1_agreement"] > 0.5
+        assert cfg[name]["engine_cache_bytes"] == cfg[name]["formula_cache_bytes"]
+        assert cfg[name]["scale_bytes"] == 0
+    per_row = {"fp16": 2 * 16, "int8_per_token_head:rot": 16 + 4, "int4_per_token_head": 8 + 4}  # D 16
+    for name, b in per_row.items():
+        assert rows[name]["bytes_per_token"] == 2 * 2 * 2 * b  # 2 (K, V) x 2 layers x 2 KV heads x row bytes
 
 
 def test_build_engine_passes_kv_params(monkeypatch, workspace):

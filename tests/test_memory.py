@@ -30,6 +30,21 @@ def test_bytes_per_token_by_hand():
     assert memory.scale_bytes(INTERNLM, "int8") == 4 * 32 * 32 * 4
 
 
+def test_online_bytes_per_token_count_the_scale_and_zero_of_each_row():
+    # a row (one token, one KV head, K or V): data + fp16 (scale, zero) = 4 B, inside the blocks
+    row = {"int8_per_token_head": 128 + 4, "fp8_per_token_head": 128 + 4, "int4_per_token_head": 64 + 4}
+    for kv, b in row.items():
+        assert memory.bytes_per_token(INTERNLM, kv) == 2 * 32 * 32 * b
+        assert memory.scale_bytes(INTERNLM, kv) == 0  # nothing per layer outside the pool
+
+
+@pytest.mark.parametrize("kv", ["int8_per_token_head", "int4_per_token_head"])
+def test_online_measured_cache_equals_formula(kv):
+    data, params, device = memory.measure_cache(INTERNLM, kv, 2, 64)
+    assert device == "cpu" and params == 0
+    assert data == 2 * 64 * memory.bytes_per_token(INTERNLM, kv)  # data and parameter pools together
+
+
 def test_internlm_weights_from_the_table():
     # embedding + output 2 * 103168 * 4096; per layer: qkv 4096*12288 + 12288, wo 4096*4096 + 4096,
     # w1/w3/w2 3 * 4096*11008, two norms 2 * 4096; final norm 4096. fp16: 2 bytes each.

@@ -1,6 +1,6 @@
 """The paged engine as a server drives it: many requests through the scheduler on a small pool
 (preemption, chunked prefill) give each request's solo greedy output, in every KV mode; the memory
-budget decides the pool, and INT8/FP8 hold twice fp16's tokens."""
+budget decides the pool, INT8/FP8 hold twice fp16's tokens and INT4 per token-head ~3.5x."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from runtime.kv_cache import block_bytes
 from runtime.sampling import SamplingParams
 
 MODES = [("fp16", None), ("int8", "tensor"), ("int8", "head"), ("fp8_e4m3", "tensor")]
+ONLINE = [("int8_per_token_head", None), ("fp8_per_token_head", None), ("int4_per_token_head", None)]
 
 
 def greedy(n: int) -> SamplingParams:
@@ -40,7 +41,7 @@ def engine_for(ws, kv, granularity, **kw) -> Engine:
     return Engine(ws, kv_cache_dtype=kv, kv_granularity=granularity, use_context_fmha=0, **kw)
 
 
-@pytest.mark.parametrize("kv, granularity", MODES)
+@pytest.mark.parametrize("kv, granularity", MODES + ONLINE)
 def test_scheduled_outputs_equal_each_prompt_alone_with_preemption_and_chunks(ws, kv, granularity):
     g = torch.Generator().manual_seed(0)
     ps = [torch.randint(100, 40000, (m,), generator=g).tolist() for m in (5, 12, 20, 3, 40, 8, 17, 70)]
@@ -78,13 +79,61 @@ def test_same_budget_gives_int8_and_fp8_twice_the_tokens(ws):
     pools["fp8"] = Engine(ws, kv_cache_dtype="fp8", max_batch_size=10_000, kv_cache_gib=budget)
     cfg = pools["fp16"].config
     for kv, e in pools.items():  # blocks = (budget - 16 B of parameters per layer and KV head) // block bytes
-        per_block = block_bytes(cfg.num_layer, cfg.kv_head_num, 64, cfg.size_per_head, 2 if kv == "fp16" else 1)
+        row = cfg.size_per_head * (2 if kv == "fp16" else 1)
+        per_block = block_bytes(cfg.num_layer, cfg.kv_head_num, 64, row)
         assert e.num_kv_blocks == int((budget * 2**30 - 16 * cfg.num_layer * cfg.kv_head_num) // per_block)
         assert e.kv_cache_tokens == 64 * e.num_kv_blocks
         assert f"KV cache size: {e.num_kv_blocks} blocks x 64 = {e.kv_cache_tokens} tokens" in e.banner()
     assert pools["int8"].kv_cache_tokens >= 2 * pools["fp16"].kv_cache_tokens - 64
     assert pools["fp8"].kv_cache_tokens == pools["int8"].kv_cache_tokens
     assert "maximum concurrency for 256 tokens per request" in pools["fp16"].banner()
+
+
+@pytest.mark.parametrize("rotation", ["auto", "on", "off"])
+def test_int4_per_token_head_holds_about_3_5x_fp16s_tokens_at_d64(tiny_hf, tmp_path_factory, rotation):
+    hf = tiny_hf("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)  # D = 64
+    ws64 = make_workspace(hf, tmp_path_factory.mktemp("d64") / "ws", session_len=256)
+    budget = 0.01  # GiB
+    fp16 = Engine(ws64, kv_cache_gib=budget, max_batch_size=10_000)
+    int4 = Engine(
+        ws64, kv_cache_dtype="int4_per_token_head", kv_cache_gib=budget, max_batch_size=10_000, kv_rotation=rotation
+    )
+    cfg = int4.config
+    # a row (one token, one KV head, K or V): fp16 64 * 2 = 128 B; int4 64 / 2 data + 2 * 2 B (scale, zero) = 36 B
+    assert int4.block_bytes() == 2 * cfg.num_layer * cfg.kv_head_num * 64 * 36
+    assert int4.num_kv_blocks == int(budget * 2**30 // int4.block_bytes())  # no parameters outside the blocks
+    assert int4.cache_bytes() == int4.num_kv_blocks * int4.block_bytes()
+    ratio = int4.kv_cache_tokens / fp16.kv_cache_tokens
+    assert 3.5 <= ratio <= 128 / 36 + 0.01, ratio
+    per_token = 2 * cfg.num_layer * cfg.kv_head_num * 36
+    banner = int4.banner()
+    assert "KV cache int4_per_token_head (no quant_policy bit)" in banner and f"{per_token} bytes/token" in banner
+    assert ("unrotated" in banner) == (rotation == "off")
+    out = int4.generate([[5, 6, 7, 8, 9] * 3], [greedy(5)])[0]  # the C++ kernel path (D 64) decodes
+    assert len(out) == 5
+
+
+def test_config_ini_selects_an_online_mode(ws, tmp_path):
+    import shutil
+
+    from runtime.workspace import load_config, replace, save_config, weights_dir
+
+    copy = shutil.copytree(ws, tmp_path / "ws", symlinks=True)
+    wdir = weights_dir(copy)
+    save_config(replace(load_config(wdir), kv_cache_dtype="int4_per_token_head"), wdir)  # quant_policy stays 0
+    e = Engine(copy, max_batch_size=1)
+    assert e.kv_dtype == "int4_per_token_head" and e.cache.k[0].dtype == torch.uint8
+    assert e.cache.k[0].shape[-1] == e.config.size_per_head // 2
+
+
+def test_online_modes_need_no_parameter_files_and_check_their_settings(ws):
+    for kv in ("int8_per_token_head", "fp8_per_token_head"):  # the workspace has no files for these
+        e = Engine(ws, kv_cache_dtype=kv, max_batch_size=2)
+        assert e.quantizer.online and "per token and KV head" in e.banner()
+    with pytest.raises(ValueError, match="kv_rotation = 'maybe'"):
+        Engine(ws, kv_cache_dtype="int4_per_token_head", kv_rotation="maybe")
+    with pytest.raises(ValueError, match="calculate_kv_scales=True needs an FP8 KV cache"):
+        Engine(ws, kv_cache_dtype="fp8_per_token_head", calculate_kv_scales=True)
 
 
 def test_cache_max_entry_count_is_a_fraction_of_free_memory(ws, monkeypatch):

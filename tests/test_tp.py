@@ -109,7 +109,7 @@ def test_rank_readers_are_slices_of_the_joined_ones(tiny_hf, tmp_path):
         torch.testing.assert_close(mine.v_scale, params.v_scale[:, r : r + 1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kv", ["fp16", "int8"])
+@pytest.mark.parametrize("kv", ["fp16", "int8", "int4_per_token_head"])
 def test_llm_tp2_matches_tp1_token_for_token(tiny, kv):
     one = Engine(tiny[1], kv_cache_dtype=kv, kv_granularity="head", max_batch_size=3)
     want = one.generate(PROMPTS, [GREEDY] * 3)

@@ -101,7 +101,7 @@ def run_one(args) -> dict:
         from runtime import quant
         from runtime.workspace import kv_bytes_per_token
 
-        kv_bytes = kv_bytes_per_token(engine.config, quant.BYTES_PER_ELEM[engine.kv_dtype])
+        kv_bytes = kv_bytes_per_token(engine.config, quant.kv_row_bytes(engine.kv_dtype, engine.config.size_per_head))
     steps = args.new_tokens - 1
     extra = {"shares": shares} if args.impl != "hf" else {}
     return {

@@ -1,6 +1,7 @@
-"""Offline serving throughput at a fixed KV budget: fp16 vs INT8 vs FP8 caches, in one process.
+"""Offline serving throughput at a fixed KV budget: fp16 vs INT8 vs FP8 (vs online per-token-head) caches.
 
     python tools/bench_serve.py [--requests 64] [--budgets-mib 32,64,128] [--kv fp16,int8,fp8] [--dtype bfloat16]
+        (--kv also takes int8_per_token_head, fp8_per_token_head, int4_per_token_head: no scale files needed)
 
 N requests are submitted at once to the paged engine (`runtime.engine.Engine`, as a server drives it:
 add_request, then step until done). Prompts and output lengths come from real text: a prompt is a run of
@@ -76,13 +77,13 @@ def make_requests(tokenizer, n: int, seed: int, args) -> list[tuple[list[int], i
 
 def needs_dynamic_scales(ws: Path, kv: str) -> bool:
     """FP8 without calibrated per-layer files in the workspace: scales from the first prompt instead."""
-    from runtime import kv_params
+    from runtime import kv_params, quant
     from runtime.engine import KV_ALIASES
     from runtime.workspace import load_config, weights_dir
 
     kv = KV_ALIASES[kv]
     wdir = weights_dir(ws)
-    return kv.startswith("fp8") and (kv, "tensor") not in kv_params.available(wdir, load_config(wdir))
+    return kv in quant.FP8_DTYPES and (kv, "tensor") not in kv_params.available(wdir, load_config(wdir))
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -162,7 +163,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=64, help="requests submitted at once (default 64)")
     ap.add_argument("--budgets-mib", default="32,64,128", help="KV budgets in MiB (default 32,64,128)")
-    ap.add_argument("--kv", default="fp16,int8,fp8", help="KV dtypes (default fp16,int8,fp8)")
+    ap.add_argument(
+        "--kv",
+        default="fp16,int8,fp8",
+        help="KV dtypes: fp16 | int8 | fp8 | fp8_e4m3 | fp8_e5m2 | int8_per_token_head | fp8_per_token_head | "
+        "int4_per_token_head (default fp16,int8,fp8)",
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--prompt-paragraphs", type=int, default=8, help="paragraphs per prompt (default 8)")
@@ -185,7 +191,12 @@ def main() -> None:
     from runtime.engine import Engine
 
     torch.set_num_threads(args.threads)
+    from runtime.engine import KV_ALIASES
+
     kvs = args.kv.split(",")
+    unknown = [kv for kv in kvs if kv not in KV_ALIASES]
+    if unknown:
+        ap.error(f"--kv: unknown {', '.join(unknown)}; choose from {', '.join(KV_ALIASES)}")
     budgets = [float(b) for b in args.budgets_mib.split(",")]
     results = []
     with tempfile.TemporaryDirectory() as tmp:

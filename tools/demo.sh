@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole story on the SmolLM2-135M-Instruct demo model, on the CPU, in a few minutes:
 #   deploy -> calibrate (Debian Reference text) -> kv_qparams (INT8 + FP8, per layer and per head)
-#   -> eval (on a different text: the Debian FAQ) -> memory -> serving throughput at one KV budget (fp16 vs INT8)
+#   -> eval (on a different text: the Debian FAQ; with the online per-token-head INT8 and INT4 modes) -> memory -> serving throughput at one KV budget (fp16 vs INT8)
 #   -> one scripted chat turn on the INT8 cache.
 # Usage: bash tools/demo.sh [OUT_DIR]     (default ./demo_out; re-running replaces OUT_DIR/workspace)
 set -euo pipefail
@@ -31,7 +31,8 @@ python -m lite.kv_qparams --work_dir "$OUT/work_dir" --turbomind_dir "$W" --kv_s
 
 step "5/8 accuracy per KV mode on a different text (Debian FAQ)"
 python -m lite.eval "$OUT/workspace" --dataset "$EVAL" --samples 8 --seqlen 512 \
-    --modes fp16,int8,int8:head,fp8_e4m3,fp8_e4m3:unit,fp8_e4m3:dynamic --out "$OUT/eval" \
+    --modes fp16,int8,int8:head,fp8_e4m3,fp8_e4m3:unit,fp8_e4m3:dynamic,int8_per_token_head,int4_per_token_head \
+    --out "$OUT/eval" \
     --calib-dataset "$OUT/work_dir"
 
 step "6/8 memory per KV mode"

@@ -1,0 +1,352 @@
+"""The online per-(token, KV head) KV modes: the format against formulas written out here, INT4 packing, the
+Hadamard rotation, the cache's data and parameter pools, and decode attention (torch reference and C++ kernel
+kinds 4-6) against dense attention over the dequantized rows. No model needed (engine: test_serving_engine)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from runtime import quant
+from runtime.cpu_attention import _cpp_module, decode_attention_cpp, decode_attention_torch
+from runtime.kv_cache import KVCache, OnlineQuantizer, rotation_for
+
+ONLINE = ("int8_per_token_head", "fp8_per_token_head", "int4_per_token_head")
+INTEGER = {"int8_per_token_head": 255, "int4_per_token_head": 15}  # top code: 2^bits - 1
+
+needs_cpp = pytest.mark.skipif(_cpp_module() is None, reason="the C++ kernel does not build here (no AVX2/g++)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Formulas, written out independently of runtime.quant
+
+
+def ref_int(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per row: scale = fp16((max - min) / top), zero = fp16(min),
+    q = clamp(round_half_even((x - zero) / scale), 0, top) (0 where scale is 0); -> (codes, scale, zero)."""
+    x = x.double()
+    scale = ((x.amax(-1) - x.amin(-1)) / top).half().double()
+    zero = x.amin(-1).half().double()
+    q = torch.zeros_like(x)
+    live = scale > 0
+    q[live] = torch.round((x[live] - zero[live, None]) / scale[live, None]).clamp(0, top)
+    return q, scale, zero
+
+
+def ref_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmax per row: scale = fp16(absmax / 448), f = e4m3(clamp(x / scale, +-448)); -> (f as float, scale)."""
+    x = x.double()
+    scale = (x.abs().amax(-1) / 448.0).half().double()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    y = torch.where(scale[:, None] > 0, x / safe[:, None], torch.zeros_like(x)).clamp(-448, 448)
+    return y.float().to(torch.float8_e4m3fn).double(), scale
+
+
+def codes(data: torch.Tensor, kv: str) -> torch.Tensor:
+    """Stored data -> one code per element (INT4: element 2i is the low nibble of byte i, 2i + 1 the high)."""
+    if kv == "int4_per_token_head":
+        return torch.stack((data & 0xF, data >> 4), -1).flatten(-2).double()
+    return data.double()
+
+
+def rows(seed: int = 0, n: int = 64, d: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g) * 8 + torch.randn(n, 1, generator=g)
+
+
+@pytest.mark.parametrize("kv", INTEGER)
+def test_integer_modes_follow_the_asymmetric_formula(kv):
+    x = rows()
+    data, params = quant.quantize_online(x, kv)
+    q, scale, zero = ref_int(x, INTEGER[kv])
+    assert data.dtype == torch.uint8 and data.shape == (64, 64 if kv.startswith("int8") else 32)
+    assert params.dtype == torch.float16 and params.shape == (64, 2)
+    assert torch.equal(codes(data, kv), q)
+    assert torch.equal(params.double(), torch.stack((scale, zero), -1))
+    back = quant.dequantize_online(data, params, kv)
+    assert torch.allclose(back.double(), q * scale[:, None] + zero[:, None], atol=1e-6, rtol=1e-6)
+    assert ((back - x).abs() <= scale[:, None].float() * 0.5 + 1e-2).all()  # half a step (+ fp16 param rounding)
+
+
+@pytest.mark.parametrize("kv", INTEGER)
+def test_integer_rounding_at_both_ends_is_half_to_even(kv):
+    top = INTEGER[kv]
+    # min 0 and max top: scale 1, zero 0 exactly; halves round to even, the ends map to codes 0 and top
+    x = torch.tensor([[0.0, float(top), 0.5, 1.5, 2.5, top - 0.5, top - 1.5, 0.49, top - 0.51, 1.0] + [3.0] * 6])
+    data, params = quant.quantize_online(x, kv)
+    want = [0, top, 0, 2, 2, top - 1, top - 1, 0, top - 1, 1] + [3] * 6
+    assert codes(data, kv)[0].tolist() == want
+    assert params[0].tolist() == [1.0, 0.0]
+    # a negative range, scale 0.5: (x - zero) / scale = 2 * (x + 4)
+    x = torch.tensor([[-4.0, -4.0 + top / 2, -3.75, -3.25, -2.75] + [-4.0] * 11])
+    assert codes(quant.quantize_online(x, kv)[0], kv)[0, :5].tolist() == [0, top, 0, 2, 2]
+
+
+@pytest.mark.parametrize("kv", ONLINE)
+@pytest.mark.parametrize("value", [0.0, 3.25, -1000.0, 0.1])
+def test_all_equal_rows_and_zeros_read_back_without_nan(kv, value):
+    x = torch.full((3, 64), value)
+    data, params = quant.quantize_online(x, kv)
+    back = quant.dequantize_online(data, params, kv)
+    assert torch.isfinite(back).all()
+    if kv == "fp8_per_token_head":  # absmax: the row is +-448 x scale, E4M3's top value
+        assert params[:, 1].eq(0).all() and data.float().abs().eq(448 if value else 0).all()
+        assert torch.allclose(back, x, rtol=2**-4, atol=0)
+        return
+    assert params[:, 0].eq(0).all()  # integer modes: scale 0, the division is skipped, codes 0
+    assert codes(data, kv).eq(0).all()
+    assert back.eq(torch.tensor(value).half().item()).all()  # x^ = zero = fp16(min)
+
+
+def ulp16(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of fp16 at |x| (subnormals: 2^-24)."""
+    e = torch.floor(torch.log2(x.abs().clamp_min(2**-14)))
+    return torch.exp2(e - 10)
+
+
+@pytest.mark.parametrize("kv", INTEGER)
+@pytest.mark.parametrize("magnitude", [1e4, 1e-4])
+def test_integer_extreme_ranges_stay_within_a_step(kv, magnitude):
+    x = rows(seed=1) / 8 * magnitude
+    data, params = quant.quantize_online(x, kv)
+    q, scale, zero = ref_int(x, INTEGER[kv])
+    assert torch.equal(codes(data, kv), q)
+    back = quant.dequantize_online(data, params, kv).double()
+    assert torch.isfinite(back).all()
+    # half a step, plus what fp16 parameters lose: zero's rounding, and top x scale's rounding
+    exact = (x.double().amax(-1) - x.double().amin(-1)) / INTEGER[kv]
+    bound = scale / 2 + ulp16(x.amin(-1)).double() / 2 + INTEGER[kv] * (scale - exact).abs()
+    assert ((back - x.double()).abs() <= bound[:, None] * 1.001 + 1e-12).all()
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e4, 1e-3])
+def test_fp8_follows_the_absmax_formula(magnitude):
+    x = rows(seed=2) * magnitude
+    data, params = quant.quantize_online(x, "fp8_per_token_head")
+    f, scale = ref_fp8(x)
+    assert data.dtype == torch.float8_e4m3fn and params[:, 1].eq(0).all()
+    assert torch.equal(data.double(), f) and torch.equal(params[:, 0].double(), scale)
+    assert not torch.isnan(data.float()).any()
+    amax_code = data.float().abs().amax(-1)
+    assert ((amax_code >= 416) & (amax_code <= 448)).all()  # each row's largest value near the top of E4M3
+    back = quant.dequantize_online(data, params, "fp8_per_token_head")
+    assert torch.allclose(back.double(), f * scale[:, None], rtol=1e-6, atol=0)
+    # E4M3 keeps 3 mantissa bits: relative error <= 2^-4, plus the subnormal spacing 2^-9 x scale near zero
+    err = (back.double() - x.double()).abs()
+    assert (err <= x.double().abs() * 2**-4 * 1.01 + scale[:, None] * 2**-9 + 1e-3 * scale[:, None] * 448 * 2**-4).all()
+
+
+def test_fp8_saturates_instead_of_overflowing():
+    x = torch.tensor([[1.0, -1.0] + [0.0] * 14])
+    data, params = quant.quantize_online(x, "fp8_per_token_head")
+    scale = params[0, 0].double()
+    assert scale < 1 / 448  # fp16 rounded the scale down: 1 / scale > 448, clamped to the largest E4M3 value
+    assert data.float()[0, :2].tolist() == [448.0, -448.0]
+
+
+def test_int4_packing_round_trips_and_puts_even_elements_low():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (5, 3, 64), generator=g, dtype=torch.uint8)
+    packed = quant.pack_int4(q)
+    assert packed.shape == (5, 3, 32) and packed.dtype == torch.uint8
+    assert torch.equal(quant.unpack_int4(packed), q)
+    assert quant.pack_int4(torch.tensor([1, 2, 15, 0])).tolist() == [0x21, 0x0F]
+    assert quant.unpack_int4(torch.tensor([0x21, 0xF0], dtype=torch.uint8)).tolist() == [1, 2, 0, 15]
+
+
+def test_row_bytes_count_the_parameters():
+    assert quant.online_row_bytes("int8_per_token_head", 128) == 128 + 4
+    assert quant.online_row_bytes("fp8_per_token_head", 64) == 64 + 4
+    assert quant.online_row_bytes("int4_per_token_head", 64) == 32 + 4
+    assert quant.kv_row_bytes("fp16", 64) == 128 and quant.kv_row_bytes("int8", 64) == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotation
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_hadamard_is_orthonormal_seeded_and_keeps_q_dot_k(d):
+    r = quant.hadamard(d, seed=0)
+    assert r.shape == (d, d) and r.dtype == torch.float32
+    assert torch.allclose(r @ r.T, torch.eye(d), atol=1e-5)
+    assert torch.allclose(r.abs(), torch.full((d, d), 1 / math.sqrt(d)))  # +-1/sqrt(d): a signed Hadamard
+    assert torch.equal(r, quant.hadamard(d, seed=0)) and not torch.equal(r, quant.hadamard(d, seed=1))
+    g = torch.Generator().manual_seed(d)
+    q, k = torch.randn(7, d, generator=g), torch.randn(9, d, generator=g)
+    assert torch.allclose((q @ r) @ (k @ r).T, q @ k.T, atol=1e-4)
+    assert torch.allclose((k @ r) @ r.T, k, atol=1e-5)
+
+
+def test_rotation_spreads_an_outlier_channel():
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    x[:, 5] += 40  # one outlier channel, as K often has
+    err = {}
+    for rot in (None, quant.hadamard(64)):
+        q = OnlineQuantizer("int4_per_token_head", rot)
+        data, params = q.quantize(x)
+        err[rot is None] = (q.dequantize(data, params, torch.float32) - x).pow(2).mean()
+    assert err[False] < err[True] / 4
+
+
+def test_rotation_settings():
+    assert rotation_for("int4_per_token_head", 64, "off") is None
+    assert torch.equal(rotation_for("int8_per_token_head", 64, "on"), quant.hadamard(64, 0))
+    assert rotation_for("int4_per_token_head", 96, "auto") is None  # not a power of two: left unrotated
+    with pytest.raises(ValueError, match="power-of-two"):
+        rotation_for("int4_per_token_head", 96, "on")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+@pytest.mark.parametrize("kv", ONLINE)
+@pytest.mark.parametrize("rotate", [False, True])
+def test_cache_writes_data_and_params_at_the_slots_and_reads_back(kv, rotate):
+    L, H, NB, BS, D = 2, 3, 6, 4, 16
+    rot = quant.hadamard(D, 3) if rotate else None
+    cache = KVCache(L, NB, H, BS, D, OnlineQuantizer(kv, rot))
+    width = D // 2 if kv == "int4_per_token_head" else D
+    assert cache.k[1].shape == (NB, H, BS, width) and cache.k[1].dtype == quant.ONLINE_STORAGE[kv]
+    assert cache.k_param[1].shape == (NB, H, BS, 2) and cache.k_param[1].dtype == torch.float16
+    assert cache.nbytes() == 2 * L * NB * H * BS * quant.online_row_bytes(kv, D)
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(5, H, D, generator=g) * 2, torch.randn(5, H, D, generator=g)
+    slots = torch.tensor([5 * BS + 2, 5 * BS + 3, 2 * BS, 2 * BS + 1, 2 * BS + 2])  # blocks [5, 2] from row 2
+    cache.write(1, slots, k, v)
+    basis = (lambda x: x @ rot) if rotate else (lambda x: x)
+    for x, data, param in ((k, cache.k[1], cache.k_param[1]), (v, cache.v[1], cache.v_param[1])):
+        want_data, want_params = quant.quantize_online(basis(x), kv)
+        got_data = data[slots // BS, :, slots % BS]  # (5, H, width)
+        assert torch.equal(got_data.view(torch.uint8), want_data.view(torch.uint8))
+        assert torch.equal(param[slots // BS, :, slots % BS], want_params)
+    assert (cache.k_param[0] == 0).all() and (cache.k[0].view(torch.uint8) == 0).all()  # other layer untouched
+    kb, vb = cache.read(1, torch.tensor([[5, 2]]), 7, torch.float32)  # (1, H, 7, D), positions 2..6 written
+    tol = {"int8_per_token_head": 0.05, "fp8_per_token_head": 0.5, "int4_per_token_head": 0.9}[kv]
+    assert torch.allclose(kb[0, :, 2:].transpose(0, 1), k, atol=tol)
+    assert torch.allclose(vb[0, :, 2:].transpose(0, 1), v, atol=tol / 2)
+
+
+@pytest.mark.parametrize("kv", ONLINE)
+def test_cache_decode_with_rotation_equals_dense_attention_over_the_read_back(kv):
+    H, Hkv, NB, BS, D = 4, 2, 8, 4, 64
+    cache = KVCache(1, NB, Hkv, BS, D, OnlineQuantizer(kv, quant.hadamard(D, 0)))
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(10, Hkv, D, generator=g), torch.randn(10, Hkv, D, generator=g)
+    table = torch.tensor([[6, 1, 3]])
+    pos = torch.arange(10)
+    cache.write(0, table[0, pos // BS] * BS + pos % BS, k, v)
+    q = torch.randn(1, H, D, generator=g)
+    out = cache.decode_attention(0, q, table, torch.tensor([10]), 0.125)
+    kb, vb = cache.read(0, table, 10, torch.float32)  # un-rotated (1, Hkv, 10, D)
+    kb, vb = kb.repeat_interleave(H // Hkv, 1), vb.repeat_interleave(H // Hkv, 1)
+    p = torch.softmax((q.unsqueeze(2) @ kb.transpose(-1, -2)) * 0.125, -1)  # (1, H, 1, 10)
+    assert torch.allclose(out, (p @ vb).squeeze(2), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode attention: reference and C++ kernel
+
+
+def paged_case(kv: str, B: int, H: int, Hkv: int, D: int, BS: int, lengths: list[int], seed: int = 0):
+    """Random rows quantized into a pool, shuffled block tables padded with -1, q; plus the dequantized pools."""
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-n // BS) for n in lengths) + 1
+    NB = B * max_blocks + 3
+    shape = (NB, Hkv, BS, D)
+    k = torch.randn(shape, generator=g) * 2 + torch.randn(1, Hkv, 1, D, generator=g)
+    v = torch.randn(shape, generator=g)
+    kd, kp = quant.quantize_online(k, kv)
+    vd, vp = quant.quantize_online(v, kv)
+    perm = torch.randperm(NB, generator=g)
+    tables = torch.full((B, max_blocks), -1, dtype=torch.int32)
+    for b, n in enumerate(lengths):
+        used = -(-n // BS)
+        tables[b, :used] = perm[b * max_blocks : b * max_blocks + used].int()
+    q = torch.randn(B, H, D, generator=g)
+    dense = (quant.dequantize_online(kd, kp, kv), quant.dequantize_online(vd, vp, kv))
+    return q, kd, vd, kp, vp, tables, torch.tensor(lengths), dense
+
+
+def dense_attention(q, k_pool, v_pool, tables, lengths, scale):
+    B, H, D = q.shape
+    Hkv, BS = k_pool.shape[1], k_pool.shape[2]
+    out = torch.zeros(B, H, D)
+    for b in range(B):
+        n = int(lengths[b])
+        if n == 0:
+            continue
+        pos = torch.arange(n)
+        pages = tables[b, pos // BS].long()
+        kk = k_pool[pages, :, pos % BS].transpose(0, 1).repeat_interleave(H // Hkv, 0)  # (H, n, D)
+        vv = v_pool[pages, :, pos % BS].transpose(0, 1).repeat_interleave(H // Hkv, 0)
+        p = torch.softmax((q[b].unsqueeze(1) @ kk.transpose(-1, -2)).squeeze(1) * scale, -1)  # (H, n)
+        out[b] = (p.unsqueeze(1) @ vv).squeeze(1)
+    return out
+
+
+def call(impl, case, kv, scale=0.125, **kw):
+    q, kd, vd, kp, vp, tables, lengths, _ = case
+    none = (None, None, None, None)
+    return impl(q, kd, vd, tables, lengths, *none, scale, kv_dtype=kv, k_param=kp, v_param=vp, **kw)
+
+
+@pytest.mark.parametrize("kv", ONLINE)
+@pytest.mark.parametrize("G", [1, 3, 8])
+def test_reference_equals_dense_attention_over_dequantized_rows(kv, G):
+    case = paged_case(kv, B=3, H=2 * G, Hkv=2, D=64, BS=16, lengths=[37, 1, 0])
+    q, _, _, _, _, tables, lengths, (kf, vf) = case
+    got = call(decode_attention_torch, case, kv)
+    assert torch.allclose(got, dense_attention(q, kf, vf, tables, lengths, 0.125), atol=1e-4)
+    assert got[2].eq(0).all()  # length 0: zero output
+
+
+@needs_cpp
+@pytest.mark.parametrize("kv", ONLINE)
+@pytest.mark.parametrize("G, D", [(1, 64), (3, 128), (8, 64)])
+@pytest.mark.parametrize("chunk", [0, 24])
+def test_cpp_kernel_equals_the_reference(kv, G, D, chunk):
+    case = paged_case(kv, B=4, H=2 * G, Hkv=2, D=D, BS=16, lengths=[37, 1, 100, 0], seed=G + D)
+    want = call(decode_attention_torch, case, kv)
+    got = call(decode_attention_cpp, case, kv, chunk=chunk)  # chunk 24: several split-K items per sequence
+    assert torch.allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+@needs_cpp
+@pytest.mark.parametrize("kv", ONLINE)
+@pytest.mark.parametrize("lengths", [[3000], [700, 1, 333, 900, 64, 0, 257, 512]], ids=["batch1-long", "batch8"])
+def test_cpp_kernel_parallel_split_k_on_odd_blocks(kv, lengths):
+    """Enough work for the OpenMP path and the kernel's own chunk plan, blocks of 5 rows."""
+    case = paged_case(kv, B=len(lengths), H=6, Hkv=2, D=64, BS=5, lengths=lengths, seed=len(lengths))
+    assert torch.allclose(call(decode_attention_cpp, case, kv), call(decode_attention_torch, case, kv), atol=2e-5)
+
+
+@needs_cpp
+@pytest.mark.parametrize("kv", ONLINE)
+def test_cpp_kernel_never_reads_rows_past_the_length(kv):
+    case = paged_case(kv, B=2, H=3, Hkv=1, D=64, BS=16, lengths=[21, 5])
+    q, kd, vd, kp, vp, tables, lengths, _ = case
+    want = call(decode_attention_cpp, case, kv)
+    for b, n in enumerate(lengths.tolist()):  # poison every unused row's parameters in the used blocks
+        for t in range(n, tables.shape[1] * 16):
+            page = int(tables[b, t // 16])
+            if page >= 0:
+                kp[page, :, t % 16] = float("nan")
+                vp[page, :, t % 16] = float("nan")
+    got = call(decode_attention_cpp, case, kv)
+    assert torch.equal(got, want)
+
+
+def test_online_arguments_are_checked():
+    case = paged_case("int4_per_token_head", B=1, H=2, Hkv=1, D=64, BS=16, lengths=[5])
+    q, kd, vd, kp, vp, tables, lengths, _ = case
+    none = (None, None, None, None)
+    with pytest.raises(ValueError, match="k_param must be"):
+        decode_attention_torch(q, kd, vd, tables, lengths, *none, 0.1, kv_dtype="int4_per_token_head", v_param=vp)
+    with pytest.raises(ValueError, match="rows of 64"):  # packed INT4 rows read as INT8 ones
+        decode_attention_torch(
+            q, kd, vd, tables, lengths, *none, 0.1, kv_dtype="int8_per_token_head", k_param=kp, v_param=vp
+        )
