@@ -215,38 +215,86 @@ KERNEL_SRC = r"""
 #include <float.h>
 #include <vector>
 
+// Vectors of W floats: AVX-512 (W = 16) where the kernel is built with it, else AVX2 (W = 8). One source; the
+// build picks the flags by CPU (runtime.cpu_attention._cpp_module).
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define KVQ_W 16
+typedef __m512 vec;
+static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vec vloada(const float* p) { return _mm512_load_ps(p); }
+static inline void vstorea(float* p, vec v) { _mm512_store_ps(p, v); }
+static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec vset1(float x) { return _mm512_set1_ps(x); }
+static inline vec vzero() { return _mm512_setzero_ps(); }
+static inline vec from_i8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); }
+static inline vec from_u8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+static inline vec from_h16(__m256i h) { return _mm512_cvtph_ps(h); }
+// W stored values of `kind` from element i of a row, as floats (codes / fp16 / fp8 values; e4m3 * 2^-8).
 template <int kind>
-static inline __m256 load8(const void* base, int64_t i) {
-  if (kind == 4) {  // uint8 codes
-    __m128i b = _mm_loadl_epi64((const __m128i*)((const uint8_t*)base + i));
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+static inline vec loadw(const void* base, int64_t i) {
+  const uint8_t* p = (const uint8_t*)base;
+  if (kind == 0) return from_h16(_mm256_loadu_si256((const __m256i*)((const uint16_t*)base + i)));
+  if (kind == 1) return from_i8(_mm_loadu_si128((const __m128i*)(p + i)));
+  if (kind == 4) return from_u8(_mm_loadu_si128((const __m128i*)(p + i)));
+  if (kind == 6) {  // packed nibbles: elements i..i+15 are bytes i/2..i/2+7, element 2j low nibble
+    const __m128i b = _mm_loadl_epi64((const __m128i*)(p + i / 2)), m = _mm_set1_epi8(0x0F);
+    return from_u8(_mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m)));
   }
+  const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(p + i)));
+  if (kind == 3) return from_h16(_mm256_slli_epi16(w, 8));  // e5m2 (kinds 2 and 5: e4m3)
+  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8);
+  const __m256i mag = _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7F)), 7);
+  return from_h16(_mm256_or_si256(sign, mag));
+}
+// [sum(a[0]), ..., sum(a[15])]: a transpose-and-add tree (45 instructions for 16 rows).
+static inline vec hsumw(const vec* a) {
+  vec x[8], y[4], z[2];
+  for (int j = 0; j < 8; ++j)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of a = a[2j], b = a[2j+1]
+    x[j] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * j], a[2 * j + 1]), _mm512_unpackhi_ps(a[2 * j], a[2 * j + 1]));
+  for (int j = 0; j < 4; ++j)  // per 128-bit lane: the 4 rows 4j..4j+3, each summed over that lane
+    y[j] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * j], x[2 * j + 1], 0x44), _mm512_shuffle_ps(x[2 * j], x[2 * j + 1], 0xEE));
+  for (int j = 0; j < 2; ++j)
+    z[j] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], 0x88), _mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+}
+#else
+#define KVQ_W 8
+typedef __m256 vec;
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vec vloada(const float* p) { return _mm256_load_ps(p); }
+static inline void vstorea(float* p, vec v) { _mm256_store_ps(p, v); }
+static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vset1(float x) { return _mm256_set1_ps(x); }
+static inline vec vzero() { return _mm256_setzero_ps(); }
+template <int kind>
+static inline vec loadw(const void* base, int64_t i) {
+  const uint8_t* p = (const uint8_t*)base;
+  if (kind == 0) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)base + i)));
+  if (kind == 1) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + i))));
+  if (kind == 4) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + i))));
   if (kind == 6) {  // packed nibbles: elements i..i+7 are bytes i/2..i/2+3
     int32_t w;
-    __builtin_memcpy(&w, (const uint8_t*)base + i / 2, 4);
+    __builtin_memcpy(&w, p + i / 2, 4);
     const __m128i b = _mm_cvtsi32_si128(w), m = _mm_set1_epi8(0x0F);
     const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
   }
-  if (kind == 1) {  // int8
-    __m128i b = _mm_loadl_epi64((const __m128i*)((const int8_t*)base + i));
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-  }
-  if (kind == 0) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)base + i)));
-  __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)((const uint8_t*)base + i)));
+  const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(p + i)));
   if (kind == 3) return _mm256_cvtph_ps(_mm_slli_epi16(w, 8));  // e5m2 (kinds 2 and 5: e4m3)
-  __m128i sign = _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8);
-  __m128i mag = _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x7F)), 7);
+  const __m128i sign = _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8);
+  const __m128i mag = _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x7F)), 7);
   return _mm256_cvtph_ps(_mm_or_si128(sign, mag));  // e4m3 * 2^-8
 }
-
-// Sum each of a0..a7 across its 8 lanes: returns [sum(a0), ..., sum(a7)].
-static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
-                           __m256 a7) {
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  // per 128-bit half
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+// [sum(a[0]), ..., sum(a[7])].
+static inline vec hsumw(const vec* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));  // per 128-bit half
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
+#endif
+constexpr int W = KVQ_W;
 
 // Row t's (scale, zero) for the online kinds: fp16 pair at row index off / D of the parameter pool.
 template <int D>
@@ -261,18 +309,21 @@ static inline void row_params(const uint16_t* param, int64_t off, float* scale, 
 // Static kinds: score = dot * kscale + kzero * sum(q). Online kinds (>= 4): kscale, kzero multiply each row's
 // own (scale, zero) from kp; vp's fold into the V pass.
 // Writes acc (G, D) = sum_t p_t v_t unnormalised (online: sum_t p_t x^_t) and ml (G, 2) = (max score, sum_t p_t).
+// K pass: W rows at a time are converted into an L1 block (row-major) that the G query heads reuse; each head
+// keeps W accumulators (one per row) and one transpose-add tree turns them into W scores. V pass: rows are
+// converted once and accumulated into the G output rows held in registers.
 template <int kind, int D>
 static void attend_chunk(const float* qx, int G, const void* kc, const void* vc, const uint16_t* kp,
                          const uint16_t* vp, const int64_t* off, int64_t n, float kscale, float kzero, float vunit,
                          float* sc, float* acc, float* ml) {
   constexpr bool online = kind >= 4;
-  alignas(32) float blk[8 * D];
-  float rs[8], rz[8];  // this block of rows' score multipliers (online: per row; static: constant)
-  for (int64_t t0 = 0; t0 < n; t0 += 8) {
-    const int r = n - t0 < 8 ? (int)(n - t0) : 8;
-    for (int j = 0; j < 8; ++j) {  // rows past the chunk repeat its last row; their scores are dropped
+  alignas(64) float blk[W * D];
+  alignas(64) float rs[W], rz[W];  // this block of rows' score multipliers (online: per row; static: constant)
+  for (int64_t t0 = 0; t0 < n; t0 += W) {
+    const int r = n - t0 < W ? (int)(n - t0) : W;
+    for (int j = 0; j < W; ++j) {  // rows past the chunk repeat its last row; their scores are dropped
       const int64_t o = off[t0 + (j < r ? j : r - 1)];
-      for (int d = 0; d < D; d += 8) _mm256_store_ps(blk + j * D + d, load8<kind>(kc, o + d));
+      for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<kind>(kc, o + d));
       rs[j] = kscale, rz[j] = kzero;
       if (online) {
         float s, z;
@@ -280,17 +331,18 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
         rs[j] *= s, rz[j] *= z;
       }
     }
+    const vec vrs = vloada(rs), vrz = vloada(rz);
     for (int g = 0; g < G; ++g) {
       const float* qg = qx + g * (D + 1);
-      __m256 a[8];
-      for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
-      for (int d = 0; d < D; d += 8) {
-        const __m256 qv = _mm256_loadu_ps(qg + d);
-        for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_load_ps(blk + j * D + d), a[j]);
+      vec a[W];
+      for (int j = 0; j < W; ++j) a[j] = vzero();
+      for (int d = 0; d < D; d += W) {
+        const vec qv = vload(qg + d);
+        for (int j = 0; j < W; ++j) a[j] = vfma(qv, vloada(blk + j * D + d), a[j]);
       }
-      alignas(32) float s8[8];
-      _mm256_store_ps(s8, hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
-      for (int j = 0; j < r; ++j) sc[g * n + t0 + j] = s8[j] * rs[j] + rz[j] * qg[D];  // qg[D]: sum(q)
+      alignas(64) float s[W];
+      vstorea(s, vfma(hsumw(a), vrs, vrz * vset1(qg[D])));  // qg[D]: sum(q)
+      for (int j = 0; j < r; ++j) sc[g * n + t0 + j] = s[j];
     }
   }
   for (int g = 0; g < G; ++g) {  // softmax numerators over the chunk (expf vectorized through libmvec)
@@ -303,11 +355,11 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
     ml[2 * g + 1] = l;
   }
   for (int i = 0; i < G * D; ++i) acc[i] = 0.0f;
-  std::vector<float> zsum(online ? G : 0, 0.0f);  // online: sum_t p_t zero_t per query head
-  for (int64_t t0 = 0; t0 < n; t0 += 8) {
-    const int r = n - t0 < 8 ? (int)(n - t0) : 8;
+  float zsum[64] = {0};  // online: sum_t p_t zero_t per query head (G <= 64, checked by the caller)
+  for (int64_t t0 = 0; t0 < n; t0 += W) {
+    const int r = n - t0 < W ? (int)(n - t0) : W;
     for (int j = 0; j < r; ++j) {
-      for (int d = 0; d < D; d += 8) _mm256_store_ps(blk + j * D + d, load8<kind>(vc, off[t0 + j] + d));
+      for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<kind>(vc, off[t0 + j] + d));
       rs[j] = vunit, rz[j] = 0.0f;
       if (online) {
         float s, z;
@@ -316,15 +368,15 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
       }
     }
     for (int g = 0; g < G; ++g) {
-      __m256 o[D / 8];
-      for (int d = 0; d < D / 8; ++d) o[d] = _mm256_loadu_ps(acc + g * D + d * 8);
+      vec o[D / W];
+      for (int d = 0; d < D / W; ++d) o[d] = vload(acc + g * D + d * W);
       for (int j = 0; j < r; ++j) {
         const float pj = sc[g * n + t0 + j];
-        const __m256 p = _mm256_set1_ps(online ? pj * rs[j] : pj);
+        const vec p = vset1(online ? pj * rs[j] : pj);
         if (online) zsum[g] += pj * rz[j];
-        for (int d = 0; d < D / 8; ++d) o[d] = _mm256_fmadd_ps(p, _mm256_load_ps(blk + j * D + d * 8), o[d]);
+        for (int d = 0; d < D / W; ++d) o[d] = vfma(p, vloada(blk + j * D + d * W), o[d]);
       }
-      for (int d = 0; d < D / 8; ++d) _mm256_storeu_ps(acc + g * D + d * 8, o[d]);
+      for (int d = 0; d < D / W; ++d) vstore(acc + g * D + d * W, o[d]);
     }
   }
   if (online)
@@ -358,6 +410,10 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
   const int64_t page_stride = Hkv * block_size * D;  // elements per pool block
 #pragma omp parallel if (parallel)
   {
+    // Flush-to-zero / denormals-are-zero for this thread while it works (softmax weights of far-below-max
+    // scores are denormal, and denormal arithmetic is ~100x slower); the caller's mode is restored below.
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040);
     std::vector<float> qx((size_t)G * (D + 1)), sc;  // per thread, reused across its items
     std::vector<int64_t> off;
 #pragma omp for schedule(dynamic, 1)
@@ -408,6 +464,7 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
           for (int d = 0; d < D; ++d) o[d] = o[d] / l * vscale + vzero;
       }
     }
+    _mm_setcsr(csr);
   }
 }
 
@@ -450,6 +507,7 @@ extern "C" int decode_attn(const float* q, const void* kc, const void* vc, const
 """
 # Below this many (token, KV head) rows the work is too small to repay waking the OpenMP threads.
 PARALLEL_MIN = 2048
+MAX_GROUP = 64  # query heads per KV head the kernel takes (attend_chunk's per-head scratch)
 KINDS = {torch.float16: 0, torch.int8: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}  # static: by pool dtype
 ONLINE_KINDS = {"int8_per_token_head": 4, "fp8_per_token_head": 5, "int4_per_token_head": 6}
 
@@ -469,6 +527,8 @@ def _cpp_module():
     from runtime import cpp_build
 
     flags = ["-O3", "-ffast-math", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+    if cpp_build.cpu_has("avx512f", "avx512bw"):  # 16-lane vectors (same source, KVQ_W = 16)
+        flags += ["-mavx512f", "-mavx512bw"]
     lib = cpp_build.load("decode_attn", KERNEL_SRC, flags, ("avx2", "fma", "f16c"))
     if lib is not None and lib.decode_attn.argtypes is None:
         lib.decode_attn.restype = ctypes.c_int
@@ -512,10 +572,11 @@ def decode_attention_cpp(
     B, H, D = q.shape
     num_blocks, Hkv, block_size, _ = k_pool.shape
     kind = kernel_kind(kv_dtype, k_pool.dtype)
-    if D not in (64, 128) or not (k_pool.is_contiguous() and v_pool.is_contiguous()) or kind is None:
+    if D not in (64, 128) or not (k_pool.is_contiguous() and v_pool.is_contiguous()) or kind is None or H // Hkv > MAX_GROUP:
         raise ValueError(
             f"the C++ decode kernel takes contiguous fp16/int8/fp8 or online pools with head size 64 or 128; got "
-            f"D={D}, {kv_dtype or k_pool.dtype} (use decode_attention, which falls back to torch)"
+            f"D={D}, {kv_dtype or k_pool.dtype}, {H // Hkv} query heads per KV head (at most {MAX_GROUP}; use "
+            "decode_attention, which falls back to torch)"
         )
     online = kind in ONLINE_KINDS.values()
     rows = (k_param, v_param) if online else ()
@@ -566,6 +627,7 @@ def cpp_usable(q: torch.Tensor, k_pool: torch.Tensor, kv_dtype: str | None = Non
     """The kernel handles contiguous CPU pools of every storage mode with head size 64 or 128."""
     kind = kernel_kind(kv_dtype, k_pool.dtype)
     ok = not q.is_cuda and k_pool.is_contiguous() and kind is not None and q.shape[-1] in (64, 128)
+    ok = ok and q.dim() == 3 and k_pool.dim() == 4 and q.shape[1] // max(k_pool.shape[1], 1) <= MAX_GROUP
     return ok and _cpp_module() is not None
 
 
