@@ -1,9 +1,9 @@
-"""y = x @ W.T for the few rows of a decode step, in bf16, at the memory bandwidth (CPUs with AVX512-BF16).
+"""y = x @ W.T for a decode step's single row, in bf16, closer to the memory bandwidth (CPUs with AVX512-BF16).
 
-A decode step multiplies a handful of activation rows (one per running sequence) by every weight matrix of
-the model: at batch 1-16 that is a matrix-vector product bound by reading the weights (SmolLM2-135M: 270 MB
-of bf16 per step). PyTorch's bf16 GEMM reads them at about a third of the machine's bandwidth at these shapes
-(12-18 GB/s against ~45 GB/s on the 2-core EPYC we measure on); this kernel streams each weight row once and
+A decode step multiplies one activation row per running sequence by every weight matrix of the model: at
+batch 1 that is a matrix-vector product bound by reading the weights (SmolLM2-135M: 270 MB of bf16 per step).
+PyTorch's bf16 GEMM reads them at about a third of the machine's bandwidth at this shape (14 GB/s against
+~40 GB/s on the 2-core EPYC we measure on); this kernel streams each weight row once (21 GB/s there) and
 reuses it for every activation row:
 
     W (N, K) bf16 row-major (nn.Linear's layout), x (B, K) bf16, y (B, N) bf16
@@ -14,8 +14,9 @@ meet every activation row (4 at a time: 16 fp32 accumulators of 16 lanes). K nee
 (masked loads). The sum order differs from PyTorch's, so results agree to fp32 rounding before the final bf16
 rounding (tests compare against an fp32 matmul of the same bf16 inputs).
 
-`linear(x, w)` uses the kernel for CPU bf16 inputs with at most `MAX_ROWS` rows (above that, PyTorch's GEMM is
-compute-efficient and wins) and `F.linear` otherwise.
+`linear(x, w)` uses the kernel for CPU bf16 inputs with at most `MAX_ROWS` rows and `F.linear` otherwise: from
+2 rows on, oneDNN's blocked GEMM wins (measured from DRAM with 2 threads: kernel time / PyTorch's 0.67 at 1 row,
+1.33 at 2, 2.8 at 8), so this kernel is the batch-1 path.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from runtime import cpp_build
 
-MAX_ROWS = 16  # rows (tokens) per call up to which the kernel beats PyTorch's bf16 GEMM (tools/bench_decode.py)
+MAX_ROWS = 1  # rows per call up to which the kernel beats PyTorch's bf16 GEMM (from DRAM, 2 threads: 1.5x at 1 row, 0.75x at 2)
 
 KERNEL_SRC = r"""
 #include <immintrin.h>
