@@ -13,6 +13,7 @@ flags assume, no g++, a failed build, or $KVQ_NO_CPP_KERNEL set) `load` returns 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -26,12 +27,17 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 
 def cpu_has(*flags: str) -> bool:
     """Does this CPU advertise all `flags` in /proc/cpuinfo (Linux)? False when it cannot tell."""
+    return set(flags) <= _cpu_flags()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags, read once per process."""
     try:
         with open("/proc/cpuinfo") as fh:
-            line = next((ln for ln in fh if ln.startswith("flags")), "")
+            return frozenset(next((ln for ln in fh if ln.startswith("flags")), "").split())
     except OSError:
-        return False
-    return set(flags) <= set(line.split())
+        return frozenset()
 
 
 def load(name: str, source: str, flags: list[str], cpu_flags: tuple[str, ...]) -> ctypes.CDLL | None:

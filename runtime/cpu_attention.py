@@ -38,6 +38,8 @@ Invalid arguments (shapes, lengths beyond the block table, block ids outside the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from runtime import quant
@@ -387,8 +389,8 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
 struct Item { int b, h; int64_t start, n; };  // positions [start, start + n) of sequence b, KV head h
 
 template <int kind, int D>
-static void decode_attn_t(const float* q, const void* kc, const void* vc, const int64_t* tables,
-                          const int64_t* lengths, const float* ks, const float* kz, const float* vs,
+static void decode_attn_t(const float* q, const void* kc, const void* vc, const int32_t* tables,
+                          const int32_t* lengths, const float* ks, const float* kz, const float* vs,
                           const float* vz, const uint16_t* kp, const uint16_t* vp, float softmax_scale, int B,
                           int H, int Hkv, int64_t block_size, int64_t max_blocks, int64_t chunk, int parallel,
                           float* out) {
@@ -427,7 +429,7 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
       }
       // Cursor over (block-table column, row in block): one offset per position, no division per row.
       off.resize(it.n);
-      const int64_t* table = tables + it.b * max_blocks;
+      const int32_t* table = tables + it.b * max_blocks;
       int64_t col = it.start / block_size, row = it.start % block_size;
       for (int64_t t = 0; t < it.n; ++t) {
         off[t] = table[col] * page_stride + ((int64_t)it.h * block_size + row) * D;
@@ -471,8 +473,8 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
 // Returns 0, or 1 (err = {b, length}) for a length outside [0, max_blocks * block_size], or 2
 // (err = {b, column, block id}) for a block a length reaches that lies outside [0, num_blocks).
 // chunk <= 0: chosen here (whole sequences when they alone give every thread several items).
-extern "C" int decode_attn(const float* q, const void* kc, const void* vc, const int64_t* tables,
-                           const int64_t* lengths, const float* ks, const float* kz, const float* vs,
+extern "C" int decode_attn(const float* q, const void* kc, const void* vc, const int32_t* tables,
+                           const int32_t* lengths, const float* ks, const float* kz, const float* vs,
                            const float* vz, const uint16_t* kp, const uint16_t* vp, float softmax_scale, int B,
                            int H, int Hkv, int64_t num_blocks,
                            int64_t block_size, int64_t max_blocks, int D, int kind, int64_t chunk,
@@ -520,6 +522,7 @@ def kernel_kind(kv_dtype: str | None, pool_dtype: torch.dtype) -> int | None:
 
 
 
+@functools.cache
 def _cpp_module():
     """The kernel library (built once, see runtime.cpp_build), or None where it cannot run."""
     import ctypes
@@ -585,8 +588,11 @@ def decode_attention_cpp(
         raise ValueError("the C++ decode kernel takes CPU tensors only (runtime.cuda has the GPU kernels)")
     qf = q.to(torch.float32).contiguous()
     out = torch.empty(B, H, D, dtype=torch.float32)
-    tables = block_tables.to(torch.int64).contiguous()
-    lengths64 = lengths.to(torch.int64).contiguous()
+    for name, t in (("block_tables", block_tables), ("lengths", lengths)):  # int64 values must survive int32
+        if t.dtype == torch.int64 and t.numel() and not -(2**31) <= int(t.min()) <= int(t.max()) < 2**31:
+            raise ValueError(f"{name} holds values outside int32 (the kernel indexes blocks and positions with int32)")
+    tables = block_tables.to(torch.int32).contiguous()  # the engine's Batch tables are int32 already
+    lengths32 = lengths.to(torch.int32).contiguous()
     if online:  # per-row (scale, zero) pools; no per-head parameters (null pointers)
         static = [None] * 4
         row_ptrs = [p.contiguous() for p in rows]
@@ -599,7 +605,7 @@ def decode_attention_cpp(
         k_pool.data_ptr(),
         v_pool.data_ptr(),
         tables.data_ptr(),
-        lengths64.data_ptr(),
+        lengths32.data_ptr(),
         *(None if p is None else p.data_ptr() for p in static + row_ptrs),
         float(softmax_scale),
         B,

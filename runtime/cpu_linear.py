@@ -22,6 +22,7 @@ rounding (tests compare against an fp32 matmul of the same bf16 inputs).
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,7 @@ extern "C" void linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, i
 """
 
 
+@functools.cache
 def _library() -> ctypes.CDLL | None:
     flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
     lib = cpp_build.load("linear_bf16", KERNEL_SRC, flags, ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
