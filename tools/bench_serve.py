@@ -146,10 +146,14 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lite.plots import MODE_STYLES
+    from runtime.engine import KV_ALIASES
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for kv, style in zip(sorted({r["kv"] for r in results}), ("o-", "s--", "^:"), strict=False):
+    for kv in dict.fromkeys(r["kv"] for r in results):  # every dtype, in the order of --kv
         rows = sorted((r for r in results if r["kv"] == kv), key=lambda r: r["budget_mib"])
-        ax.plot([r["budget_mib"] for r in rows], [r["requests_per_s"] for r in rows], style, label=kv)
+        style = MODE_STYLES.get(KV_ALIASES.get(kv, kv), {"marker": "o"})
+        ax.plot([r["budget_mib"] for r in rows], [r["requests_per_s"] for r in rows], label=kv, **style)
     ax.set_xlabel("KV cache budget (MiB)")
     ax.set_ylabel("requests / s")
     ax.set_title("Offline serving throughput at a fixed KV budget (SmolLM2-135M, CPU)")
