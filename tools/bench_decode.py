@@ -78,6 +78,7 @@ def run_one(args) -> dict:
             kv_cache_dtype=args.impl,
             dtype=args.dtype,
             max_batch_size=args.batch,
+            max_prefill_token_num=args.batch * args.prompt_len,  # every prompt in the first step (see below)
             calculate_kv_scales=args.impl.startswith("fp8"),
         )
         from runtime.sampling import SamplingParams
@@ -87,9 +88,11 @@ def run_one(args) -> dict:
         for p in ps:
             engine.add_request(p, params)
         t0 = time.perf_counter()
-        first = 0
-        while first < args.batch:  # prefill (in chunks of max_prefill_token_num) until every first token
-            first += len(engine.step())
+        # One prefill step for all prompts, so the decode steps timed below all run the whole batch (with
+        # chunked prefill, sequences admitted first would decode while later ones are still prefilling).
+        first = engine.step()
+        if len(first) != args.batch:
+            raise SystemExit(f"the first step produced {len(first)} first tokens, not {args.batch}")
         prefill = time.perf_counter() - t0
         for k in timers:
             timers[k] = 0.0
