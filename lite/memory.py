@@ -37,18 +37,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runtime.workspace import WorkspaceConfig, WorkspaceError, kv_bytes_per_token, weight_table
+from runtime.workspace import KV_CACHE_DTYPES, WorkspaceConfig, WorkspaceError, kv_bytes_per_token, weight_table
 
 MiB, GiB = 2**20, 2**30
-MODES = (
-    "fp16",
-    "int8",
-    "fp8_e4m3",
-    "fp8_e5m2",
-    "int8_per_token_head",
-    "fp8_per_token_head",
-    "int4_per_token_head",
-)
+MODES = KV_CACHE_DTYPES  # every KV mode a workspace or the runtime knows
 DEFAULT_MODES = "fp16,int8,fp8_e4m3,int8_per_token_head,int4_per_token_head"
 MEASURE_ON_CPU_LIMIT = 256 * MiB
 PUBLISHED_INT8_DELTA_MIB = {8: -4096, 16: -8224, 32: -16448, 48: -24672}  # internlm-chat-7b, LMDeploy 2023

@@ -29,7 +29,8 @@ Three functions with one signature:
   parameters are k_param / v_param; None = a static mode told apart by the pool dtype).
   - `decode_attention_torch`: the PyTorch reference (any device), online softmax over chunks of positions
     gathered through the block table;
-  - `decode_attention_cpp`: a C++/OpenMP kernel (AVX2, built once under ~/.cache/kvq/kernels) that reads the
+  - `decode_attention_cpp`: a C++/OpenMP kernel (16-lane AVX-512 where the CPU has it, else 8-lane AVX2; built
+    once under ~/.cache/kvq/kernels by runtime.cpp_build) that reads the
     pool in place; work is split over (sequence, KV head, context chunk) and the chunks' partial softmax
     results are merged (split-K), so a single long sequence keeps every core busy;
   - `decode_attention`: the C++ kernel where it builds and applies, else the reference.
@@ -186,8 +187,8 @@ def decode_attention_torch(
 
 # ---------------------------------------------------------------------------------------------
 # C++ kernel. Work items are (sequence, KV head, chunk of positions): each item converts its cached rows to
-# fp32 8 at a time into an L1 scratch block, reused by the G query heads of that KV head (8 scores reduced
-# together), takes the softmax over its chunk (expf vectorized: -ffast-math lets GCC call libmvec), and
+# fp32 W at a time (W = 16 lanes with AVX-512, 8 with AVX2) into an L1 scratch block, reused by the G query heads
+# of that KV head (W scores reduced together by one transpose-add tree), takes the softmax over its chunk (expf vectorized: -ffast-math lets GCC call libmvec), and
 # accumulates p * v rows with the output row in registers (head size 64 or 128, fixed at compile time). Each
 # item leaves its partial result (running max m, softmax sum l, unnormalised p @ v) per query head; a second
 # loop in the same parallel region merges the chunks of each (sequence, KV head) (split-K):
@@ -195,14 +196,15 @@ def decode_attention_torch(
 # Row addresses come from the block table: the element offset of position t for KV head h is
 #     ((block_tables[b, t / block_size] * H_kv + h) * block_size + t % block_size) * D,
 # computed once per item for its rows by a cursor (no division per row) and shared by the K and V passes.
-# Conversions, 8 lanes per instruction:
+# Each thread runs with flush-to-zero / denormals-are-zero set while it works (restored after).
+# Conversions, W lanes per instruction (shown for 8; the 16-lane forms widen the same way):
 #   int8:  cvtepi8_epi32 -> cvtepi32_ps
 #   fp16:  F16C cvtph_ps
 #   e5m2:  the byte is the high byte of an fp16 (same exponent bias 15): bits << 8 -> cvtph_ps
 #   e4m3:  bits (s eeee mmm) -> fp16 bits s<<15 | (eeee mmm)<<7 is the same value * 2^-8 for normals
 #          and subnormals alike (bias 7 vs 15); the 2^8 is folded into the scale.
 #   uint8 codes (int8_per_token_head): cvtepu8_epi32 -> cvtepi32_ps
-#   int4 (int4_per_token_head): 4 bytes hold 8 codes; lo = w & 0x0F, hi = (w >> 4) & 0x0F per byte,
+#   int4 (int4_per_token_head): 4 bytes hold 8 codes (8 bytes 16); lo = w & 0x0F, hi = (w >> 4) & 0x0F per byte,
 #          unpacklo_epi8(lo, hi) interleaves them into element order (2i low nibble, 2i + 1 high) -> cvtepu8_epi32
 # Online kinds (4 int8, 5 e4m3, 6 int4 per token head) read each row's fp16 (scale, zero) (F16C cvtsh_ss) from the
 # parameter pool at row index off / D (the data pool's element offset in the unpacked layout, D a power of two:

@@ -32,19 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from runtime.atomic import staged_files
+from runtime.quant import ONLINE_MODES, STORAGE_DTYPES
 
 FORMAT_VERSION = 1
 SECTION = "llama"
 # The *_per_token_head modes (runtime.quant) need no parameter files; like FP8 they keep quant_policy 0.
-KV_CACHE_DTYPES = (
-    "fp16",
-    "int8",
-    "fp8_e4m3",
-    "fp8_e5m2",
-    "int8_per_token_head",
-    "fp8_per_token_head",
-    "int4_per_token_head",
-)
+KV_CACHE_DTYPES = (*STORAGE_DTYPES, *ONLINE_MODES)  # fp16 int8 fp8_e4m3 fp8_e5m2, then the online modes
 KV_GRANULARITIES = ("tensor", "head")
 # quant_policy is the 2023 TurboMind bitmask: 4 (kCacheKVInt8) = INT8 KV cache. (LMDeploy >= 0.4
 # reused 4 for int4 and 8 for int8; this project keeps the 2023 meaning.) FP8 has no bit there:
