@@ -523,7 +523,6 @@ def kernel_kind(kv_dtype: str | None, pool_dtype: torch.dtype) -> int | None:
     return KINDS.get(pool_dtype)
 
 
-
 @functools.cache
 def _cpp_module():
     """The kernel library (built once, see runtime.cpp_build), or None where it cannot run."""
@@ -577,7 +576,12 @@ def decode_attention_cpp(
     B, H, D = q.shape
     num_blocks, Hkv, block_size, _ = k_pool.shape
     kind = kernel_kind(kv_dtype, k_pool.dtype)
-    if D not in (64, 128) or not (k_pool.is_contiguous() and v_pool.is_contiguous()) or kind is None or H // Hkv > MAX_GROUP:
+    if (
+        D not in (64, 128)
+        or not (k_pool.is_contiguous() and v_pool.is_contiguous())
+        or kind is None
+        or H // Hkv > MAX_GROUP
+    ):
         raise ValueError(
             f"the C++ decode kernel takes contiguous fp16/int8/fp8 or online pools with head size 64 or 128; got "
             f"D={D}, {kv_dtype or k_pool.dtype}, {H // Hkv} query heads per KV head (at most {MAX_GROUP}; use "

@@ -118,7 +118,7 @@ class Transformer:
         for i in range(cfg.num_layer):
             p = f"layers.{i}."
 
-            def mat(*names: str) -> torch.Tensor:  # (in, out) workspace matrices, side by side -> (out, in)
+            def mat(*names: str, p: str = p) -> torch.Tensor:  # (in, out) matrices, side by side -> (out, in)
                 return torch.cat([t(p + n) for n in names], 1).T.contiguous()
 
             self.layers.append(

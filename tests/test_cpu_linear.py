@@ -41,7 +41,9 @@ def test_leading_dims_zeros_and_dispatch():
     ref = F.linear(x.float(), w.float())
     torch.testing.assert_close(y.float(), ref, rtol=2**-7, atol=1e-2)
     big = torch.randn(cpu_linear.MAX_ROWS + 1, 64).to(torch.bfloat16)
-    torch.testing.assert_close(cpu_linear.linear(big, w).float(), F.linear(big.float(), w.float()), rtol=2**-7, atol=1e-2)
+    torch.testing.assert_close(
+        cpu_linear.linear(big, w).float(), F.linear(big.float(), w.float()), rtol=2**-7, atol=1e-2
+    )
     x32 = torch.randn(3, 64)
     assert torch.equal(cpu_linear.linear(x32, w.float()), F.linear(x32, w.float()))
 

@@ -5,6 +5,7 @@ kinds 4-6) against dense attention over the dequantized rows. No model needed (e
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -350,3 +351,29 @@ def test_online_arguments_are_checked():
         decode_attention_torch(
             q, kd, vd, tables, lengths, *none, 0.1, kv_dtype="int8_per_token_head", k_param=kp, v_param=vp
         )
+
+
+def test_kv_error_split_tool_orders_the_modes(tiny_hf, tmp_path):
+    """tools/kv_error_split.py on a tiny model: finite, non-negative KLs for K only / V only / both, and on the
+    same windows the INT4 round trip of K and V loses more than the INT8 one."""
+    import subprocess
+    import sys
+
+    from rt_workspace import make_workspace
+
+    ws = make_workspace(tiny_hf("llama"), tmp_path / "ws")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"Sentence {i} says something about packages and their maintainers." for i in range(400)))
+    root = Path(__file__).resolve().parents[1]
+    kls = {}
+    for mode in ("int8_per_token_head", "int4_per_token_head"):
+        cmd = [sys.executable, str(root / "tools" / "kv_error_split.py"), str(ws), "--mode", mode]
+        out = subprocess.run(
+            cmd + ["--dataset", str(text), "--samples", "2", "--seqlen", "64"], capture_output=True, text=True, cwd=root
+        )
+        assert out.returncode == 0, out.stderr
+        lines = {ln.split(":")[0].strip(): ln for ln in out.stdout.splitlines() if "mean KL" in ln}
+        assert set(lines) == {"K only", "V only", "K and V"}, out.stdout
+        kls[mode] = {k: float(ln.split("mean KL")[1].split()[0]) for k, ln in lines.items()}
+        assert all(0 <= v < 10 for v in kls[mode].values()), kls
+    assert kls["int4_per_token_head"]["K and V"] > kls["int8_per_token_head"]["K and V"], kls

@@ -233,7 +233,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller shapes (batch 1 x 256, batch 4 x 512)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="our compute dtype (default auto)")
+    ap.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="our compute dtype (default auto)"
+    )
     ap.add_argument("--new-tokens", type=int, default=33)
     ap.add_argument("--shapes", help="comma list of BATCHxPROMPT, e.g. 1x1024,8x2048 (overrides --quick)")
     ap.add_argument("--impls", default="hf,fp16,int8,fp8_e4m3", help="comma list of hf,fp16,int8,fp8_e4m3,fp8_e5m2")
