@@ -182,17 +182,21 @@ def attention_bandwidth(shapes, kv_dtypes, threads: int, repeats: int = 20) -> l
         q = torch.randn(batch, Hkv * G, D, generator=g)
         for kv in kv_dtypes:
             x = torch.randn(2, nb, Hkv, bs, D, generator=g)
-            scale, zp = torch.full((Hkv,), 4 / 127), torch.zeros(Hkv)
-            k, v = quant.quantize(x, kv, scale, zp)  # values of a realistic range (no overflow, no denormals)
-            args = (q, k, v, tables, lengths, scale, zp, scale, zp, D**-0.5)
-            decode_attention(*args)
+            if quant.is_online(kv):  # codes and each row's (scale, zero), as the cache stores them
+                (k, kp), (v, vp) = (quant.quantize_online(t, kv) for t in x)
+                args, kw = (q, k, v, tables, lengths, None, None, None, None, D**-0.5), dict(k_param=kp, v_param=vp)
+            else:
+                scale, zp = torch.full((Hkv,), 4 / 127), torch.zeros(Hkv)
+                k, v = quant.quantize(x, kv, scale, zp)  # values of a realistic range (no overflow, no denormals)
+                args, kw = (q, k, v, tables, lengths, scale, zp, scale, zp, D**-0.5), {}
+            decode_attention(*args, kv_dtype=kv, **kw)
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
-                decode_attention(*args)
+                decode_attention(*args, kv_dtype=kv, **kw)
                 times.append(time.perf_counter() - t)
             sec = statistics.median(times)
-            read = 2 * batch * ctx * Hkv * D * quant.BYTES_PER_ELEM[kv]
+            read = 2 * batch * ctx * Hkv * quant.kv_row_bytes(kv, D)  # data (+ online params) of every row
             out.append(dict(batch=batch, context=ctx, kv=kv, ms=sec * 1e3, gbs=read / sec / 1e9, read_bw_gbs=bw))
     return out
 
@@ -238,20 +242,33 @@ def main() -> None:
     )
     ap.add_argument("--new-tokens", type=int, default=33)
     ap.add_argument("--shapes", help="comma list of BATCHxPROMPT, e.g. 1x1024,8x2048 (overrides --quick)")
-    ap.add_argument("--impls", default="hf,fp16,int8,fp8_e4m3", help="comma list of hf,fp16,int8,fp8_e4m3,fp8_e5m2")
+    ap.add_argument(
+        "--impls",
+        default="hf,fp16,int8,fp8_e4m3",
+        help="comma list of hf, fp16, int8, fp8_e4m3, fp8_e5m2 or an online *_per_token_head mode",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all configurations; medians are reported")
+    ap.add_argument(
+        "--attention-only",
+        action="store_true",
+        help="only the decode-attention bandwidth section, for the --impls KV dtypes (the online "
+        "*_per_token_head modes too); no model runs (default off)",
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of one sub-run's arguments
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(argparse.Namespace(**json.loads(args.one)))))
         return
-    from make_demo_model import ensure_demo_model
-
-    hf = ensure_demo_model()
     shapes = [(1, 256), (4, 512)] if args.quick else [(1, 1024), (8, 2048), (32, 1024)]
     if args.shapes:
         shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     impls = args.impls.split(",")
+    if args.attention_only:
+        print_attention(shapes, [i for i in impls if i != "hf"], args.threads)
+        return
+    from make_demo_model import ensure_demo_model
+
+    hf = ensure_demo_model()
     runs: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ws = workspace_for(hf, Path(tmp) / "ws", session_len=max(p for _, p in shapes) + args.new_tokens + 8)
@@ -324,12 +341,15 @@ def main() -> None:
                 f"{impl + f' b{batch} x {plen}':>20} {sh['linear']:6.0%} | {sh['attention']:6.0%} | "
                 f"{sh['cache write']:6.0%} | {rest:6.0%}"
             )
-    kvs = [i for i in impls if i != "hf"]
+    print_attention(shapes, [i for i in impls if i != "hf"], args.threads)
+
+
+def print_attention(shapes, kvs: list[str], threads: int) -> None:
     print("\ndecode attention alone (C++ kernel, 9 query / 3 KV heads, D 64, shuffled blocks of 64):")
-    for r in attention_bandwidth(shapes, kvs, args.threads):
+    for r in attention_bandwidth(shapes, kvs, threads):
         name = f"{r['kv']} b{r['batch']} x {r['context']}"
         print(
-            f"{name:>20} {r['ms']:7.3f} ms/layer {r['gbs']:6.1f} GB/s = "
+            f"{name:>28} {r['ms']:7.3f} ms/layer {r['gbs']:6.1f} GB/s = "
             f"{r['gbs'] / r['read_bw_gbs']:4.0%} of the measured read bandwidth ({r['read_bw_gbs']:.1f} GB/s)"
         )
 
