@@ -576,12 +576,7 @@ def decode_attention_cpp(
     B, H, D = q.shape
     num_blocks, Hkv, block_size, _ = k_pool.shape
     kind = kernel_kind(kv_dtype, k_pool.dtype)
-    if (
-        D not in (64, 128)
-        or not (k_pool.is_contiguous() and v_pool.is_contiguous())
-        or kind is None
-        or H // Hkv > MAX_GROUP
-    ):
+    if not _kernel_takes(q, k_pool, kv_dtype) or not v_pool.is_contiguous():
         raise ValueError(
             f"the C++ decode kernel takes contiguous fp16/int8/fp8 or online pools with head size 64 or 128; got "
             f"D={D}, {kv_dtype or k_pool.dtype}, {H // Hkv} query heads per KV head (at most {MAX_GROUP}; use "
@@ -635,44 +630,21 @@ def decode_attention_cpp(
     return out.to(q.dtype)
 
 
+def _kernel_takes(q: torch.Tensor, k_pool: torch.Tensor, kv_dtype: str | None) -> bool:
+    """Shapes, dtypes and layout the kernel is built for: a (B, H, D) q with D 64 or 128, a contiguous 4-D pool of a
+    storage mode it knows, at most MAX_GROUP query heads per KV head."""
+    if q.dim() != 3 or k_pool.dim() != 4 or q.shape[-1] not in (64, 128) or not k_pool.is_contiguous():
+        return False
+    return kernel_kind(kv_dtype, k_pool.dtype) is not None and q.shape[1] // max(k_pool.shape[1], 1) <= MAX_GROUP
+
+
 def cpp_usable(q: torch.Tensor, k_pool: torch.Tensor, kv_dtype: str | None = None) -> bool:
-    """The kernel handles contiguous CPU pools of every storage mode with head size 64 or 128."""
-    kind = kernel_kind(kv_dtype, k_pool.dtype)
-    ok = not q.is_cuda and k_pool.is_contiguous() and kind is not None and q.shape[-1] in (64, 128)
-    ok = ok and q.dim() == 3 and k_pool.dim() == 4 and q.shape[1] // max(k_pool.shape[1], 1) <= MAX_GROUP
-    return ok and _cpp_module() is not None
+    """The kernel handles these CPU tensors (`_kernel_takes`) and builds on this machine."""
+    return not q.is_cuda and _kernel_takes(q, k_pool, kv_dtype) and _cpp_module() is not None
 
 
-def decode_attention(
-    q,
-    k_pool,
-    v_pool,
-    block_tables,
-    lengths,
-    k_scale,
-    k_zp,
-    v_scale,
-    v_zp,
-    softmax_scale,
-    *,
-    kv_dtype: str | None = None,
-    k_param=None,
-    v_param=None,
-):
-    """The fastest available implementation (C++ kernel if it builds, else the torch one); same contract."""
+def decode_attention(q, k_pool, *args, kv_dtype: str | None = None, **kwargs):
+    """The fastest available implementation (C++ kernel if it builds and takes these tensors, else the torch
+    reference), called with the same arguments as `decode_attention_torch`."""
     impl = decode_attention_cpp if cpp_usable(q, k_pool, kv_dtype) else decode_attention_torch
-    return impl(
-        q,
-        k_pool,
-        v_pool,
-        block_tables,
-        lengths,
-        k_scale,
-        k_zp,
-        v_scale,
-        v_zp,
-        softmax_scale,
-        kv_dtype=kv_dtype,
-        k_param=k_param,
-        v_param=v_param,
-    )
+    return impl(q, k_pool, *args, kv_dtype=kv_dtype, **kwargs)
