@@ -65,7 +65,7 @@ def check_paged_args(q, k_pool, v_pool, block_tables, lengths, params, kv_dtype=
         raise ValueError(
             f"v_pool {v_pool.dtype} {tuple(v_pool.shape)} must match k_pool {k_pool.dtype} {tuple(k_pool.shape)}"
         )
-    want = D // 2 if kv_dtype == "int4_per_token_head" else D  # INT4 rows are D / 2 packed bytes
+    want = quant.row_width(kv_dtype, D)  # INT4 rows are D / 2 packed bytes
     if width != want or Hkv < 1 or H % Hkv or block_size < 1:
         raise ValueError(
             f"q {tuple(q.shape)} does not fit the {kv_dtype or k_pool.dtype} pool {tuple(k_pool.shape)} "

@@ -143,10 +143,6 @@ class OnlineQuantizer:
     def row_bytes(self, head_dim: int) -> int:
         return quant.online_row_bytes(self.kv_dtype, head_dim)
 
-    def data_dim(self, head_dim: int) -> int:
-        """Stored elements per row: D, or D / 2 bytes for packed INT4."""
-        return head_dim // 2 if self.kv_dtype == "int4_per_token_head" else head_dim
-
     def param_bytes(self) -> int:
         return 0  # the parameters live in the blocks
 
@@ -200,15 +196,13 @@ class KVCache:
         self.kernels = kernels
         self.quantizer = quantizer
         self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
-        online = quantizer.online
-        width = quantizer.data_dim(head_dim) if online else head_dim
-        self.shape = (num_blocks, kv_heads, block_size, width)
+        self.shape = (num_blocks, kv_heads, block_size, quant.row_width(quantizer.kv_dtype, head_dim))
         dt = quantizer.storage_dtype
         # zeros, not empty: a never-written row must be finite in case a reader's mask lets 0 * x through
         self.k = [torch.zeros(self.shape, dtype=dt, device=device) for _ in range(num_layer)]
         self.v = [torch.zeros(self.shape, dtype=dt, device=device) for _ in range(num_layer)]
         pshape = (num_blocks, kv_heads, block_size, 2)  # (scale, zero) per row
-        pools = range(num_layer) if online else ()
+        pools = range(num_layer) if quantizer.online else ()
         self.k_param = [torch.zeros(pshape, dtype=quant.PARAM_DTYPE, device=device) for _ in pools]
         self.v_param = [torch.zeros(pshape, dtype=quant.PARAM_DTYPE, device=device) for _ in pools]
 

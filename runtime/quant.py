@@ -138,10 +138,14 @@ def kv_row_bytes(kv_dtype: str, head_dim: int) -> int:
     return online_row_bytes(kv_dtype, head_dim) if is_online(kv_dtype) else head_dim * BYTES_PER_ELEM[kv_dtype]
 
 
+def row_width(kv_dtype: str | None, head_dim: int) -> int:
+    """Stored elements per cached row, the pools' last dimension: D, or D / 2 bytes for packed INT4."""
+    return head_dim // 2 if kv_dtype == "int4_per_token_head" else head_dim
+
+
 def online_row_bytes(kv_dtype: str, head_dim: int) -> int:
     """Bytes of one cached row (one token, one KV head, K or V): data plus its fp16 (scale, zero)."""
-    data = head_dim // 2 if kv_dtype == "int4_per_token_head" else head_dim
-    return data + 2 * PARAM_DTYPE.itemsize
+    return row_width(kv_dtype, head_dim) + 2 * PARAM_DTYPE.itemsize
 
 
 def online_params(x: torch.Tensor, kv_dtype: str) -> torch.Tensor:
