@@ -13,7 +13,7 @@ modes (int8/fp8/int4_per_token_head) keep 4 bytes of (scale, zero) per row insid
 is 36 bytes a row against fp16's 128, 3.56x the tokens.
 
 Each `step` asks the scheduler what to run, then makes at most two forward passes: one over the prefill
-chunks (right-padded to the longest) and one over every running decode (one token each). Sequences whose
+chunks (packed by the model: padding is never computed) and one over every running decode (one token each). Sequences whose
 fed tokens reached their end sample a token; EOS (unless ignore_eos), a stop token or max_tokens ends them.
 Stop *strings* are the caller's (it detokenizes and calls `abort_request`).
 
@@ -85,13 +85,11 @@ def resolve_compute_dtype(dtype: str, device: str) -> str:
     float16 on a GPU (the workspace's weight dtype); on a CPU, bfloat16 where the CPU computes it natively
     (AVX512-BF16 or AMX-BF16: bf16 GEMMs 2.5-3x faster than fp32 there, half the weight bytes), else float32
     (emulated bf16 is slower than fp32). $KVQ_COMPUTE_DTYPE, when set, replaces auto's choice."""
-    if dtype == "auto":
-        dtype = os.environ.get(AUTO_DTYPE_ENV) or (
-            "float16" if device.startswith("cuda") else "bfloat16" if cpu_has_native_bf16() else "float32"
-        )
-        where = f"${AUTO_DTYPE_ENV}" if os.environ.get(AUTO_DTYPE_ENV) else "dtype"
-    else:
-        where = "dtype"
+    where, override = "dtype", os.environ.get(AUTO_DTYPE_ENV)
+    if dtype == "auto" and override:
+        dtype, where = override, f"${AUTO_DTYPE_ENV}"
+    elif dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "bfloat16" if cpu_has_native_bf16() else "float32"
     if dtype not in DTYPES:
         raise ValueError(f"{where} = {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
     return dtype

@@ -193,7 +193,7 @@ class Transformer:
             q, k = qk[0].split([H, Hkv])  # (H, N, D), (H_kv, N, D)
             v = v.view(N, Hkv, D)
             cache.write(i, batch.slot_mapping, k.transpose(0, 1), v)  # (N, H_kv, D)
-            o = self.attention(i, q, k, v.transpose(0, 1), cache, batch, use_context_fmha)  # (1, N, H D)
+            o = self.attention(i, q, k, v.transpose(0, 1), cache, batch, use_context_fmha, T == 1)  # (1, N, H D)
             y = linear(o, L["wo"])  # (1, N, hidden); with TP this rank's heads' share
             if self.tp is not None:
                 self.tp.all_reduce(y)
@@ -234,14 +234,16 @@ class Transformer:
         self.tp.all_reduce(x)
         return x
 
-    def attention(self, i: int, q, k, v, cache: KVCache, batch: Batch, use_context_fmha: int) -> torch.Tensor:
+    def attention(
+        self, i: int, q, k, v, cache: KVCache, batch: Batch, use_context_fmha: int, decode: bool
+    ) -> torch.Tensor:
         """q (H, N, D), k/v (H_kv, N, D) of this step's N packed tokens (already written to the cache) -> (1, N, H D).
 
-        Decode (one token per sequence): one paged-attention call over the cache for the whole batch. Prefill:
+        decode (one token per sequence): one paged-attention call over the cache for the whole batch. Prefill:
         per sequence, over its own slice of the packed tokens (see the module docstring for use_context_fmha)."""
         H, N, D = q.shape
         scale = 1.0 / math.sqrt(D)
-        if N == len(batch.counts) and max(batch.counts) == 1:  # decode: the new tokens are in the cache already
+        if decode:  # the new tokens are in the cache already
             o = cache.decode_attention(
                 i, q.transpose(0, 1), batch.block_tables, batch.lengths, scale, batch.max_length
             )  # (B, H, D)
