@@ -524,16 +524,21 @@ def kernel_kind(kv_dtype: str | None, pool_dtype: torch.dtype) -> int | None:
 
 
 @functools.cache
-def _cpp_module():
-    """The kernel library (built once, see runtime.cpp_build), or None where it cannot run."""
+def _cpp_module(avx512: bool | None = None):
+    """The kernel library (built once, see runtime.cpp_build), or None where it cannot run. avx512: the 16-lane
+    build (KVQ_W = 16) or the 8-lane AVX2 one from the same source; None = AVX-512 where the CPU has it (tests
+    ask for False to check the AVX2 build on an AVX-512 machine too)."""
     import ctypes
 
     from runtime import cpp_build
 
+    if avx512 is None:
+        avx512 = cpp_build.cpu_has("avx512f", "avx512bw")
     flags = ["-O3", "-ffast-math", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
-    if cpp_build.cpu_has("avx512f", "avx512bw"):  # 16-lane vectors (same source, KVQ_W = 16)
-        flags += ["-mavx512f", "-mavx512bw"]
-    lib = cpp_build.load("decode_attn", KERNEL_SRC, flags, ("avx2", "fma", "f16c"))
+    need = ("avx2", "fma", "f16c")
+    if avx512:
+        flags, need = [*flags, "-mavx512f", "-mavx512bw"], (*need, "avx512f", "avx512bw")
+    lib = cpp_build.load("decode_attn" if avx512 else "decode_attn_avx2", KERNEL_SRC, flags, need)
     if lib is not None and lib.decode_attn.argtypes is None:
         lib.decode_attn.restype = ctypes.c_int
         lib.decode_attn.argtypes = (

@@ -92,3 +92,17 @@ def tiny_hf(tmp_path_factory, demo_model):
         return cache[key]
 
     return build
+
+
+@pytest.fixture(params=["native", "avx2"])
+def cpu_kernel_build(request, monkeypatch) -> str:
+    """Run a C++ decode-attention test on both builds of the one kernel source: the one this CPU gets (16-lane
+    AVX-512 where it has it) and the 8-lane AVX2 one that CPUs without AVX-512 get."""
+    from runtime import cpu_attention
+
+    if request.param == "avx2":
+        build = cpu_attention._cpp_module(avx512=False)
+        if build is None:
+            pytest.skip("the AVX2 build of the kernel does not build here")
+        monkeypatch.setattr(cpu_attention, "_cpp_module", lambda: build)
+    return request.param

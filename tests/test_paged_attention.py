@@ -212,7 +212,7 @@ needs_cpp = pytest.mark.skipif(_cpp_module() is None, reason="the C++ kernel doe
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @pytest.mark.parametrize("block_size", [16, 64, 5])
 @pytest.mark.parametrize("dim", [64, 128])
-def test_cpp_kernel_equals_reference(kv_dtype, block_size, dim):
+def test_cpp_kernel_equals_reference(kv_dtype, block_size, dim, cpu_kernel_build):
     for group, index_dtype in ((1, torch.int64), (3, torch.int32), (8, torch.int64)):
         lengths = lengths_for(block_size)
         case = make_case(
@@ -229,7 +229,7 @@ def test_cpp_kernel_equals_reference(kv_dtype, block_size, dim):
 
 @needs_cpp
 @pytest.mark.parametrize("lengths", [[3000], [700, 1, 333, 900, 64, 0, 257, 512]], ids=["batch1-long", "batch8"])
-def test_cpp_kernel_parallel_split_k(lengths):
+def test_cpp_kernel_parallel_split_k(lengths, cpu_kernel_build):
     """Enough work for the OpenMP path and the kernel's own chunk plan: a single long sequence is split over
     the threads, a batch of uneven sequences too."""
     case = make_case("fp8_e4m3", 64, 3, 3, 16, lengths, seed=len(lengths))
