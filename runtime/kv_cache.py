@@ -120,7 +120,13 @@ def rotation_for(kv_dtype: str, head_dim: int, setting: str = "auto") -> torch.T
     """R (D, D) fp32 for an online mode, or None. setting: auto (DEFAULT_ROTATION) | on | off; auto leaves a
     head size that is not a power of two unrotated, on refuses it."""
     on = DEFAULT_ROTATION[kv_dtype] if setting == "auto" else setting == "on"
-    if not on or (setting == "auto" and head_dim & (head_dim - 1)):
+    power_of_two = head_dim > 0 and not head_dim & (head_dim - 1)
+    if setting == "on" and not power_of_two:
+        raise ValueError(
+            f"kv_rotation = on needs a power-of-two head size for the Hadamard rotation; config.ini size_per_head "
+            f"is {head_dim}: use kv_rotation auto or off (--kv-rotation)"
+        )
+    if not on or not power_of_two:
         return None
     return quant.hadamard(head_dim, ROTATION_SEED)
 

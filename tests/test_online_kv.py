@@ -196,7 +196,7 @@ def test_rotation_settings():
     assert rotation_for("int4_per_token_head", 64, "off") is None
     assert torch.equal(rotation_for("int8_per_token_head", 64, "on"), quant.hadamard(64, 0))
     assert rotation_for("int4_per_token_head", 96, "auto") is None  # not a power of two: left unrotated
-    with pytest.raises(ValueError, match="power-of-two"):
+    with pytest.raises(ValueError, match=r"power-of-two.*size_per_head is 96: use kv_rotation auto or off"):
         rotation_for("int4_per_token_head", 96, "on")
 
 
@@ -309,7 +309,7 @@ def test_reference_equals_dense_attention_over_dequantized_rows(kv, G):
 @pytest.mark.parametrize("kv", ONLINE)
 @pytest.mark.parametrize("G, D", [(1, 64), (3, 128), (8, 64)])
 @pytest.mark.parametrize("chunk", [0, 24])
-def test_cpp_kernel_equals_the_reference(kv, G, D, chunk):
+def test_cpp_kernel_equals_the_reference(kv, G, D, chunk, cpu_kernel_build):
     case = paged_case(kv, B=4, H=2 * G, Hkv=2, D=D, BS=16, lengths=[37, 1, 100, 0], seed=G + D)
     want = call(decode_attention_torch, case, kv)
     got = call(decode_attention_cpp, case, kv, chunk=chunk)  # chunk 24: several split-K items per sequence
@@ -319,7 +319,7 @@ def test_cpp_kernel_equals_the_reference(kv, G, D, chunk):
 @needs_cpp
 @pytest.mark.parametrize("kv", ONLINE)
 @pytest.mark.parametrize("lengths", [[3000], [700, 1, 333, 900, 64, 0, 257, 512]], ids=["batch1-long", "batch8"])
-def test_cpp_kernel_parallel_split_k_on_odd_blocks(kv, lengths):
+def test_cpp_kernel_parallel_split_k_on_odd_blocks(kv, lengths, cpu_kernel_build):
     """Enough work for the OpenMP path and the kernel's own chunk plan, blocks of 5 rows."""
     case = paged_case(kv, B=len(lengths), H=6, Hkv=2, D=64, BS=5, lengths=lengths, seed=len(lengths))
     assert torch.allclose(call(decode_attention_cpp, case, kv), call(decode_attention_torch, case, kv), atol=2e-5)
