@@ -44,6 +44,7 @@ import functools
 import torch
 
 from runtime import quant
+from runtime.kv_cache import gather_channel_keys
 
 CHUNK = 512  # positions per step of the reference's online softmax
 
@@ -81,25 +82,36 @@ def check_paged_args(q, k_pool, v_pool, block_tables, lengths, params, kv_dtype=
         if k_pool.dtype != quant.ONLINE_STORAGE[kv_dtype]:
             raise ValueError(f"{kv_dtype} pools are {quant.ONLINE_STORAGE[kv_dtype]}; got {k_pool.dtype}")
         pshape = (*k_pool.shape[:3], 2)
-        for name, p in zip(("k_param", "v_param"), row_params, strict=True):
-            if p is None or p.shape != pshape or p.dtype != quant.PARAM_DTYPE:
+        kshape = (*k_pool.shape[:2], 2, D) if quant.channel_keys(kv_dtype) else pshape
+        for name, p, want_shape in zip(("k_param", "v_param"), row_params, (kshape, pshape), strict=True):
+            if p is None or p.shape != want_shape or p.dtype != quant.PARAM_DTYPE:
                 got = None if p is None else (p.dtype, tuple(p.shape))
-                raise ValueError(f"{kv_dtype}: {name} must be {pshape} float16 (scale, zero) per row; got {got}")
+                what = "per channel" if want_shape is kshape and kshape != pshape else "per row"
+                raise ValueError(f"{kv_dtype}: {name} must be {want_shape} float16 (scale, zero) {what}; got {got}")
+        if quant.channel_keys(kv_dtype) and (block_size % 2 or block_size > 2 * D):
+            raise ValueError(f"{kv_dtype} needs an even block_size <= 2 * D = {2 * D}; got {block_size}")
         return
     for name, p in zip(("k_scale", "k_zp", "v_scale", "v_zp"), params, strict=True):
         if p is None or p.shape != (Hkv,):
             raise ValueError(f"{name} must be (H_kv={Hkv},); got {None if p is None else tuple(p.shape)}")
 
 
-def _check_values(block_tables: torch.Tensor, lengths: torch.Tensor, num_blocks: int, block_size: int) -> None:
-    """Lengths within the block table, and every block a length reaches inside the pool (padding is ignored)."""
+def _check_values(
+    block_tables: torch.Tensor, lengths: torch.Tensor, num_blocks: int, block_size: int, helper: bool = False
+) -> None:
+    """Lengths within the block table, and every block a length reaches inside the pool (padding is ignored).
+    helper (per-channel keys): an open block past its first half also reaches the next column."""
     capacity = block_tables.shape[1] * block_size
-    bad = (lengths < 0) | (lengths > capacity)
+    reach = lengths + torch.where(lengths % block_size > block_size // 2, block_size, 0) if helper else lengths
+    bad = (lengths < 0) | (reach > capacity)
     if bad.any():
         b = int(bad.nonzero()[0])
-        raise ValueError(f"lengths[{b}] = {int(lengths[b])} is outside [0, {capacity}] (max_blocks * block_size)")
+        more = " and the open block's helper" if helper else ""
+        raise ValueError(
+            f"lengths[{b}] = {int(lengths[b])} is outside [0, {capacity}] (max_blocks * block_size{more})"
+        )
     cols = torch.arange(block_tables.shape[1], device=block_tables.device)
-    used = cols.view(1, -1) * block_size < lengths.view(-1, 1)  # (B, max_blocks): blocks holding valid rows
+    used = cols.view(1, -1) * block_size < reach.view(-1, 1)  # (B, max_blocks): blocks holding valid rows
     bad = used & ((block_tables < 0) | (block_tables >= num_blocks))
     if bad.any():
         b, j = (int(i) for i in bad.nonzero()[0])
@@ -135,7 +147,8 @@ def decode_attention_torch(
     dev = q.device
     lengths = lengths.to(device=dev, dtype=torch.int64)
     block_tables = block_tables.to(device=dev, dtype=torch.int64)
-    _check_values(block_tables, lengths, num_blocks, block_size)
+    channel_keys = quant.channel_keys(kv_dtype)
+    _check_values(block_tables, lengths, num_blocks, block_size, channel_keys)
     out = torch.zeros(B, H, D, dtype=q.dtype, device=dev)  # empty sequences keep the zero output
     live = (lengths > 0).nonzero().flatten()
     if live.numel() == 0:
@@ -170,7 +183,10 @@ def decode_attention_torch(
         pos = pos.masked_fill(invalid, 0)
         pages = block_tables.gather(1, pos // block_size)  # (n, c)
         rows = pos % block_size
-        kc = gather(k_pool, k_param, pages, rows)  # (n, H_kv, c, D)
+        if channel_keys:
+            kc = gather_channel_keys(k_pool, k_param, block_tables, lengths, pos).to(cdt).transpose(1, 2)
+        else:
+            kc = gather(k_pool, k_param, pages, rows)  # (n, H_kv, c, D)
         sc = torch.matmul(qg, kc.transpose(-1, -2)).float() * ks + kz  # (n, H_kv, G, c)
         sc.masked_fill_(invalid.view(n, 1, 1, -1), float("-inf"))
         m_new = torch.maximum(m, sc.amax(-1))  # finite: position 0 is valid in the first chunk
@@ -318,15 +334,27 @@ static inline void row_params(const uint16_t* param, int64_t off, float* scale, 
 // converted once and accumulated into the G output rows held in registers.
 template <int kind, int D>
 static void attend_chunk(const float* qx, int G, const void* kc, const void* vc, const uint16_t* kp,
-                         const uint16_t* vp, const int64_t* off, int64_t n, float kscale, float kzero, float vunit,
-                         float* sc, float* acc, float* ml) {
+                         const uint16_t* vp, const int64_t* off, const int64_t* kofs, const int64_t* kpar,
+                         int64_t n, float kscale, float kzero, float vunit, float* sc, float* acc, float* ml) {
   constexpr bool online = kind >= 4;
   alignas(64) float blk[W * D];
   alignas(64) float rs[W], rz[W];  // this block of rows' score multipliers (online: per row; static: constant)
   for (int64_t t0 = 0; t0 < n; t0 += W) {
     const int r = n - t0 < W ? (int)(n - t0) : W;
     for (int j = 0; j < W; ++j) {  // rows past the chunk repeat its last row; their scores are dropped
-      const int64_t o = off[t0 + (j < r ? j : r - 1)];
+      const int64_t t = t0 + (j < r ? j : r - 1), o = off[t];
+      if (kind == 6) {  // per-channel keys: full rows x^ = code * scale_c + zero_c; open rows int8 per row
+        const uint16_t* pc = kp + kpar[t];
+        if (kofs[t] >= 0) {
+          for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<4>(kc, kofs[t] + d));
+          rs[j] = kscale * _cvtsh_ss(pc[0]), rz[j] = kzero * _cvtsh_ss(pc[1]);
+        } else {
+          for (int d = 0; d < D; d += W)
+            vstorea(blk + j * D + d, vfma(loadw<6>(kc, o + d), loadw<0>(pc, d), loadw<0>(pc + D, d)));
+          rs[j] = kscale, rz[j] = 0.0f;
+        }
+        continue;
+      }
       for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<kind>(kc, o + d));
       rs[j] = kscale, rz[j] = kzero;
       if (online) {
@@ -419,7 +447,7 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
     const unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040);
     std::vector<float> qx((size_t)G * (D + 1)), sc;  // per thread, reused across its items
-    std::vector<int64_t> off;
+    std::vector<int64_t> off, kofs, kpar;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_items; ++i) {
       const Item it = items[i];
@@ -437,11 +465,25 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
         off[t] = table[col] * page_stride + ((int64_t)it.h * block_size + row) * D;
         if (++row == block_size) { row = 0; ++col; }
       }
+      if (kind == 6) {  // per-channel keys: each row's K address and parameters (full block or open rows)
+        kofs.resize(it.n), kpar.resize(it.n);
+        const int64_t full = lengths[it.b] / block_size * block_size, half = block_size / 2;
+        for (int64_t t = 0; t < it.n; ++t) {
+          const int64_t p = it.start + t, c = p / block_size, r = p % block_size;
+          if (p < full) {
+            kofs[t] = -1, kpar[t] = ((int64_t)table[c] * Hkv + it.h) * 2 * D;
+          } else {  // open row r: block c for r < half, else its helper (column c + 1), row r % half
+            const int64_t page = table[r < half ? c : c + 1], rr = r % half;
+            kofs[t] = page * page_stride / 2 + ((int64_t)it.h * half + rr) * D;
+            kpar[t] = (page * Hkv + it.h) * 2 * D + 2 * rr;
+          }
+        }
+      }
       sc.resize((size_t)G * it.n);
       const float kscale = (online ? 1.0f : ks[it.h]) * unit * softmax_scale;
       const float kzero = (online ? 1.0f : kz[it.h]) * softmax_scale;
-      attend_chunk<kind, D>(qx.data(), G, kc, vc, kp, vp, off.data(), it.n, kscale, kzero, unit, sc.data(),
-                            part_acc.data() + i * G * D, part_ml.data() + i * G * 2);
+      attend_chunk<kind, D>(qx.data(), G, kc, vc, kp, vp, off.data(), kofs.data(), kpar.data(), it.n, kscale,
+                            kzero, unit, sc.data(), part_acc.data() + i * G * D, part_ml.data() + i * G * 2);
     }
     // Split-K merge, one (sequence, KV head) per iteration; a sequence without items (length 0) gets zeros.
 #pragma omp for schedule(static)
@@ -484,8 +526,10 @@ extern "C" int decode_attn(const float* q, const void* kc, const void* vc, const
   int64_t total = 0, longest = 0;
   for (int b = 0; b < B; ++b) {
     const int64_t L = lengths[b];
-    if (L < 0 || L > max_blocks * block_size) { err[0] = b; err[1] = L; return 1; }
-    for (int64_t j = 0; j * block_size < L; ++j) {
+    // per-channel keys (kind 6): an open block past its first half also reaches its helper, one column on
+    const int64_t reach = kind == 6 && L % block_size > block_size / 2 ? L + block_size : L;
+    if (L < 0 || reach > max_blocks * block_size) { err[0] = b; err[1] = L; return 1; }
+    for (int64_t j = 0; j * block_size < reach; ++j) {
       const int64_t page = tables[b * max_blocks + j];
       if (page < 0 || page >= num_blocks) { err[0] = b; err[1] = j; err[2] = page; return 2; }
     }

@@ -278,6 +278,7 @@ class Engine:
             max_running=self.max_batch_size,
             max_prefill_tokens=s.max_prefill_token_num,
             session_len=self.session_len,
+            open_block_helper=self.cache.channel_keys,
         )
         stop_ids = self.template.stop_token_ids(self.tokenizer) if self.tokenizer is not None else []
         self.eos_ids = {cfg.end_id, *stop_ids}
@@ -361,7 +362,7 @@ class Engine:
     # -- the memory budget ------------------------------------------------------------------------
     def block_bytes(self) -> int:
         cfg = self.config
-        return block_bytes(cfg.num_layer, self.kv_heads, self.block_size, self.quantizer.row_bytes(cfg.size_per_head))
+        return block_bytes(cfg.num_layer, self.kv_heads, self.block_size, self.quantizer.row_bytes(cfg.size_per_head, self.block_size))
 
     def pool_budget(self) -> tuple[int, str]:
         """(num_blocks, how the budget was chosen). Blocks = (budget - quantization parameters) // block bytes,
@@ -404,7 +405,7 @@ class Engine:
     def banner(self) -> str:
         """The 'what fits' line: pool size in tokens, bytes per token, concurrency at the session length."""
         cfg = self.config
-        per_token = kv_bytes_per_token(cfg, self.quantizer.row_bytes(cfg.size_per_head))
+        per_token = kv_bytes_per_token(cfg, self.quantizer.row_bytes(cfg.size_per_head, self.block_size))
         fits = self.kv_cache_tokens / self.session_len
         granularity = "-" if self.kv_dtype == "fp16" or quant.is_online(self.kv_dtype) else self.kv_granularity
         line = (
@@ -516,6 +517,7 @@ class Engine:
             [c.length for c in chunks],
             self.block_size,
             self.device,
+            channel_keys=self.cache.channel_keys,
         )
         if self.tp is not None:  # the workers run the same forward on their shares
             self.tp.broadcast_step(distributed.Step(tokens, batch, self.use_context_fmha, all_logits))

@@ -22,6 +22,12 @@ row's (scale, zero) when it is written and keep them inside the block, in parame
                                            (num_blocks, H_kv, block_size, D / 2) uint8 for int4 (packed)
     params k_param[layer], v_param[layer]  (num_blocks, H_kv, block_size, 2)  float16 (scale, zero)
 Same block ids and rows for both, so a block's parameters travel with it and `block_bytes` counts them.
+int4_per_token_head stores its keys per channel within a block (`quant.quantize_channels`): its K param pool is
+    k_param[layer]                         (num_blocks, H_kv, 2, D)           float16 (scale row, zero row)
+filled when the block's last row is written; until then the block is open and its key rows are int8 per-row
+rows in the half-block layout (`open_key_rows`), the second half in the helper block (the next entry of the
+sequence's block table, which the scheduler keeps while a block is open). A step's writes say which rows
+stay open and which blocks they complete (`KeyPlan`, built once per step beside the slot mapping).
 With a rotation R (orthonormal Hadamard, `quant.hadamard`) rows are stored as x @ R: q is rotated the same
 way before attention (q R . k R = q . k) and the attention output, a mix of rotated V rows, is un-rotated
 by @ R.T; the prefill read-back un-rotates K and V.
@@ -29,7 +35,7 @@ by @ R.T; the prefill read-back un-rotates K and V.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -47,7 +53,7 @@ class KVQuantizer(Protocol):
     storage_dtype: torch.dtype
     online: bool
 
-    def row_bytes(self, head_dim: int) -> int: ...
+    def row_bytes(self, head_dim: int, block_size: int) -> float: ...
     def param_bytes(self) -> int: ...
     def observe(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
@@ -80,7 +86,7 @@ class StaticQuantizer:
         ones, zeros = torch.ones(num_layer, kv_heads), torch.zeros(num_layer, kv_heads)
         return cls(kv_dtype, ones, zeros, ones, zeros, dynamic=dynamic, device=device)
 
-    def row_bytes(self, head_dim: int) -> int:
+    def row_bytes(self, head_dim: int, block_size: int) -> float:
         return quant.kv_row_bytes(self.kv_dtype, head_dim)
 
     def param_bytes(self) -> int:
@@ -146,8 +152,8 @@ class OnlineQuantizer:
         self.storage_dtype = quant.ONLINE_STORAGE[kv_dtype]
         self.rotation = None if rotation is None else rotation.to(device=device, dtype=torch.float32)
 
-    def row_bytes(self, head_dim: int) -> int:
-        return quant.online_row_bytes(self.kv_dtype, head_dim)
+    def row_bytes(self, head_dim: int, block_size: int) -> float:
+        return quant.online_row_bytes(self.kv_dtype, head_dim, block_size)
 
     def param_bytes(self) -> int:
         return 0  # the parameters live in the blocks
@@ -176,10 +182,75 @@ class OnlineQuantizer:
         return self.unrotate(quant.dequantize_online(data, params, self.kv_dtype)).to(dtype)
 
 
-def block_bytes(num_layer: int, kv_heads: int, block_size: int, row_bytes: int) -> int:
+class KeyPlan(NamedTuple):
+    """Where a step's key rows go in a per-channel-key mode (int4_per_token_head), built by `key_plan`.
+
+    helper (N,) long: for each written row, its block's helper block id (open rows go to the half-block layout
+        of their block and this helper), or -1 where this step completes the row's block;
+    complete (M, 4) long: one (block, helper or -1, r0, i0) per block this step completes: its rows [0, r0)
+        are open rows written by earlier steps, rows [r0, block_size) are the step's rows i0, i0 + 1, ...
+    """
+
+    helper: torch.Tensor
+    complete: torch.Tensor
+
+
+def key_plan(block_ids: list[list[int]], starts: list[int], counts: list[int], block_size: int) -> KeyPlan:
+    """The KeyPlan of a step in which sequence b (blocks block_ids[b]) writes positions starts[b] + [0, counts[b])."""
+    helper, complete, i = [], [], 0
+    for ids, start, n in zip(block_ids, starts, counts, strict=True):
+        end = start + n
+        for t in range(start, end):
+            j, r = divmod(t, block_size)
+            nxt = ids[j + 1] if j + 1 < len(ids) else -1
+            if (j + 1) * block_size <= end:  # this step writes the block's last row
+                helper.append(-1)
+                if r == 0 or t == start:
+                    complete.append((ids[j], nxt, r, i))
+            else:
+                if nxt < 0:
+                    raise ValueError(f"position {t} opens block {ids[j]} without a helper block after it in {ids}")
+                helper.append(nxt)
+            i += 1
+    return KeyPlan(torch.tensor(helper, dtype=torch.long), torch.tensor(complete, dtype=torch.long).view(-1, 4))
+
+
+def open_key_rows(pool: torch.Tensor, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The half-block views of a per-channel-key K pool (num_blocks, H_kv, bs, D / 2) and its params
+    (num_blocks, H_kv, 2, D): open rows (num_blocks, H_kv, bs / 2, D) uint8 codes and (num_blocks, H_kv, D, 2)
+    fp16 (scale, zero) of which rows [0, bs / 2) are used. Open row r of block A with helper H: block A if
+    r < bs / 2 else H, row r % (bs / 2)."""
+    nb, hkv, bs, width = pool.shape
+    return pool.view(nb, hkv, bs // 2, 2 * width), param.view(nb, hkv, param.shape[-1], 2)
+
+
+def gather_channel_keys(
+    pool: torch.Tensor, param: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor, pos: torch.Tensor
+) -> torch.Tensor:
+    """Keys of positions pos (n, c) < lengths (n,) of sequences with block_tables (n, max_blocks), read back from
+    a per-channel-key pool -> (n, c, H_kv, D) fp32 (rotated basis). Positions in the full blocks
+    (pos < lengths // bs * bs) read their block's per-channel codes, the rest the open rows."""
+    bs = pool.shape[2]
+    half = bs // 2
+    col, row = pos // bs, pos % bs
+    page = block_tables.gather(1, col)  # (n, c)
+    full = quant.dequantize_channels(pool[page, :, row].unsqueeze(-2), param[page]).squeeze(-2)  # (n, c, H_kv, D)
+    is_open = pos >= (lengths // bs * bs).view(-1, 1)
+    if not bool(is_open.any()):
+        return full
+    hi = row >= half
+    opage = block_tables.gather(1, (col + hi.long()).clamp(max=block_tables.shape[1] - 1))
+    opage = torch.where(is_open, opage, page)  # full positions: any valid block, not used
+    rows8, par8 = open_key_rows(pool, param)
+    orow = row % half
+    opened = quant.dequantize_online(rows8[opage, :, orow], par8[opage, :, orow], "int8_per_token_head")
+    return torch.where(is_open[..., None, None], opened, full)
+
+
+def block_bytes(num_layer: int, kv_heads: int, block_size: int, row_bytes: float) -> int:
     """Bytes of one block across all layers, K and V; row_bytes (`KVQuantizer.row_bytes`) counts an online
     mode's per-row parameters, which live in the block."""
-    return 2 * num_layer * kv_heads * block_size * row_bytes
+    return round(2 * num_layer * kv_heads * block_size * row_bytes)
 
 
 class KVCache:
@@ -208,8 +279,15 @@ class KVCache:
         self.k = [torch.zeros(self.shape, dtype=dt, device=device) for _ in range(num_layer)]
         self.v = [torch.zeros(self.shape, dtype=dt, device=device) for _ in range(num_layer)]
         pshape = (num_blocks, kv_heads, block_size, 2)  # (scale, zero) per row
+        self.channel_keys = quant.channel_keys(quantizer.kv_dtype)
+        kshape = (num_blocks, kv_heads, 2, head_dim) if self.channel_keys else pshape  # (scale, zero) per channel
+        if self.channel_keys and (block_size % 2 or block_size > 2 * head_dim):
+            raise ValueError(
+                f"{quantizer.kv_dtype} needs an even block_size of at most 2 * size_per_head = {2 * head_dim} "
+                f"(its open key rows use half a block each); got block_size {block_size}"
+            )
         pools = range(num_layer) if quantizer.online else ()
-        self.k_param = [torch.zeros(pshape, dtype=quant.PARAM_DTYPE, device=device) for _ in pools]
+        self.k_param = [torch.zeros(kshape, dtype=quant.PARAM_DTYPE, device=device) for _ in pools]
         self.v_param = [torch.zeros(pshape, dtype=quant.PARAM_DTYPE, device=device) for _ in pools]
 
     @property
@@ -232,11 +310,22 @@ class KVCache:
             return None, None, None, None
         return (*self.quantizer.affine(layer, "k"), *self.quantizer.affine(layer, "v"))
 
-    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v `(N, H_kv, D)` (the step's valid tokens) at slot_mapping (N,) = block * block_size + row."""
+    def write(
+        self,
+        layer: int,
+        slot_mapping: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_plan: KeyPlan | None = None,
+    ) -> None:
+        """Store k, v `(N, H_kv, D)` (the step's valid tokens) at slot_mapping (N,) = block * block_size + row.
+        key_plan: required by a per-channel-key mode (int4_per_token_head), ignored otherwise."""
         qz = self.quantizer
         qz.observe(layer, k, v)
+        if self.channel_keys and key_plan is None:
+            raise ValueError(f"{qz.kv_dtype} writes need the step's key_plan (runtime.kv_cache.key_plan)")
         if self.kernels is not None:
+            plan = {"k_helper": key_plan.helper, "k_complete": key_plan.complete} if self.channel_keys else {}
             if qz.online:  # the kernels see rotated rows; rotation is never inside them
                 k, v = qz.rotate(k), qz.rotate(v)
             self.kernels.kv_cache_write(
@@ -248,19 +337,54 @@ class KVCache:
                 *self._affine(layer),
                 qz.kv_dtype,
                 **self._params(layer),
+                **plan,
             )
             return
         blocks, rows = slot_mapping // self.block_size, slot_mapping % self.block_size
         if qz.online:
-            for x, data, param in ((k, self.k, self.k_param), (v, self.v, self.v_param)):
+            pairs = ((v, self.v, self.v_param),) if self.channel_keys else ((k, self.k, self.k_param), (v, self.v, self.v_param))
+            for x, data, param in pairs:
                 q, p = qz.quantize(x)  # (N, H_kv, D or D / 2), (N, H_kv, 2)
                 data[layer][blocks, :, rows] = q
                 param[layer][blocks, :, rows] = p
+            if self.channel_keys:
+                self._write_channel_keys(layer, blocks, rows, qz.rotate(k.to(torch.float32)), key_plan)
             return
         kq = qz.quantize(k.transpose(0, 1), layer, "k").transpose(0, 1)  # (N, H_kv, D) storage
         vq = qz.quantize(v.transpose(0, 1), layer, "v").transpose(0, 1)
         self.k[layer][blocks, :, rows] = kq  # advanced indices on dims 0 and 2: (N, H_kv, D)
         self.v[layer][blocks, :, rows] = vq
+
+    def _write_channel_keys(
+        self, layer: int, blocks: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, plan: KeyPlan
+    ) -> None:
+        """The PyTorch definition of a per-channel-key write (the kernels follow it): rotated k (N, H_kv, D) fp32
+        at rows (N,) of blocks (N,). Rows whose block stays open become int8 open rows; each block the plan
+        completes is read back (earlier open rows, then this step's rows through int8) and quantized per channel."""
+        bs, half = self.block_size, self.block_size // 2
+        rows8, par8 = open_key_rows(self.k[layer], self.k_param[layer])
+        codes, params = quant.quantize_online(k, "int8_per_token_head")  # (N, H_kv, D), (N, H_kv, 2)
+        helper = plan.helper.to(k.device)
+        stay = helper >= 0
+        if bool(stay.any()):
+            page = torch.where(rows >= half, helper, blocks)[stay]
+            orow = (rows % half)[stay]
+            rows8[page, :, orow] = codes[stay]
+            par8[page, :, orow] = params[stay]
+        complete = plan.complete.to(k.device)
+        if complete.numel() == 0:
+            return
+        blk, nxt, r0, i0 = complete.unbind(1)  # (M,) each
+        r = torch.arange(bs, device=k.device).view(1, -1)
+        new = r >= r0.view(-1, 1)  # (M, bs): this step's rows
+        src = (i0.view(-1, 1) + r - r0.view(-1, 1)).clamp(0, k.shape[0] - 1)
+        fresh = quant.dequantize_online(codes[src], params[src], "int8_per_token_head")  # (M, bs, H_kv, D)
+        page = torch.where(r < half, blk.view(-1, 1), nxt.view(-1, 1)).clamp(min=0)
+        earlier = quant.dequantize_online(rows8[page, :, r % half], par8[page, :, r % half], "int8_per_token_head")
+        x = torch.where(new[..., None, None], fresh, earlier).transpose(1, 2)  # (M, H_kv, bs, D)
+        data, cparams = quant.quantize_channels(x)
+        self.k[layer][blk] = data
+        self.k_param[layer][blk] = cparams
 
     def decode_attention(
         self,
@@ -295,10 +419,12 @@ class KVCache:
         return qz.unrotate(o) if qz.online else o
 
     def read(
-        self, layer: int, block_tables: torch.Tensor, length: int, dtype: torch.dtype
+        self, layer: int, block_tables: torch.Tensor, length: int, dtype: torch.dtype, cached: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized K, V `(B, H_kv, length, D)` of the first `length` positions of each block table
-        (prefill only; positions past a sequence's own length hold other data and must be masked)."""
+        (prefill only; positions past a sequence's own length hold other data and must be masked). cached: the
+        tokens each sequence has in the cache (default `length`), which tells a per-channel-key mode's full
+        blocks from its open one."""
         n = -(-length // self.block_size)
         bt = block_tables[:, :n].to(self.k[layer].device)  # (B, n)
 
@@ -307,6 +433,15 @@ class KVCache:
             return x.transpose(1, 2).flatten(2, 3)[:, :, :length]  # (B, H_kv, length, width)
 
         qz = self.quantizer
+        if self.channel_keys:
+            tables = block_tables.to(device=bt.device, dtype=torch.long)
+            B = tables.shape[0]
+            pos = torch.arange(length, device=bt.device).expand(B, length)
+            full = torch.full((B,), length if cached is None else cached, dtype=torch.long, device=bt.device)
+            keys = gather_channel_keys(self.k[layer], self.k_param[layer], tables, full, pos)  # (B, length, H_kv, D)
+            k = qz.unrotate(keys.transpose(1, 2)).to(dtype)
+            v = qz.dequantize(gather(self.v[layer]), gather(self.v_param[layer]), dtype)
+            return k, v
         if qz.online:
             k = qz.dequantize(gather(self.k[layer]), gather(self.k_param[layer]), dtype)
             v = qz.dequantize(gather(self.v[layer]), gather(self.v_param[layer]), dtype)

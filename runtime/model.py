@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.cpu_linear import linear
-from runtime.kv_cache import KVCache
+from runtime.kv_cache import KeyPlan, KVCache, key_plan
 from runtime.workspace import WorkspaceConfig, hidden_size
 
 if TYPE_CHECKING:
@@ -58,12 +58,20 @@ class Batch:
     slot_mapping: torch.Tensor  # (sum(counts),) long, on the cache's device
     lengths: torch.Tensor  # (B,) int32 = starts + counts: tokens in the cache after this step, on the device
     max_length: int  # max(lengths), known on the host (no device sync per layer)
+    key_plan: KeyPlan | None = None  # per-channel-key modes (int4_per_token_head): open rows and completed blocks
 
     @classmethod
     def build(
-        cls, block_ids: list[list[int]], starts: list[int], counts: list[int], block_size: int, device="cpu"
+        cls,
+        block_ids: list[list[int]],
+        starts: list[int],
+        counts: list[int],
+        block_size: int,
+        device="cpu",
+        channel_keys: bool = False,
     ) -> Batch:
-        """Tables and slot mapping built once per step (not per layer), moved to the device once."""
+        """Tables and slot mapping (and with channel_keys the key plan) built once per step (not per layer),
+        moved to the device once."""
         width = max(len(b) for b in block_ids)
         tables = torch.zeros(len(block_ids), width, dtype=torch.long)
         slots = []
@@ -79,6 +87,7 @@ class Batch:
             torch.cat(slots).to(device),
             lengths.to(device),
             int(lengths.max()),
+            KeyPlan(*(t.to(device) for t in key_plan(block_ids, starts, counts, block_size))) if channel_keys else None,
         )
 
 
@@ -192,7 +201,7 @@ class Transformer:
             qk = self.rope(qk.view(1, N, H + Hkv, D).transpose(1, 2), rot)  # q and k heads in one rotation
             q, k = qk[0].split([H, Hkv])  # (H, N, D), (H_kv, N, D)
             v = v.view(N, Hkv, D)
-            cache.write(i, batch.slot_mapping, k.transpose(0, 1), v)  # (N, H_kv, D)
+            cache.write(i, batch.slot_mapping, k.transpose(0, 1), v, batch.key_plan)  # (N, H_kv, D)
             o = self.attention(i, q, k, v.transpose(0, 1), cache, batch, use_context_fmha, T == 1)  # (1, N, H D)
             y = linear(o, L["wo"])  # (1, N, hidden); with TP this rank's heads' share
             if self.tp is not None:
@@ -257,7 +266,7 @@ class Transformer:
             else:
                 table = batch.block_tables[b : b + 1]
                 if use_context_fmha:  # keys = [history | this chunk unquantized]
-                    kh, vh = cache.read(i, table, start, q.dtype)  # (1, H_kv, start, D)
+                    kh, vh = cache.read(i, table, start, q.dtype, cached=start + n)  # (1, H_kv, start, D)
                     kb, vb = torch.cat([kh, kb], dim=2), torch.cat([vh, vb], dim=2)
                 else:  # keys = the cache prefix, this chunk read back after quantization
                     kb, vb = cache.read(i, table, start + n, q.dtype)

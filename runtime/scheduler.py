@@ -124,10 +124,14 @@ class Scheduler:
         max_running: int = 256,
         max_prefill_tokens: int = 4096,
         session_len: int = 2048,
+        open_block_helper: bool = False,
     ) -> None:
+        """open_block_helper: a sequence whose last block is partly filled also holds the block after it (the
+        per-channel-key cache keeps an open block's key rows in two blocks' space; `runtime.kv_cache`)."""
         if min(num_blocks, block_size, max_running, max_prefill_tokens, session_len) <= 0:
             raise ValueError("num_blocks, block_size, max_running, max_prefill_tokens and session_len must be > 0")
         self.block_size = block_size
+        self.open_block_helper = open_block_helper
         self.allocator = BlockAllocator(num_blocks)
         self.max_running = max_running
         self.max_prefill_tokens = max_prefill_tokens
@@ -150,7 +154,10 @@ class Scheduler:
         return self.num_blocks * self.block_size
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        """Blocks a sequence of num_tokens cached tokens holds (with open_block_helper: +1 while its last block
+        is partly filled)."""
+        helper = self.open_block_helper and num_tokens % self.block_size != 0
+        return -(-num_tokens // self.block_size) + helper
 
     def check_fits(self, num_tokens: int, max_tokens: int, what: str = "prompt") -> None:
         """Raise RequestError unless num_tokens + max_tokens fit both session_len and the whole pool."""
@@ -160,10 +167,12 @@ class Scheduler:
                 f"{what} of {num_tokens} tokens + max_tokens {max_tokens} = {total} > session_len "
                 f"{self.session_len}; shorten the prompt, lower max_tokens or raise session_len"
             )
-        if total > self.capacity_tokens:
+        peak = -(-total // self.block_size) + self.open_block_helper  # blocks held on the way to `total` tokens
+        if peak > self.num_blocks:
+            helper = " + 1 helper block for the open block" if self.open_block_helper else ""
             raise RequestError(
                 f"{what} of {num_tokens} tokens + max_tokens {max_tokens} = {total} > the KV pool's "
-                f"{self.capacity_tokens} tokens ({self.num_blocks} blocks x {self.block_size}); "
+                f"{self.capacity_tokens} tokens ({self.num_blocks} blocks x {self.block_size}{helper}); "
                 "raise kv_cache_gib / cache_max_entry_count or lower max_tokens"
             )
 
