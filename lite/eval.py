@@ -229,7 +229,7 @@ def check_cache_bytes(engine, kv_dtype: str) -> dict:
     cfg = engine.config
     per_token = bytes_per_token(cfg, kv_dtype)
     held = 0 if kv_dtype in ONLINE else 16 * cfg.num_layer * cfg.kv_head_num
-    expected = engine.kv_cache_tokens * per_token + held
+    expected = round(engine.kv_cache_tokens * per_token) + held
     if engine.cache_bytes() != expected:
         warnings.warn(
             f"{kv_dtype}: engine.cache_bytes() = {engine.cache_bytes()}, formula {expected} ({engine.num_kv_blocks}"

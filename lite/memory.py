@@ -87,7 +87,7 @@ class ModeMemory:
     """One KV mode at one session length; `totals` etc. are per batch size (same order as `batches`)."""
 
     mode: str
-    bytes_per_token: int
+    bytes_per_token: float
     bytes_per_session: int
     scale_bytes: int
     totals: list[int]  # weights + batch * per session + scale bytes
@@ -102,15 +102,33 @@ def scale_bytes(cfg: WorkspaceConfig, kv_dtype: str) -> int:
     return 0 if kv_dtype == "fp16" or kv_dtype.endswith("_per_token_head") else 4 * cfg.num_layer * cfg.kv_head_num * 4
 
 
-def bytes_per_token(cfg: WorkspaceConfig, kv_dtype: str) -> int:
+def channel_block(cfg: WorkspaceConfig, kv_dtype: str) -> int | None:
+    """int4_per_token_head: the engine's default block size (its key parameters are per block); else None."""
+    from runtime.engine import default_block_size
+    from runtime.quant import channel_keys
+
+    return default_block_size(kv_dtype, cfg.size_per_head) if channel_keys(kv_dtype) else None
+
+
+def bytes_per_token(cfg: WorkspaceConfig, kv_dtype: str) -> float:
+    """KV bytes per token (int4_per_token_head: with its per-block key parameters spread over the block)."""
     from runtime.quant import kv_row_bytes
 
-    return int(kv_bytes_per_token(cfg, kv_row_bytes(kv_dtype, cfg.size_per_head)))
+    block = channel_block(cfg, kv_dtype) or 64
+    per_token = kv_bytes_per_token(cfg, kv_row_bytes(kv_dtype, cfg.size_per_head, block))
+    return int(per_token) if per_token == int(per_token) else per_token
+
+
+def session_tokens(cfg: WorkspaceConfig, kv_dtype: str, session_len: int) -> int:
+    """Tokens of cache a session holds: session_len, rounded up to whole blocks for int4_per_token_head."""
+    block = channel_block(cfg, kv_dtype)
+    return session_len if block is None else -(-session_len // block) * block
 
 
 def kv_total_bytes(cfg: WorkspaceConfig, kv_dtype: str, batch: int, session_len: int) -> int:
     """KV data of `batch` sessions of `session_len` tokens plus the scale overhead."""
-    return batch * session_len * bytes_per_token(cfg, kv_dtype) + scale_bytes(cfg, kv_dtype)
+    per_session = round(session_tokens(cfg, kv_dtype, session_len) * bytes_per_token(cfg, kv_dtype))
+    return batch * per_session + scale_bytes(cfg, kv_dtype)
 
 
 def weight_bytes(cfg: WorkspaceConfig, wdir: Path | None = None) -> int:
@@ -132,14 +150,20 @@ def measure_cache(cfg: WorkspaceConfig, kv_dtype: str, batch: int, session_len: 
     from runtime import quant
     from runtime.kv_cache import KVCache, OnlineQuantizer, StaticQuantizer
 
-    device = "cpu" if batch * session_len * bytes_per_token(cfg, kv_dtype) <= MEASURE_ON_CPU_LIMIT else "meta"
+    device = "cpu" if kv_total_bytes(cfg, kv_dtype, batch, session_len) <= MEASURE_ON_CPU_LIMIT else "meta"
     if quant.is_online(kv_dtype):
         quantizer = OnlineQuantizer(kv_dtype)
     else:
         quantizer = StaticQuantizer.identity(kv_dtype, cfg.num_layer, cfg.kv_head_num)
     # one block of session_len tokens per session, so the pool is exactly batch x session_len tokens (the
-    # engine's 64-token blocks round each session up to a multiple of 64)
-    cache = KVCache(cfg.num_layer, batch, cfg.kv_head_num, session_len, cfg.size_per_head, quantizer, device=device)
+    # engine's 64-token blocks round each session up to a multiple of 64); int4_per_token_head, whose key
+    # parameters are per block, in the engine's blocks
+    block = channel_block(cfg, kv_dtype)
+    if block is None:
+        blocks, block = batch, session_len
+    else:
+        blocks = batch * (session_tokens(cfg, kv_dtype, session_len) // block)
+    cache = KVCache(cfg.num_layer, blocks, cfg.kv_head_num, block, cfg.size_per_head, quantizer, device=device)
     pools = cache.k + cache.v + cache.k_param + cache.v_param  # each (batch, H_kv, session_len, D | D/2 | 2)
     data = sum(t.untyped_storage().nbytes() for t in pools)
     params = cache.nbytes() - sum(t.numel() * t.element_size() for t in pools)
@@ -160,7 +184,7 @@ def report(
     fp16_totals = [weights + kv_total_bytes(cfg, "fp16", b, session_len) for b in batches]
     rows = []
     for mode in modes:
-        per_session = bytes_per_token(cfg, mode) * session_len
+        per_session = round(bytes_per_token(cfg, mode) * session_tokens(cfg, mode, session_len))
         totals = [weights + kv_total_bytes(cfg, mode, b, session_len) for b in batches]
         measured, devices = [], []
         for b in batches:

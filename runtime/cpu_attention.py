@@ -107,9 +107,7 @@ def _check_values(
     if bad.any():
         b = int(bad.nonzero()[0])
         more = " and the open block's helper" if helper else ""
-        raise ValueError(
-            f"lengths[{b}] = {int(lengths[b])} is outside [0, {capacity}] (max_blocks * block_size{more})"
-        )
+        raise ValueError(f"lengths[{b}] = {int(lengths[b])} is outside [0, {capacity}] (max_blocks * block_size{more})")
     cols = torch.arange(block_tables.shape[1], device=block_tables.device)
     used = cols.view(1, -1) * block_size < reach.view(-1, 1)  # (B, max_blocks): blocks holding valid rows
     bad = used & ((block_tables < 0) | (block_tables >= num_blocks))

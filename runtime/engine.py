@@ -102,6 +102,13 @@ def cpu_has_native_bf16() -> bool:
     return cpu_has("avx512_bf16") or cpu_has("amx_bf16")
 
 
+def default_block_size(kv_dtype: str, head_dim: int) -> int:
+    """DEFAULT_BLOCK_SIZE, or for int4_per_token_head at most 2 x head_dim: its open blocks keep their key rows'
+    (scale, zero) pairs in a block's per-channel parameters (2 x head_dim values). An explicit larger
+    block_size is refused by KVCache."""
+    return min(DEFAULT_BLOCK_SIZE, 2 * head_dim) if quant.channel_keys(kv_dtype) else DEFAULT_BLOCK_SIZE
+
+
 @dataclass
 class EngineSettings:
     """Run-time choices, validated once. None / "auto" = the workspace's config.ini value or the default."""
@@ -114,7 +121,7 @@ class EngineSettings:
     session_len: int | None = None  # per-request limit (prompt + output), <= max_position_embeddings
     use_context_fmha: int | None = None
     kv_granularity: str | None = None  # tensor | head: which scale files to load (default: config.ini)
-    block_size: int = DEFAULT_BLOCK_SIZE
+    block_size: int | None = None  # tokens per block; None = DEFAULT_BLOCK_SIZE (see Engine.block_size)
     cache_max_entry_count: float | None = None  # fraction of free memory for the pool
     kv_cache_gib: float | None = None  # explicit pool size; wins over cache_max_entry_count
     max_prefill_token_num: int = 4096  # prefill tokens per step (longer prompts go in chunks)
@@ -211,7 +218,7 @@ class Engine:
         session_len: int | None = None,
         use_context_fmha: int | None = None,
         kv_granularity: str | None = None,
-        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_size: int | None = None,
         cache_max_entry_count: float | None = None,
         kv_cache_gib: float | None = None,
         max_prefill_token_num: int = 4096,
@@ -260,7 +267,7 @@ class Engine:
             raise ValueError(f"device = {s.device!r} but this torch build sees no CUDA device; use device='cpu'")
         self.template = get_template(cfg.model_name)
         self.kv_granularity = s.kv_granularity or cfg.kv_granularity
-        self.block_size = s.block_size
+        self.block_size = s.block_size or default_block_size(self.kv_dtype, cfg.size_per_head)
         # Everything above is checked on every rank before any process is started or joined.
         worker_args = {**dataclasses.asdict(s), "kv_params": kv_params}
         self.tp = distributed.setup(cfg, s.device, tensor_parallel_size, workspace_path, worker_args)
@@ -362,7 +369,9 @@ class Engine:
     # -- the memory budget ------------------------------------------------------------------------
     def block_bytes(self) -> int:
         cfg = self.config
-        return block_bytes(cfg.num_layer, self.kv_heads, self.block_size, self.quantizer.row_bytes(cfg.size_per_head, self.block_size))
+        return block_bytes(
+            cfg.num_layer, self.kv_heads, self.block_size, self.quantizer.row_bytes(cfg.size_per_head, self.block_size)
+        )
 
     def pool_budget(self) -> tuple[int, str]:
         """(num_blocks, how the budget was chosen). Blocks = (budget - quantization parameters) // block bytes,
@@ -688,7 +697,10 @@ def add_engine_arguments(p, *, max_batch_size_default: int | None = None) -> Non
         help="KV pool size in GiB; wins over --cache-max-entry-count (default: none, the fraction decides)",
     )
     p.add_argument(
-        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help=f"tokens per KV block (default {DEFAULT_BLOCK_SIZE})"
+        "--block-size",
+        type=int,
+        default=None,
+        help=f"tokens per KV block (default {DEFAULT_BLOCK_SIZE}; int4_per_token_head: at most 2 x the head size)",
     )
     p.add_argument(
         "--max-batch-size",

@@ -342,7 +342,11 @@ class KVCache:
             return
         blocks, rows = slot_mapping // self.block_size, slot_mapping % self.block_size
         if qz.online:
-            pairs = ((v, self.v, self.v_param),) if self.channel_keys else ((k, self.k, self.k_param), (v, self.v, self.v_param))
+            pairs = (
+                ((v, self.v, self.v_param),)
+                if self.channel_keys
+                else ((k, self.k, self.k_param), (v, self.v, self.v_param))
+            )
             for x, data, param in pairs:
                 q, p = qz.quantize(x)  # (N, H_kv, D or D / 2), (N, H_kv, 2)
                 data[layer][blocks, :, rows] = q
@@ -359,11 +363,15 @@ class KVCache:
         self, layer: int, blocks: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, plan: KeyPlan
     ) -> None:
         """The PyTorch definition of a per-channel-key write (the kernels follow it): rotated k (N, H_kv, D) fp32
-        at rows (N,) of blocks (N,). Rows whose block stays open become int8 open rows; each block the plan
-        completes is read back (earlier open rows, then this step's rows through int8) and quantized per channel."""
-        bs, half = self.block_size, self.block_size // 2
+        at rows (N,) of blocks (N,). Each block the plan completes is read back (earlier open rows, then this step's
+        rows through int8) and quantized per channel; then the rows whose block stays open become int8 open rows
+        (in that order: a block opened by this step may be the helper of one it completes)."""
+        half = self.block_size // 2
         rows8, par8 = open_key_rows(self.k[layer], self.k_param[layer])
         codes, params = quant.quantize_online(k, "int8_per_token_head")  # (N, H_kv, D), (N, H_kv, 2)
+        complete = plan.complete.to(k.device)
+        if complete.numel():  # first: this step may open a block in a completed block's helper
+            self._complete_key_blocks(layer, codes, params, complete)
         helper = plan.helper.to(k.device)
         stay = helper >= 0
         if bool(stay.any()):
@@ -371,13 +379,19 @@ class KVCache:
             orow = (rows % half)[stay]
             rows8[page, :, orow] = codes[stay]
             par8[page, :, orow] = params[stay]
-        complete = plan.complete.to(k.device)
-        if complete.numel() == 0:
-            return
+
+    def _complete_key_blocks(
+        self, layer: int, codes: torch.Tensor, params: torch.Tensor, complete: torch.Tensor
+    ) -> None:
+        """Quantize per channel the blocks complete (M, 4) names, from their earlier open rows and this step's int8
+        rows (codes, params)."""
+        bs, half = self.block_size, self.block_size // 2
+        rows8, par8 = open_key_rows(self.k[layer], self.k_param[layer])
+        k_rows = codes.shape[0]
         blk, nxt, r0, i0 = complete.unbind(1)  # (M,) each
-        r = torch.arange(bs, device=k.device).view(1, -1)
+        r = torch.arange(bs, device=codes.device).view(1, -1)
         new = r >= r0.view(-1, 1)  # (M, bs): this step's rows
-        src = (i0.view(-1, 1) + r - r0.view(-1, 1)).clamp(0, k.shape[0] - 1)
+        src = (i0.view(-1, 1) + r - r0.view(-1, 1)).clamp(0, k_rows - 1)
         fresh = quant.dequantize_online(codes[src], params[src], "int8_per_token_head")  # (M, bs, H_kv, D)
         page = torch.where(r < half, blk.view(-1, 1), nxt.view(-1, 1)).clamp(min=0)
         earlier = quant.dequantize_online(rows8[page, :, r % half], par8[page, :, r % half], "int8_per_token_head")
@@ -417,6 +431,22 @@ class KVCache:
                 **self._params(layer),
             )
         return qz.unrotate(o) if qz.online else o
+
+    def open_history(self, layer: int, block_ids: list[int], start: int, dtype: torch.dtype) -> torch.Tensor:
+        """Per-channel keys: a sequence's open-block rows [start // bs * bs, start) as int8 rows, un-rotated
+        (H_kv, start % bs, D), read before a write that may complete the block (`open_keys`)."""
+        bs, half = self.block_size, self.block_size // 2
+        j, n = divmod(start, bs)
+        rows8, par8 = open_key_rows(self.k[layer], self.k_param[layer])
+        r = torch.arange(n, device=rows8.device)
+        page = torch.where(r < half, block_ids[j], block_ids[j + 1] if n > half else 0)
+        x = quant.dequantize_online(rows8[page, :, r % half], par8[page, :, r % half], "int8_per_token_head")
+        return self.quantizer.unrotate(x.transpose(0, 1)).to(dtype)
+
+    def open_keys(self, k: torch.Tensor) -> torch.Tensor:
+        """Per-channel keys: k (..., D) as open rows hold them (int8 read-back in the rotated basis), un-rotated."""
+        qz = self.quantizer
+        return qz.unrotate(quant.int8_round_trip(qz.rotate(k.to(torch.float32)))).to(k.dtype)
 
     def read(
         self, layer: int, block_tables: torch.Tensor, length: int, dtype: torch.dtype, cached: int | None = None

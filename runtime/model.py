@@ -59,6 +59,7 @@ class Batch:
     lengths: torch.Tensor  # (B,) int32 = starts + counts: tokens in the cache after this step, on the device
     max_length: int  # max(lengths), known on the host (no device sync per layer)
     key_plan: KeyPlan | None = None  # per-channel-key modes (int4_per_token_head): open rows and completed blocks
+    block_ids: list[list[int]] | None = None  # each sequence's blocks (per-channel keys read open rows by them)
 
     @classmethod
     def build(
@@ -88,7 +89,33 @@ class Batch:
             lengths.to(device),
             int(lengths.max()),
             KeyPlan(*(t.to(device) for t in key_plan(block_ids, starts, counts, block_size))) if channel_keys else None,
+            [list(ids) for ids in block_ids],
         )
+
+
+def as_decode_sees(cache: KVCache, history: torch.Tensor, kb, vb, chunk_keys, start: int, mask: torch.Tensor):
+    """Per-channel keys, prefill without context FMHA: make query t of a chunk see the keys as the decode step at
+    position t would. There, the block holding t is still open unless t is its last row, so its keys are int8 rows;
+    the cache after this chunk's write holds per-channel codes for every block the chunk completed.
+
+    history (H_kv, start % bs, D): the open block's earlier rows from before the write; chunk_keys (1, H_kv, n, D)
+    this chunk's keys; kb, vb (1, H_kv, start + n, D) the cache read back after the write; mask (n, start + n).
+    Returns keys and values with the open rows of the chunk's first block on appended (1, H_kv, start + n + m, D),
+    and a mask that gives each query exactly one version of each key."""
+    bs = cache.block_size
+    first = start - start % bs  # the first position whose block this chunk can complete
+    opened = torch.cat([history.unsqueeze(0), cache.open_keys(chunk_keys)], dim=2)  # (1, H_kv, m, D): [first, end)
+    n, end = mask.shape[0], mask.shape[1]
+    t = start + torch.arange(n, device=mask.device).view(-1, 1)  # query positions
+    p = torch.arange(first, end, device=mask.device).view(1, -1)  # positions of the open versions
+    as_open = (p // bs == t // bs) & ((t + 1) % bs != 0) & (p <= t)  # (n, m): t's own block, not yet complete
+    mask = mask.clone()
+    mask[:, first:] &= ~as_open
+    return (
+        torch.cat([kb, opened.to(kb.dtype)], dim=2),
+        torch.cat([vb, vb[:, :, first:]], dim=2),
+        torch.cat([mask, as_open], dim=1),
+    )
 
 
 class Transformer:
@@ -201,8 +228,14 @@ class Transformer:
             qk = self.rope(qk.view(1, N, H + Hkv, D).transpose(1, 2), rot)  # q and k heads in one rotation
             q, k = qk[0].split([H, Hkv])  # (H, N, D), (H_kv, N, D)
             v = v.view(N, Hkv, D)
+            history = None
+            if cache.channel_keys and T > 1 and not use_context_fmha:  # before this write completes their blocks
+                history = [
+                    cache.open_history(i, ids, s, q.dtype)
+                    for ids, s in zip(batch.block_ids, batch.starts.tolist(), strict=True)
+                ]
             cache.write(i, batch.slot_mapping, k.transpose(0, 1), v, batch.key_plan)  # (N, H_kv, D)
-            o = self.attention(i, q, k, v.transpose(0, 1), cache, batch, use_context_fmha, T == 1)  # (1, N, H D)
+            o = self.attention(i, q, k, v.transpose(0, 1), cache, batch, use_context_fmha, T == 1, history)
             y = linear(o, L["wo"])  # (1, N, hidden); with TP this rank's heads' share
             if self.tp is not None:
                 self.tp.all_reduce(y)
@@ -244,12 +277,14 @@ class Transformer:
         return x
 
     def attention(
-        self, i: int, q, k, v, cache: KVCache, batch: Batch, use_context_fmha: int, decode: bool
+        self, i: int, q, k, v, cache: KVCache, batch: Batch, use_context_fmha: int, decode: bool, history=None
     ) -> torch.Tensor:
         """q (H, N, D), k/v (H_kv, N, D) of this step's N packed tokens (already written to the cache) -> (1, N, H D).
 
         decode (one token per sequence): one paged-attention call over the cache for the whole batch. Prefill:
-        per sequence, over its own slice of the packed tokens (see the module docstring for use_context_fmha)."""
+        per sequence, over its own slice of the packed tokens (see the module docstring for use_context_fmha).
+        history (per-channel keys, use_context_fmha 0): each sequence's open-block key rows from before the write
+        (`KVCache.open_history`); with them each query sees the keys as a decode step at its position would."""
         H, N, D = q.shape
         scale = 1.0 / math.sqrt(D)
         if decode:  # the new tokens are in the cache already
@@ -260,6 +295,7 @@ class Transformer:
         out, offset = [], 0
         for b, (start, n) in enumerate(zip(batch.starts.tolist(), batch.counts, strict=True)):
             qb, kb, vb = (t[None, :, offset : offset + n] for t in (q, k, v))  # (1, heads, n, D)
+            chunk_keys = kb
             offset += n
             if use_context_fmha and start == 0:  # causal over the chunk's own unquantized K/V
                 o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
@@ -272,6 +308,8 @@ class Transformer:
                     kb, vb = cache.read(i, table, start + n, q.dtype)
                 j = torch.arange(start + n, device=q.device).view(1, -1)
                 mask = j <= start + torch.arange(n, device=q.device).view(-1, 1)  # (n, start + n): causal
+                if history is not None:
+                    kb, vb, mask = as_decode_sees(cache, history[b], kb, vb, chunk_keys, start, mask)
                 o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
             out.append(o[0].transpose(0, 1).reshape(n, H * D))
         return torch.cat(out).unsqueeze(0)

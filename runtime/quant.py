@@ -240,9 +240,7 @@ def quantize_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pack_int4(q.transpose(-1, -2)), params.transpose(-1, -2).contiguous()
 
 
-def dequantize_channels(
-    data: torch.Tensor, params: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def dequantize_channels(data: torch.Tensor, params: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(data (..., T, D / 2), params (..., 2, D)) -> x^ (..., T, D) = q * scale_c + zero_c, in fp32 then `dtype`."""
     scale, zero = params.to(torch.float32).unsqueeze(-3).unbind(-2)  # (..., 1, D) each
     return (unpack_int4(data).to(torch.float32) * scale + zero).to(dtype)

@@ -31,8 +31,9 @@ def test_bytes_per_token_by_hand():
 
 
 def test_online_bytes_per_token_count_the_scale_and_zero_of_each_row():
-    # a row (one token, one KV head, K or V): data + fp16 (scale, zero) = 4 B, inside the blocks
-    row = {"int8_per_token_head": 128 + 4, "fp8_per_token_head": 128 + 4, "int4_per_token_head": 64 + 4}
+    # a row (one token, one KV head, K or V): data + fp16 (scale, zero) = 4 B, inside the blocks; INT4 keys:
+    # a (scale, zero) per channel per block of 64 rows = 4 * 128 / 64 = 8 B per row, values 4 B: 6 B on average
+    row = {"int8_per_token_head": 128 + 4, "fp8_per_token_head": 128 + 4, "int4_per_token_head": 64 + 6}
     for kv, b in row.items():
         assert memory.bytes_per_token(INTERNLM, kv) == 2 * 32 * 32 * b
         assert memory.scale_bytes(INTERNLM, kv) == 0  # nothing per layer outside the pool

@@ -12,7 +12,7 @@ import torch
 
 from runtime import quant
 from runtime.cpu_attention import _cpp_module, decode_attention_cpp, decode_attention_torch
-from runtime.kv_cache import KVCache, OnlineQuantizer, rotation_for
+from runtime.kv_cache import KVCache, OnlineQuantizer, key_plan, rotation_for
 
 ONLINE = ("int8_per_token_head", "fp8_per_token_head", "int4_per_token_head")
 INTEGER = {"int8_per_token_head": 255, "int4_per_token_head": 15}  # top code: 2^bits - 1
@@ -160,7 +160,10 @@ def test_int4_packing_round_trips_and_puts_even_elements_low():
 def test_row_bytes_count_the_parameters():
     assert quant.online_row_bytes("int8_per_token_head", 128) == 128 + 4
     assert quant.online_row_bytes("fp8_per_token_head", 64) == 64 + 4
+    # INT4: V rows 32 + 4; K rows 32 + a (scale, zero) per channel per block of 64 rows (4 * 64 / 64 bytes)
     assert quant.online_row_bytes("int4_per_token_head", 64) == 32 + 4
+    assert quant.online_row_bytes("int4_per_token_head", 128) == 64 + (8 + 4) / 2
+    assert quant.online_row_bytes("int4_per_token_head", 64, block_size=16) == 32 + (16 + 4) / 2
     assert quant.kv_row_bytes("fp16", 64) == 128 and quant.kv_row_bytes("int8", 64) == 64
 
 
@@ -204,13 +207,13 @@ def test_rotation_settings():
 # The cache
 
 
-@pytest.mark.parametrize("kv", ONLINE)
+@pytest.mark.parametrize("kv", ["int8_per_token_head", "fp8_per_token_head"])
 @pytest.mark.parametrize("rotate", [False, True])
 def test_cache_writes_data_and_params_at_the_slots_and_reads_back(kv, rotate):
     L, H, NB, BS, D = 2, 3, 6, 4, 16
     rot = quant.hadamard(D, 3) if rotate else None
     cache = KVCache(L, NB, H, BS, D, OnlineQuantizer(kv, rot))
-    width = D // 2 if kv == "int4_per_token_head" else D
+    width = D
     assert cache.k[1].shape == (NB, H, BS, width) and cache.k[1].dtype == quant.ONLINE_STORAGE[kv]
     assert cache.k_param[1].shape == (NB, H, BS, 2) and cache.k_param[1].dtype == torch.float16
     assert cache.nbytes() == 2 * L * NB * H * BS * quant.online_row_bytes(kv, D)
@@ -226,9 +229,101 @@ def test_cache_writes_data_and_params_at_the_slots_and_reads_back(kv, rotate):
         assert torch.equal(param[slots // BS, :, slots % BS], want_params)
     assert (cache.k_param[0] == 0).all() and (cache.k[0].view(torch.uint8) == 0).all()  # other layer untouched
     kb, vb = cache.read(1, torch.tensor([[5, 2]]), 7, torch.float32)  # (1, H, 7, D), positions 2..6 written
-    tol = {"int8_per_token_head": 0.05, "fp8_per_token_head": 0.5, "int4_per_token_head": 0.9}[kv]
+    tol = {"int8_per_token_head": 0.05, "fp8_per_token_head": 0.5}[kv]
     assert torch.allclose(kb[0, :, 2:].transpose(0, 1), k, atol=tol)
     assert torch.allclose(vb[0, :, 2:].transpose(0, 1), v, atol=tol / 2)
+
+
+def int8_rows_read_back(x: torch.Tensor) -> torch.Tensor:
+    """int8_per_token_head's read-back of rows x (..., D), from the formula: codes * scale + zero."""
+    q, scale, zero = ref_int(x, 255)
+    return q * scale.unsqueeze(-1) + zero.unsqueeze(-1)
+
+
+def ref_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (bs, D): the asymmetric 4-bit formula per channel over the rows -> (codes (bs, D), scale (D,), zero (D,))."""
+    q, scale, zero = ref_int(x.T, 15)
+    return q.T, scale, zero
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_int4_keys_open_rows_then_per_channel_blocks(rotate):
+    """int4_per_token_head keys, step by step (BS 8, D 16): rows of an open block are int8 rows in the half-block
+    layout (rows 0-3 in the block, 4-7 in the helper block after it, (scale, zero) pairs in the (2, D) param
+    region); the write of a block's last row quantizes the block per channel from the int8 read-back of its rows.
+    Values stay per row. Everything against the formulas above."""
+    L, H, NB, BS, D = 1, 2, 6, 8, 16
+    rot = quant.hadamard(D, 1) if rotate else None
+    cache = KVCache(L, NB, H, BS, D, OnlineQuantizer("int4_per_token_head", rot))
+    assert cache.k[0].shape == (NB, H, BS, D // 2) and cache.k_param[0].shape == (NB, H, 2, D)
+    assert cache.v_param[0].shape == (NB, H, BS, 2)
+    ids = [4, 1, 5]
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(13, H, D, generator=g) * 3 + torch.randn(1, H, D, generator=g) * 5
+    v = torch.randn(13, H, D, generator=g)
+    basis = (lambda x: x.double() @ rot.double()) if rotate else (lambda x: x.double())
+    kr = basis(k)  # (13, H, D) the stored basis
+    for start, n in ((0, 3), (3, 3), (6, 1), (7, 4), (11, 2)):  # a prefill, chunks, single rows; 13 = 8 + 5
+        pos = torch.arange(start, start + n)
+        slots = torch.tensor(ids)[pos // BS] * BS + pos % BS
+        cache.write(0, slots, k[start : start + n], v[start : start + n], key_plan([ids], [start], [n], BS))
+        end = start + n
+        if end < BS:  # block 4 open: rows [0, end) as int8 rows
+            want = int8_rows_read_back(kr[:end])  # (end, H, D)
+            for r in range(end):
+                page = ids[0] if r < BS // 2 else ids[1]
+                rr = r % (BS // 2)
+                raw = cache.k[0][page].view(H, BS // 2, D)[:, rr].double()  # (H, D) uint8 codes
+                pair = cache.k_param[0][page].view(H, D, 2)[:, rr].double()  # (H, 2)
+                got = raw * pair[:, :1] + pair[:, 1:]
+                assert torch.allclose(got, want[r], atol=1e-9, rtol=0), (start, r)
+    # block 4 complete (written by the (7, 4) step from open rows 0-6 and the fresh row 7): per channel
+    x8 = int8_rows_read_back(kr[:BS])  # (BS, H, D)
+    for h in range(H):
+        q, scale, zero = ref_channels(x8[:, h])
+        assert torch.equal(quant.unpack_int4(cache.k[0][ids[0], h]).double(), q)
+        assert torch.equal(cache.k_param[0][ids[0], h].double(), torch.stack((scale, zero)))
+    # values: per row as ever
+    vd, vp = quant.quantize_online(basis(v).float(), "int4_per_token_head")
+    pos = torch.arange(13)
+    assert torch.equal(cache.v[0][torch.tensor(ids)[pos // BS], :, pos % BS], vd)
+    assert torch.equal(cache.v_param[0][torch.tensor(ids)[pos // BS], :, pos % BS], vp)
+    # read-back (un-rotated): the full block per channel, the open block's 5 rows as int8 rows
+    kb, _ = cache.read(0, torch.tensor([ids]), 13, torch.float64)
+    want = torch.cat([x8, int8_rows_read_back(kr[BS:13])])
+    for h in range(H):
+        q, scale, zero = ref_channels(x8[:, h])
+        want[:BS, h] = q * scale + zero
+    unrot = (lambda x: x @ rot.double().T) if rotate else (lambda x: x)
+    assert torch.allclose(kb[0].transpose(0, 1), unrot(want), atol=1e-5)
+    assert torch.allclose(kb[0].transpose(0, 1), k.double(), atol=0.5 * k.abs().max().item() / 15 + 0.1)
+
+
+def test_int4_block_completed_in_one_write_needs_no_helper():
+    """A prefill of exactly one block: per-channel codes at once; the plan names no helper."""
+    H, BS, D = 1, 4, 16
+    cache = KVCache(1, 3, H, BS, D, OnlineQuantizer("int4_per_token_head"))
+    plan = key_plan([[2]], [0], [BS], BS)
+    assert plan.helper.tolist() == [-1] * BS and plan.complete.tolist() == [[2, -1, 0, 0]]
+    k = torch.randn(BS, H, D, generator=torch.Generator().manual_seed(3))
+    cache.write(0, 2 * BS + torch.arange(BS), k, k, plan)
+    q, scale, zero = ref_channels(int8_rows_read_back(k)[:, 0])
+    assert torch.equal(quant.unpack_int4(cache.k[0][2, 0]).double(), q)
+    assert torch.equal(cache.k_param[0][2, 0].double(), torch.stack((scale, zero)))
+    with pytest.raises(ValueError, match="key_plan"):
+        cache.write(0, 2 * BS + torch.arange(BS), k, k)
+    with pytest.raises(ValueError, match="helper"):  # an open block with nothing after it in the table
+        key_plan([[2]], [0], [3], BS)
+    with pytest.raises(ValueError, match="block_size"):
+        KVCache(1, 3, H, 6 * D, D, OnlineQuantizer("int4_per_token_head"))
+
+
+def test_key_plan_lists_open_rows_and_completed_blocks():
+    # sequence 0: blocks [7, 3, 9], rows 6..17 with BS 8: 6-7 complete block 7 (rows 0-5 written earlier),
+    # 8-15 fill block 3 whole, 16-17 open block 9 whose helper is missing -> sequence 0 gets a 4th block
+    plan = key_plan([[7, 3, 9, 2], [5, 6]], [6, 0], [12, 3], 8)
+    assert plan.helper.tolist() == [-1] * 10 + [2, 2] + [6, 6, 6]
+    assert plan.complete.tolist() == [[7, 3, 6, 0], [3, 9, 0, 2]]
 
 
 @pytest.mark.parametrize("kv", ONLINE)
@@ -237,9 +332,11 @@ def test_cache_decode_with_rotation_equals_dense_attention_over_the_read_back(kv
     cache = KVCache(1, NB, Hkv, BS, D, OnlineQuantizer(kv, quant.hadamard(D, 0)))
     g = torch.Generator().manual_seed(1)
     k, v = torch.randn(10, Hkv, D, generator=g), torch.randn(10, Hkv, D, generator=g)
-    table = torch.tensor([[6, 1, 3]])
+    table = torch.tensor([[6, 1, 3, 5]])  # 3 blocks of 4 for 10 rows, and INT4's helper block for the open one
     pos = torch.arange(10)
-    cache.write(0, table[0, pos // BS] * BS + pos % BS, k, v)
+    for a, b in ((0, 7), (7, 10)):
+        plan = key_plan(table.tolist(), [a], [b - a], BS)
+        cache.write(0, table[0, pos[a:b] // BS] * BS + pos[a:b] % BS, k[a:b], v[a:b], plan)
     q = torch.randn(1, H, D, generator=g)
     out = cache.decode_attention(0, q, table, torch.tensor([10]), 0.125)
     kb, vb = cache.read(0, table, 10, torch.float32)  # un-rotated (1, Hkv, 10, D)
@@ -253,7 +350,11 @@ def test_cache_decode_with_rotation_equals_dense_attention_over_the_read_back(kv
 
 
 def paged_case(kv: str, B: int, H: int, Hkv: int, D: int, BS: int, lengths: list[int], seed: int = 0):
-    """Random rows quantized into a pool, shuffled block tables padded with -1, q; plus the dequantized pools."""
+    """Random rows quantized into a pool, shuffled block tables padded with -1, q; plus the dequantized pools.
+
+    int4_per_token_head keys: random bytes and parameters, read back from the layout written out here: the full
+    blocks' codes * per-channel scale + zero, the open block's rows r as int8 rows (codes * scale + zero of the
+    pair) in the block for r < BS / 2, else in the helper block after it (which the table then holds)."""
     g = torch.Generator().manual_seed(seed)
     max_blocks = max(-(-n // BS) for n in lengths) + 1
     NB = B * max_blocks + 3
@@ -264,11 +365,27 @@ def paged_case(kv: str, B: int, H: int, Hkv: int, D: int, BS: int, lengths: list
     vd, vp = quant.quantize_online(v, kv)
     perm = torch.randperm(NB, generator=g)
     tables = torch.full((B, max_blocks), -1, dtype=torch.int32)
+    channel = kv == "int4_per_token_head"
     for b, n in enumerate(lengths):
-        used = -(-n // BS)
+        used = -(-n // BS) + (channel and n % BS > BS // 2)
         tables[b, :used] = perm[b * max_blocks : b * max_blocks + used].int()
     q = torch.randn(B, H, D, generator=g)
     dense = (quant.dequantize_online(kd, kp, kv), quant.dequantize_online(vd, vp, kv))
+    if channel:
+        kd = torch.randint(0, 256, (NB, Hkv, BS, D // 2), generator=g, dtype=torch.uint8)
+        kp = (torch.rand(NB, Hkv, 2, D, generator=g) * 0.5 - 0.1).half()
+        kf = torch.zeros(shape)
+        for b, n in enumerate(lengths):
+            for t in range(n):
+                page, r = int(tables[b, t // BS]), t % BS
+                if t < n // BS * BS:  # full block: per channel
+                    kf[page, :, r] = codes(kd[page, :, r], kv).float() * kp[page, :, 0].float() + kp[page, :, 1].float()
+                else:  # open row
+                    src = page if r < BS // 2 else int(tables[b, t // BS + 1])
+                    rr = r % (BS // 2)
+                    pair = kp[src].view(Hkv, D, 2)[:, rr].float()  # (Hkv, 2)
+                    kf[page, :, r] = kd[src].view(Hkv, BS // 2, D)[:, rr].float() * pair[:, :1] + pair[:, 1:]
+        dense = (kf, dense[1])
     return q, kd, vd, kp, vp, tables, torch.tensor(lengths), dense
 
 
@@ -320,8 +437,9 @@ def test_cpp_kernel_equals_the_reference(kv, G, D, chunk, cpu_kernel_build):
 @pytest.mark.parametrize("kv", ONLINE)
 @pytest.mark.parametrize("lengths", [[3000], [700, 1, 333, 900, 64, 0, 257, 512]], ids=["batch1-long", "batch8"])
 def test_cpp_kernel_parallel_split_k_on_odd_blocks(kv, lengths, cpu_kernel_build):
-    """Enough work for the OpenMP path and the kernel's own chunk plan, blocks of 5 rows."""
-    case = paged_case(kv, B=len(lengths), H=6, Hkv=2, D=64, BS=5, lengths=lengths, seed=len(lengths))
+    """Enough work for the OpenMP path and the kernel's own chunk plan, blocks of 5 rows (INT4: 6, it needs even)."""
+    BS = 6 if kv == "int4_per_token_head" else 5
+    case = paged_case(kv, B=len(lengths), H=6, Hkv=2, D=64, BS=BS, lengths=lengths, seed=len(lengths))
     assert torch.allclose(call(decode_attention_cpp, case, kv), call(decode_attention_torch, case, kv), atol=2e-5)
 
 
@@ -335,8 +453,12 @@ def test_cpp_kernel_never_reads_rows_past_the_length(kv):
         for t in range(n, tables.shape[1] * 16):
             page = int(tables[b, t // 16])
             if page >= 0:
-                kp[page, :, t % 16] = float("nan")
                 vp[page, :, t % 16] = float("nan")
+                if kv != "int4_per_token_head":
+                    kp[page, :, t % 16] = float("nan")
+                elif t // 16 == n // 16:  # INT4 keys: the open block's unused (scale, zero) pairs
+                    src = page if t % 16 < 8 else int(tables[b, t // 16 + 1])
+                    kp[src].view(-1, 64, 2)[:, t % 8] = float("nan")
     got = call(decode_attention_cpp, case, kv)
     assert torch.equal(got, want)
 

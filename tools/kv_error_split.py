@@ -1,11 +1,12 @@
 """Which of K or V limits an online KV mode's accuracy: fake-quantize one of them at a time.
 
     python tools/kv_error_split.py WORKSPACE [--mode int4_per_token_head] [--samples 4] [--seqlen 512]
-        [--dataset '/usr/share/doc/debian/FAQ/*.en.html'] [--group 64] [--no-rotation]
+        [--dataset '/usr/share/doc/debian/FAQ/*.en.html'] [--group 64] [--no-rotation] [--block-size 64]
 
 An fp16-cache engine (compute fp32, use_context_fmha 0 as lite.eval) scores the same windows with its K,
 its V, or both passed through the mode's quantize -> dequantize round trip (`runtime.quant`, rotated by the
-runtime's Hadamard matrix unless --no-rotation, per row of --group values) before they are stored. Prints the
+runtime's Hadamard matrix unless --no-rotation, per row of --group values; int4_per_token_head keys per channel
+over blocks of --block-size positions, as the runtime stores them) before they are stored. Prints the
 mean KL to the plain fp16 cache and the top-1 agreement for each. A diagnostic for choosing where extra bits
 or a different grouping would pay; the runtime's own modes are measured by `python -m lite.eval`.
 """
@@ -27,6 +28,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     ap.add_argument("--group", type=int, default=0, help="values per (scale, zero) (default: the whole head)")
     ap.add_argument("--no-rotation", action="store_true", help="quantize without the Hadamard rotation")
+    ap.add_argument(
+        "--block-size", type=int, default=64, help="int4_per_token_head keys: rows per block (default 64, the engine's)"
+    )
     args = ap.parse_args()
 
     from lite.datasets import get_calib_windows
@@ -49,6 +53,18 @@ def main() -> None:
         y = quant.dequantize_online(*quant.quantize_online(grouped, args.mode), args.mode).flatten(-2)
         return (y @ rot.T if rot is not None else y).to(x.dtype)
 
+    def key_round_trip(x: torch.Tensor) -> torch.Tensor:
+        """Keys as the runtime stores them: per row, or (int4_per_token_head) per channel over each full block of
+        --block-size positions of the window's one prefill, from the int8 read-back; the last partial block's
+        rows stay int8 rows."""
+        if not quant.channel_keys(args.mode):
+            return round_trip(x)
+        y = quant.int8_round_trip(x.float() @ rot if rot is not None else x.float())  # (N, H_kv, D)
+        full = y.shape[0] // args.block_size * args.block_size
+        blocks = y[:full].unflatten(0, (-1, args.block_size)).transpose(1, 2)  # (n, H_kv, bs, D)
+        y[:full] = quant.dequantize_channels(*quant.quantize_channels(blocks)).transpose(1, 2).flatten(0, 1)
+        return (y @ rot.T if rot is not None else y).to(x.dtype)
+
     def score_all() -> list[torch.Tensor]:
         with torch.inference_mode():
             return [engine.score(w.view(1, -1))[0] for w in windows]
@@ -58,13 +74,13 @@ def main() -> None:
     keep = lambda x: x  # noqa: E731
     print(f"{args.mode}, groups of {group}, rotation {'off' if rot is None else 'on'}; {len(windows)} x {args.seqlen}")
     for label, fk, fv in (
-        ("K only", round_trip, keep),
+        ("K only", key_round_trip, keep),
         ("V only", keep, round_trip),
-        ("K and V", round_trip, round_trip),
+        ("K and V", key_round_trip, round_trip),
     ):
 
-        def write(self, layer, slot_mapping, k, v, fk=fk, fv=fv):
-            return plain(self, layer, slot_mapping, fk(k), fv(v))
+        def write(self, layer, slot_mapping, k, v, key_plan=None, *, fk=fk, fv=fv):
+            return plain(self, layer, slot_mapping, fk(k), fv(v), key_plan)
 
         kv_cache.KVCache.write = write
         try:
