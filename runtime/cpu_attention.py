@@ -17,8 +17,12 @@ so each step reads 1 byte per INT8/FP8 element (2 for fp16). The online per-toke
 (scale_t, zero_t) per cached row t in k_param / v_param, folded the same way row by row:
     score_t = softmax_scale * (k_scale_t * (q . k_code_t) + k_zero_t * sum(q))
     out     = (sum_t (p_t v_scale_t) v_code_t + sum_t p_t v_zero_t) / sum_t p_t
-so each step reads 1 byte (INT4: half a byte) per element plus 4 bytes per row. Rotation (if any) is the
-caller's: q and the pools are already in the rotated basis.
+so each step reads 1 byte (INT4: half a byte) per element plus 4 bytes per row. int4_per_token_head keys are
+per channel within a block instead (`runtime.kv_cache`: k_param (num_blocks, H_kv, 2, D) = (scale row, zero row)
+for full blocks; the open last block's rows are int8 rows, the second half of them in the helper block one
+block-table column on, which the table must then hold): full rows read x^ = code * scale_c + zero_c, open rows
+fold their own (scale, zero) as above. Rotation (if any) is the caller's: q and the pools are already in the
+rotated basis.
 
 Three functions with one signature:
     decode_attention(q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp, v_scale, v_zp, softmax_scale,
@@ -225,6 +229,10 @@ def decode_attention_torch(
 # a shift), and fold them per row: the K pass scores s_t = softmax_scale * (scale_t * (q . code_t) + zero_t *
 # sum(q)); the V pass accumulates (p_t scale_t) code_t and adds sum_t p_t zero_t to every output element of the
 # chunk, so the partial result is already sum_t p_t x^_t and the merge applies no affine map.
+# Kind 6 keys are per channel within full blocks: the cursor gives each row either kofs = -1 and kpar = its block's
+# (scale row, zero row) (the K pass converts code * scale_c + zero_c, one FMA per element, into the scratch block),
+# or, in the open last block, the byte offset kofs of its int8 row (block or helper, half-block layout) and kpar =
+# its (scale, zero) pair, folded like kind 4.
 KERNEL_SRC = r"""
 #include <immintrin.h>
 #include <omp.h>
