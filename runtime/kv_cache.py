@@ -364,16 +364,7 @@ class KVCache:
         bs, half = self.block_size, self.block_size // 2
         rows8, par8 = open_key_rows(self.k[layer], self.k_param[layer])
         codes, params = quant.quantize_online(k, "int8_per_token_head")  # (N, H_kv, D), (N, H_kv, 2)
-        helper = plan.helper.to(k.device)
-        stay = helper >= 0
-        if bool(stay.any()):
-            page = torch.where(rows >= half, helper, blocks)[stay]
-            orow = (rows % half)[stay]
-            rows8[page, :, orow] = codes[stay]
-            par8[page, :, orow] = params[stay]
         complete = plan.complete.to(k.device)
-        if complete.numel() == 0:
-            return
         blk, nxt, r0, i0 = complete.unbind(1)  # (M,) each
         r = torch.arange(bs, device=k.device).view(1, -1)
         new = r >= r0.view(-1, 1)  # (M, bs): this step's rows
@@ -383,6 +374,15 @@ class KVCache:
         earlier = quant.dequantize_online(rows8[page, :, r % half], par8[page, :, r % half], "int8_per_token_head")
         x = torch.where(new[..., None, None], fresh, earlier).transpose(1, 2)  # (M, H_kv, bs, D)
         data, cparams = quant.quantize_channels(x)
+        # only now the open rows: a chunk that completes a block and opens the next one writes the next block's
+        # first open rows where the completed block's rows [bs / 2, r0) were (its helper), read just above
+        helper = plan.helper.to(k.device)
+        stay = helper >= 0
+        if bool(stay.any()):
+            page = torch.where(rows >= half, helper, blocks)[stay]
+            orow = (rows % half)[stay]
+            rows8[page, :, orow] = codes[stay]
+            par8[page, :, orow] = params[stay]
         self.k[layer][blk] = data
         self.k_param[layer][blk] = cparams
 
