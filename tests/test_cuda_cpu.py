@@ -21,7 +21,7 @@ from test_paged_attention import PagedCase, lengths_for, make_case
 from runtime import quant
 from runtime.cpu_attention import decode_attention_torch
 from runtime.cuda import kernels
-from runtime.kv_cache import KVCache, OnlineQuantizer, gather_channel_keys, key_plan, open_key_rows
+from runtime.kv_cache import KeyPlan, KVCache, OnlineQuantizer, gather_channel_keys, key_plan, open_key_rows
 
 host_ops = pytest.importorskip("runtime.cuda.host_ops")
 
@@ -693,9 +693,11 @@ SAME_ROWS_STEP = 9  # seq 1's rows are all one row in this step
 
 
 def channel_caches(num_blocks, hkv, block_size, dim, gen, kernels_module, device="cpu", rotation=None):
-    """(kernel cache, PyTorch cache) over the same poisoned pools: random bytes, NaN params."""
-    qz = OnlineQuantizer(CHANNEL, rotation=rotation, device=device)
-    caches = [KVCache(1, num_blocks, hkv, block_size, dim, qz, device, kernels=m) for m in (kernels_module, None)]
+    """(kernel cache on device, PyTorch cache on the CPU) over the same poisoned pools: random bytes, NaN params."""
+    caches = [
+        KVCache(1, num_blocks, hkv, block_size, dim, OnlineQuantizer(CHANNEL, rotation, dev), dev, kernels=m)
+        for m, dev in ((kernels_module, device), (None, "cpu"))
+    ]
     data = [torch.randint(0, 256, caches[0].shape, dtype=torch.uint8, generator=gen) for _ in range(2)]
     for c in caches:
         c.k[0].copy_(data[0])
@@ -719,10 +721,10 @@ def channel_step(caches, step: int, act, gen) -> list[int]:
     k[1::2] += torch.randn(hkv, dim, generator=gen) * 4  # post-RoPE-like per-channel offsets on half the rows
     if step == SAME_ROWS_STEP:
         k[counts[0] :] = k[counts[0]]
-    dev = caches[0].k[0].device
-    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
     for c in caches:
-        c.write(0, slot_mapping, k.to(dev, act), v.to(dev, act), plan)
+        dev = c.k[0].device
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
+        c.write(0, slot_mapping, k.to(dev, act), v.to(dev, act), KeyPlan(*(t.to(dev) for t in plan)))
     return [s + n for s, n in zip(starts, counts, strict=True)]
 
 
