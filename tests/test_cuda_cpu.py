@@ -825,3 +825,26 @@ def test_channel_keys_kernel_skips_bad_plan_entries():
     )
     assert torch.equal(caches[0].k[0].view(torch.uint8), before[0].view(torch.uint8))
     assert torch.equal(caches[0].k_param[0].view(torch.uint8), before[1].view(torch.uint8))
+
+
+def test_channel_keys_attention_masks_a_missing_helper():
+    """An open block past its half whose helper entry is padding (-1), outside the pool, or past the table's end:
+    the kernel never dereferences it and drops those keys (memory safety; the engine always passes the helper, and
+    decode_attention_torch rejects such a table): the output is attention over the keys in the open block itself."""
+    gen = torch.Generator().manual_seed(13)
+    caches = channel_caches(4, 2, 8, 64, gen, host_ops)
+    k, v = hard_rows(7, 2, 64, gen), hard_rows(7, 2, 64, gen)
+    for c in caches:
+        c.write(0, torch.arange(8, 15), k, v, key_plan([[1, 2]], [0], [7], 8))
+    cache, q = caches[0], torch.randn(1, 4, 64, generator=gen)
+    pools = (cache.k[0], cache.v[0])
+    params = dict(k_param=cache.k_param[0], v_param=cache.v_param[0])
+    four = torch.tensor([4], dtype=torch.int32)  # rows 0..3: no helper needed
+    want = decode_attention_torch(
+        q, *pools, torch.tensor([[1, -1]]), four, *[None] * 4, 0.125, kv_dtype=CHANNEL, **params
+    )
+    seven = torch.tensor([7], dtype=torch.int32)
+    for table in ([[1, -1]], [[1, 4]], [[1]]):
+        tables = torch.tensor(table, dtype=torch.int32)
+        got = host_ops.decode_attention(q, *pools, tables, seven, *[None] * 4, CHANNEL, 0.125, **params)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), table

@@ -43,10 +43,12 @@
 //     loads 16 bytes (8 for int4) of a K row and of a V row, EPV = 8 (fp16) or 16 values (a pool row is
 //     contiguous, so a group reads one whole row); the group looks the key's block up in the block table and,
 //     in the online modes, loads the key's K and V (scale, zero) as one __half2 each (same addresses for the
-//     group's lanes: broadcast loads). Mode 6 keys: a full-block key loads 8 bytes of codes and the lane's 16
-//     channels' scales and zeros (2 x 32 bytes, from the block's param rows), an open key 16 int8 codes. The block's 128/TPK groups take consecutive keys, UNROLL keys per
-//     group per iteration with all loads issued before the math; q.k is reduced across the group with
-//     __shfl_xor_sync. The groups' (max, sum, acc) are merged through shared memory at the end.
+//     group's lanes: broadcast loads). Mode 6 keys: a full-block key loads 8 bytes of codes, and in the math
+//     its lane's 16 channels' scales and zeros (2 x 32 bytes of the block's param rows, shared by the block's
+//     keys: cache hits); an open key loads 16 int8 codes and its row's (scale, zero). The block's 128/TPK
+//     groups take consecutive keys, UNROLL keys per group per iteration with all loads issued before the math;
+//     q.k is reduced across the group with __shfl_xor_sync. The groups' (max, sum, acc) are merged through
+//     shared memory at the end.
 //     splits == 1: the block writes out directly; splits > 1: it writes part_o / part_ml (empty splits
 //     write nothing).
 //   decode_attention_combine<Tq, D>: grid (H, B), block D threads; merges the non-empty splits.
@@ -175,7 +177,8 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
                         k_chan[u] = ((long long)block * num_kv_heads + kvh) * 2 * D;
                     } else {
                         const long long page_head = (long long)page * num_kv_heads + kvh;
-                        k_raw[u] = load_vec<KVQ_MODE_INT8_PTH>(k_pool + (page_head * half + r % half) * D + lane * EPV);
+                        const long long open_row = page_head * half + r % half;  // D bytes per open row
+                        k_raw[u] = load_vec<KVQ_MODE_INT8_PTH>(k_pool + open_row * D + lane * EPV);
                         k_par[u] = __half22float2(
                             *reinterpret_cast<const __half2*>(k_param + page_head * 2 * D + 2 * (r % half)));
                     }
