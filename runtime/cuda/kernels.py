@@ -22,7 +22,8 @@ the second half in the next block of its table (the helper), and kv_cache_write 
 (dtype, shape, contiguity, device, alignment) before anything launches; `prepare_write` / `prepare_attention`
 do the checks and the grid choice without touching a GPU, and the CPU emulation (host_ops.py) goes through the
 same two functions. Values inside the index tensors are not checked (that would synchronise with the GPU): the
-kernels skip slots outside the pool and never dereference a block id outside it.
+kernels skip slots (and int4 helper blocks, k_complete entries) outside the pool or the step and never dereference
+a block id outside it; an open block whose helper entry is missing has its second-half keys dropped.
 
 CuPy is imported inside the functions that launch, so importing this module needs neither CuPy nor a GPU.
 """
