@@ -396,7 +396,7 @@ class KVCache:
         page = torch.where(r < half, blk.view(-1, 1), nxt.view(-1, 1)).clamp(min=0)
         earlier = quant.dequantize_online(rows8[page, :, r % half], par8[page, :, r % half], "int8_per_token_head")
         x = torch.where(new[..., None, None], fresh, earlier).transpose(1, 2)  # (M, H_kv, bs, D)
-        data, cparams = quant.quantize_channels(x)
+        data, cparams = quant.quantize_channels(x)  # all blocks read before any is stored: one may be another's helper
         self.k[layer][blk] = data
         self.k_param[layer][blk] = cparams
 

@@ -38,8 +38,11 @@ def test_nvrtc_compiles_every_variant(source, arch):
 
 def test_instantiation_lists_cover_the_launchers():
     """The launchers only ever ask for names in these lists: 3 activation dtypes x 7 modes (4 calibrated, 3 online)
-    (x 2 head dims, plus the combine pass)."""
-    assert len(kernels.write_name_expressions()) == 3 * 7
+    (x 2 head dims, plus the combine pass), and int4_per_token_head's per-channel key kernels (the stash, and the
+    completed blocks per activation dtype)."""
+    assert len(kernels.write_name_expressions()) == 3 * 7 + 1 + 3
+    assert "kv_stash_open_keys" in kernels.write_name_expressions()
+    assert "kv_write_channel_keys<__half>" in kernels.write_name_expressions()
     assert len(kernels.attention_name_expressions()) == 3 * 2 * (7 + 1)
     assert "decode_attention<__half, 1, 128>" in kernels.attention_name_expressions()
     assert "kv_write<__nv_bfloat16, 3>" in kernels.write_name_expressions()

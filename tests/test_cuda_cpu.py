@@ -21,6 +21,7 @@ from test_paged_attention import PagedCase, lengths_for, make_case
 from runtime import quant
 from runtime.cpu_attention import decode_attention_torch
 from runtime.cuda import kernels
+from runtime.kv_cache import KeyPlan, KVCache, OnlineQuantizer, gather_channel_keys, key_plan, open_key_rows
 
 host_ops = pytest.importorskip("runtime.cuda.host_ops")
 
@@ -332,6 +333,8 @@ def test_plan_splits():
 # differ in its sign bit only (same codes, same value read back).
 
 ONLINE = quant.ONLINE_MODES
+ROW_ONLINE = tuple(m for m in ONLINE if not quant.channel_keys(m))  # K and V both per row
+CHANNEL = "int4_per_token_head"  # keys per channel within a block (see the section below)
 
 
 def online_pool_shape(kv_dtype: str, num_blocks: int, hkv: int, block_size: int, dim: int) -> tuple:
@@ -369,7 +372,7 @@ def hard_rows(n: int, hkv: int, dim: int, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("kv_dtype", ONLINE)
+@pytest.mark.parametrize("kv_dtype", ROW_ONLINE)
 @pytest.mark.parametrize(
     "act, dim", [(torch.float32, 64), (torch.float32, 128), (torch.float16, 128), (torch.bfloat16, 64)]
 )
@@ -427,19 +430,37 @@ class OnlineCase:
     q: torch.Tensor  # (B, H, D)
     k_pool: torch.Tensor  # (num_blocks, H_kv, block_size, D or D / 2)
     v_pool: torch.Tensor
-    k_param: torch.Tensor  # (num_blocks, H_kv, block_size, 2) fp16
+    k_param: torch.Tensor  # (num_blocks, H_kv, block_size, 2) fp16; int4_per_token_head (num_blocks, H_kv, 2, D)
     v_param: torch.Tensor
     block_tables: torch.Tensor  # (B, max_blocks) int32
     lengths: torch.Tensor  # (B,) int32
     softmax_scale: float
 
 
+def store_channel_keys(k_pool, k_param, ids, k) -> None:
+    """int4_per_token_head keys k (n, H_kv, D) fp32 of one sequence into its blocks ids, built from the format's
+    definition (runtime/quant.py): the full blocks quantize_channels of the int8 read-back of their rows, the rest
+    int8 rows in the half-block layout (rows [0, bs / 2) of the open block in it, the rest in the next block)."""
+    bs = k_pool.shape[2]
+    full, x = k.shape[0] // bs, quant.int8_round_trip(k)
+    for j in range(full):
+        k_pool[ids[j]], k_param[ids[j]] = quant.quantize_channels(x[j * bs : (j + 1) * bs].transpose(0, 1))
+    rows8, par8 = open_key_rows(k_pool, k_param)
+    codes, params = quant.quantize_online(k[full * bs :], "int8_per_token_head")
+    for i in range(codes.shape[0]):
+        page = ids[full + i // (bs // 2)]
+        rows8[page, :, i % (bs // 2)], par8[page, :, i % (bs // 2)] = codes[i], params[i]
+
+
 def online_case(kv_dtype, dim, num_heads, hkv, act, block_size, lengths, seed) -> OnlineCase:
     """K (channel outliers, per-head offsets) and V quantized per row by quant.quantize_online into shuffled blocks
-    of a poisoned pool; block tables padded with -1, a far block id or a poisoned spare block."""
+    of a poisoned pool; block tables padded with -1, a far block id or a poisoned spare block. int4_per_token_head
+    keys per channel (`store_channel_keys`), a sequence whose open block is past its first half with the helper
+    block after it in its table."""
     gen = torch.Generator().manual_seed(seed)
     batch, longest = len(lengths), max(lengths)
-    need = [math.ceil(n / block_size) for n in lengths]
+    channel = quant.channel_keys(kv_dtype)
+    need = [math.ceil(n / block_size) + int(channel and n % block_size > block_size // 2) for n in lengths]
     num_blocks, max_blocks = sum(need) + 3, max(need) + 2
     k = torch.randn(batch, longest, hkv, dim, generator=gen) * (1 + 4 * torch.rand(dim, generator=gen))
     k += torch.arange(hkv).view(-1, 1) * 0.5 - 0.3
@@ -447,6 +468,8 @@ def online_case(kv_dtype, dim, num_heads, hkv, act, block_size, lengths, seed) -
     (kq, kp), (vq, vp) = quant.quantize_online(k, kv_dtype), quant.quantize_online(v, kv_dtype)  # (B, L, H_kv, ...)
     k_pool, k_param = online_poison(kv_dtype, num_blocks, hkv, block_size, dim, gen)
     v_pool, v_param = online_poison(kv_dtype, num_blocks, hkv, block_size, dim, gen)
+    if channel:
+        k_param = torch.full((num_blocks, hkv, 2, dim), float("nan"), dtype=quant.PARAM_DTYPE)
     perm = torch.randperm(num_blocks, generator=gen)  # the last 3 are spare blocks
     tables, taken = torch.empty(batch, max_blocks, dtype=torch.int32), 0
     for b, n in enumerate(lengths):
@@ -455,8 +478,11 @@ def online_case(kv_dtype, dim, num_heads, hkv, act, block_size, lengths, seed) -
         tables[b] = (-1, 10**6, int(perm[-1]))[b % 3]
         tables[b, : need[b]] = ids
         pos = torch.arange(n)
-        for pool, src in ((k_pool, kq), (v_pool, vq), (k_param, kp), (v_param, vp)):
+        pairs = ((v_pool, vq), (v_param, vp)) + (() if channel else ((k_pool, kq), (k_param, kp)))
+        for pool, src in pairs:
             pool[ids[pos // block_size], :, pos % block_size] = src[b, :n]
+        if channel:
+            store_channel_keys(k_pool, k_param, ids, k[b, :n])
     q = torch.randn(batch, num_heads, dim, generator=gen).to(act)
     lengths_t = torch.tensor(lengths, dtype=torch.int32)
     return OnlineCase(kv_dtype, q, k_pool, v_pool, k_param, v_param, tables, lengths_t, 1 / math.sqrt(dim))
@@ -464,7 +490,8 @@ def online_case(kv_dtype, dim, num_heads, hkv, act, block_size, lengths, seed) -
 
 def online_reference(c: OnlineCase) -> torch.Tensor:
     """float64 (B, H, D): each sequence's rows gathered through its block table, dequantized by
-    quant.dequantize_online, then plain softmax attention (GQA: query head h reads KV head h // group)."""
+    quant.dequantize_online (int4_per_token_head keys: kv_cache.gather_channel_keys), then plain softmax
+    attention (GQA: query head h reads KV head h // group)."""
     batch, num_heads, dim = c.q.shape
     block_size, hkv = c.k_pool.shape[2], c.k_pool.shape[1]
     out = torch.zeros(batch, num_heads, dim, dtype=torch.float64)
@@ -476,7 +503,11 @@ def online_reference(c: OnlineCase) -> torch.Tensor:
         blocks, rows = c.block_tables[b, t // block_size].long(), t % block_size
         kv = []
         for pool, params in ((c.k_pool, c.k_param), (c.v_pool, c.v_param)):
-            x = quant.dequantize_online(pool[blocks, :, rows], params[blocks, :, rows], c.kv_dtype)  # (n, H_kv, D)
+            if pool is c.k_pool and quant.channel_keys(c.kv_dtype):
+                table, length = c.block_tables[b : b + 1].long(), c.lengths[b : b + 1].long()
+                x = gather_channel_keys(pool, params, table, length, t.view(1, -1))[0]  # (n, H_kv, D)
+            else:
+                x = quant.dequantize_online(pool[blocks, :, rows], params[blocks, :, rows], c.kv_dtype)
             kv.append(x.double().transpose(0, 1).repeat_interleave(num_heads // hkv, 0))  # (H, n, D)
         scores = torch.einsum("hd,hnd->hn", c.q[b].double(), kv[0]) * c.softmax_scale
         out[b] = torch.einsum("hn,hnd->hd", scores.softmax(-1), kv[1])
@@ -508,7 +539,7 @@ ONLINE_CASES = [  # kv_dtype, head_dim, H, H_kv (GQA 1 / 3 / 8), q dtype, block_
     ("int8_per_token_head", 64, 9, 3, torch.float32, 5),
     ("int8_per_token_head", 128, 8, 1, torch.bfloat16, 16),
     ("int4_per_token_head", 64, 2, 2, torch.float32, 16),
-    ("int4_per_token_head", 128, 8, 1, torch.float16, 5),
+    ("int4_per_token_head", 128, 8, 1, torch.float16, 6),
     ("fp8_per_token_head", 128, 3, 1, torch.float32, 7),
     ("fp8_per_token_head", 64, 4, 4, torch.float16, 16),
 ]
@@ -538,17 +569,33 @@ def test_online_decode_attention_matches_reference(case):
 
 
 def test_online_write_then_attention():
-    """The two kernels together: kv_write fills the pools and param pools, decode attention reads them back."""
+    """The two kernels together: kv_write fills the pools and param pools, decode attention reads them back
+    (int4_per_token_head: 4 blocks completed in one write, the fifth open past its half, so a helper block)."""
     gen = torch.Generator().manual_seed(5)
-    kv_dtype, num_blocks, hkv, block_size, dim, n = "int4_per_token_head", 6, 2, 8, 64, 40
-    k_pool, k_param = online_poison(kv_dtype, num_blocks, hkv, block_size, dim, gen)
+    kv_dtype, num_blocks, hkv, block_size, dim, n = CHANNEL, 7, 2, 8, 64, 38
+    k_pool, _ = online_poison(kv_dtype, num_blocks, hkv, block_size, dim, gen)
     v_pool, v_param = online_poison(kv_dtype, num_blocks, hkv, block_size, dim, gen)
+    k_param = torch.full((num_blocks, hkv, 2, dim), float("nan"), dtype=quant.PARAM_DTYPE)
     k, v = torch.randn(n, hkv, dim, generator=gen), torch.randn(n, hkv, dim, generator=gen)
-    blocks = torch.randperm(num_blocks, generator=gen)[:5].to(torch.int32)
+    blocks = torch.randperm(num_blocks, generator=gen)[:6].to(torch.int32)
     t = torch.arange(n)
     slot_mapping = blocks.long()[t // block_size] * block_size + t % block_size
+    plan = key_plan([blocks.tolist()], [0], [n], block_size)
     host_ops.kv_cache_write(
-        k_pool, v_pool, k, v, slot_mapping, None, None, None, None, kv_dtype, k_param=k_param, v_param=v_param
+        k_pool,
+        v_pool,
+        k,
+        v,
+        slot_mapping,
+        None,
+        None,
+        None,
+        None,
+        kv_dtype,
+        k_param=k_param,
+        v_param=v_param,
+        k_helper=plan.helper,
+        k_complete=plan.complete,
     )
     q = torch.randn(1, 4, dim, generator=gen)
     c = OnlineCase(
@@ -561,24 +608,32 @@ def test_online_write_then_attention():
 
 def test_online_launch_checks_name_the_bad_argument():
     k_pool = torch.zeros(6, 2, 16, 32, dtype=torch.uint8)  # int4, D = 64
-    param = torch.zeros(6, 2, 16, 2, dtype=torch.float16)
+    param = torch.zeros(6, 2, 16, 2, dtype=torch.float16)  # per row: V (and K of the other online modes)
+    kparam = torch.zeros(6, 2, 2, 64, dtype=torch.float16)  # int4_per_token_head K: per channel
+    misaligned = torch.zeros(kparam.numel() + 2, dtype=torch.float16)[2:].view(kparam.shape)  # 4 bytes off
     q = torch.zeros(2, 4, 64)
     tables, lengths = torch.zeros(2, 3, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
     none = dict(k_scale=None, k_zp=None, v_scale=None, v_zp=None)
-    ok = dict(**none, kv_dtype="int4_per_token_head", max_length=None, num_sms=1, k_param=param, v_param=param)
+    ok = dict(**none, kv_dtype="int4_per_token_head", max_length=None, num_sms=1, k_param=kparam, v_param=param)
     assert kernels.prepare_attention(q, k_pool, k_pool, tables, lengths, **ok).head_dim == 64
     bad = [
         (dict(k_param=None), "k_param"),
         (dict(v_param=param.float()), "v_param.dtype"),
-        (dict(k_param=param[:, :, :8]), "k_param.shape"),
+        (dict(k_param=param), "k_param.shape.*per-channel keys"),  # the old per-row K params
+        (dict(k_param=kparam[:, :1]), "k_param.shape"),
+        (dict(k_param=misaligned), "k_param.data_ptr"),
         (dict(v_param=param.transpose(0, 1).contiguous().transpose(0, 1)), "non-contiguous"),
         (dict(k_scale=torch.ones(2)), "k_scale"),
-        (dict(kv_dtype="int8_per_token_head"), "head_dim"),  # a 32-wide int8 pool: D = 32
-        (dict(kv_dtype="fp8_per_token_head"), "k_pool.dtype"),
+        (dict(kv_dtype="int8_per_token_head", k_param=param), "head_dim"),  # a 32-wide int8 pool: D = 32
+        (dict(kv_dtype="fp8_per_token_head", k_param=param), "k_pool.dtype"),
     ]
     for override, needle in bad:
-        with pytest.raises(kernels.CudaOpError, match=needle.replace(".", r"\.")):
+        with pytest.raises(kernels.CudaOpError, match=needle.replace(".", r"\.").replace(r"\.*", ".*")):
             kernels.prepare_attention(q, k_pool, k_pool, tables, lengths, **{**ok, **override})
+    odd_pool = torch.zeros(6, 2, 15, 32, dtype=torch.uint8)  # int4 keys per channel need an even block_size
+    odd = {**ok, "v_param": torch.zeros(6, 2, 15, 2, dtype=torch.float16)}
+    with pytest.raises(kernels.CudaOpError, match="block_size"):
+        kernels.prepare_attention(q, odd_pool, odd_pool, tables, lengths, **odd)
     per_head = dict(k_scale=torch.ones(2), k_zp=torch.ones(2), v_scale=torch.ones(2), v_zp=torch.ones(2))
     int8_pool = torch.zeros(6, 2, 16, 64, dtype=torch.int8)
     calibrated = {**ok, **per_head, "kv_dtype": "int8"}
@@ -586,21 +641,210 @@ def test_online_launch_checks_name_the_bad_argument():
         kernels.prepare_attention(q, int8_pool, int8_pool, tables, lengths, **calibrated)
     new = torch.zeros(3, 2, 64)
     slots = torch.zeros(3, dtype=torch.int32)
-    w = kernels.prepare_write(
-        k_pool, k_pool, new, new, slots, **none, kv_dtype="int4_per_token_head", k_param=param, v_param=param
-    )
+    plan = dict(k_helper=torch.tensor([4, -1, -1]), k_complete=torch.tensor([[0, 1, 1, 1]]))
+    write = dict(**none, kv_dtype="int4_per_token_head", k_param=kparam, v_param=param, **plan)
+    w = kernels.prepare_write(k_pool, k_pool, new, new, slots, **write)
     assert w.grid == 1 and w.head_dim == 64  # 3 tokens x 2 heads = 6 rows of one warp each
-    with pytest.raises(kernels.CudaOpError, match="v_param"):
-        kernels.prepare_write(k_pool, k_pool, new, new, slots, **none, kv_dtype="int4_per_token_head", k_param=param)
+    assert w.k_helper.dtype == w.k_complete.dtype == torch.int32 and w.num_complete == 1
+    bad_writes = [
+        (dict(v_param=None), "v_param"),
+        (dict(k_param=param), "k_param.shape.*per-channel keys"),
+        (dict(k_helper=None), "k_helper.*key_plan"),
+        (dict(k_complete=None), "k_complete.*key_plan"),
+        (dict(k_helper=torch.zeros(2, dtype=torch.int64)), "k_helper.shape"),
+        (dict(k_helper=torch.zeros(3)), "k_helper.dtype"),
+        (dict(k_complete=torch.zeros(1, 3, dtype=torch.int64)), "k_complete.shape"),
+    ]
+    for override, needle in bad_writes:
+        with pytest.raises(kernels.CudaOpError, match=needle.replace(".", r"\.").replace(r"\.*", ".*")):
+            kernels.prepare_write(k_pool, k_pool, new, new, slots, **{**write, **override})
+    int8_pool = torch.zeros(6, 2, 16, 64, dtype=torch.uint8)
+    row_write = dict(**none, kv_dtype="int8_per_token_head", k_param=param, v_param=param)
+    assert kernels.prepare_write(int8_pool, int8_pool, new, new, slots, **row_write).num_complete == 0
+    for name in plan:  # only per-channel keys take a key plan
+        with pytest.raises(kernels.CudaOpError, match=f"{name}.*only 'int4_per_token_head'"):
+            kernels.prepare_write(int8_pool, int8_pool, new, new, slots, **row_write, **{name: plan[name]})
     with pytest.raises(kernels.CudaOpError, match=r"k_new\.shape"):
-        kernels.prepare_write(
-            k_pool,
-            k_pool,
-            new[..., :32].contiguous(),
-            new,
-            slots,
-            **none,
-            kv_dtype="int4_per_token_head",
-            k_param=param,
-            v_param=param,
-        )
+        kernels.prepare_write(k_pool, k_pool, new[..., :32].contiguous(), new, slots, **write)
+
+
+# ---- int4_per_token_head: keys per channel within a block ------------------------------------------------
+# The format and the write are defined in PyTorch (runtime/quant.py quantize_channels, runtime/kv_cache.py KeyPlan /
+# KVCache.write): two caches over the same poisoned pools, one writing through the kernels (host emulation), one
+# through PyTorch, see the same steps and must hold the same bytes after each (K data, K per-channel params, V,
+# V params); decode attention over the kernel cache must match cpu_attention.decode_attention_torch.
+
+CHANNEL_STEPS = [  # (starts, counts) per step for two sequences, block_size 8 (open rows of a block: 4 + 4)
+    ((0, 0), (6, 11)),  # prefill: seq 0 open past its half (helper); seq 1 completes block 0 alone, opens block 1
+    ((6, 11), (1, 1)),
+    ((7, 12), (1, 1)),  # seq 0 completes block 0 from 7 open rows (3 in the helper); seq 1 crosses its half
+    ((8, 13), (1, 3)),  # seq 1 completes block 1 from 5 open rows
+    ((9, 16), (3, 1)),
+    ((12, 17), (1, 1)),  # seq 0 past its half
+    ((13, 18), (13, 1)),  # seq 0: completes block 1 (open rows in block 2) and block 2, opens block 3
+    ((26, 19), (4, 1)),  # seq 0 crosses its half
+    ((30, 20), (4, 1)),  # seq 0: completes block 3 and opens block 4 where block 3's rows 4, 5 were (its helper)
+    ((34, 21), (6, 11)),  # seq 1: all rows alike (constant channels: scale 0); block 3 completed with no helper
+    ((40, 32), (8, 0)),  # seq 0 completes block 5 in one write; seq 1 writes nothing
+    ((48, 32), (8, 0)),  # seq 0 completes block 6 in one write, the last of its table (no helper)
+]
+CHANNEL_IDS = ([9, 2, 12, 0, 7, 4, 10], [5, 11, 1, 6])  # seq 0 ends at 56 tokens, seq 1 at 32; 8, 3: spare
+SAME_ROWS_STEP = 9  # seq 1's rows are all one row in this step
+
+
+def channel_caches(num_blocks, hkv, block_size, dim, gen, kernels_module, device="cpu", rotation=None):
+    """(kernel cache on device, PyTorch cache on the CPU) over the same poisoned pools: random bytes, NaN params."""
+    caches = [
+        KVCache(1, num_blocks, hkv, block_size, dim, OnlineQuantizer(CHANNEL, rotation, dev), dev, kernels=m)
+        for m, dev in ((kernels_module, device), (None, "cpu"))
+    ]
+    data = [torch.randint(0, 256, caches[0].shape, dtype=torch.uint8, generator=gen) for _ in range(2)]
+    for c in caches:
+        c.k[0].copy_(data[0])
+        c.v[0].copy_(data[1])
+        c.k_param[0].fill_(float("nan"))
+        c.v_param[0].fill_(float("nan"))
+    return caches
+
+
+def channel_step(caches, step: int, act, gen) -> list[int]:
+    """Write CHANNEL_STEPS[step] into both caches (hard rows, keys with per-channel offsets); the lengths after."""
+    (starts, counts), bs = CHANNEL_STEPS[step], caches[0].block_size
+    plan = key_plan(list(CHANNEL_IDS), list(starts), list(counts), bs)
+    slots = [
+        ids[t // bs] * bs + t % bs
+        for ids, s, n in zip(CHANNEL_IDS, starts, counts, strict=True)
+        for t in range(s, s + n)
+    ]
+    n, (hkv, dim) = len(slots), (caches[0].k[0].shape[1], caches[0].head_dim)
+    k, v = hard_rows(n, hkv, dim, gen), hard_rows(n, hkv, dim, gen)
+    k[1::2] += torch.randn(hkv, dim, generator=gen) * 4  # post-RoPE-like per-channel offsets on half the rows
+    if step == SAME_ROWS_STEP:
+        k[counts[0] :] = k[counts[0]]
+    for c in caches:
+        dev = c.k[0].device
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
+        c.write(0, slot_mapping, k.to(dev, act), v.to(dev, act), KeyPlan(*(t.to(dev) for t in plan)))
+    return [s + n for s, n in zip(starts, counts, strict=True)]
+
+
+def assert_same_cache(got: KVCache, want: KVCache, what: str) -> None:
+    for name in ("k", "k_param", "v", "v_param"):
+        a, b = getattr(got, name)[0].cpu(), getattr(want, name)[0].cpu()
+        diff = a.view(torch.uint8) != b.view(torch.uint8)
+        assert not diff.any(), f"{what}: {name}: {int(diff.sum())} bytes differ"
+
+
+def channel_attention_check(
+    cache: KVCache, lengths: list[int], act, gen, what: str, decode_attention, slack: float = 1.0, **kw
+):
+    """decode_attention (host_ops or kernels) over the cache vs decode_attention_torch (fp32, same q values);
+    slack widens the tolerance (the GPU's exp2f)."""
+    dev = cache.k[0].device
+    max_blocks = max(len(ids) for ids in CHANNEL_IDS)
+    tables = torch.full((2, max_blocks), -1, dtype=torch.int32)
+    for b, ids in enumerate(CHANNEL_IDS):
+        tables[b, : len(ids)] = torch.tensor(ids)
+    q = torch.randn(2, 4, cache.head_dim, generator=gen).to(act)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    pools = (cache.k[0].cpu(), cache.v[0].cpu(), tables, lens, None, None, None, None)
+    params = dict(k_param=cache.k_param[0].cpu(), v_param=cache.v_param[0].cpu())
+    want = decode_attention_torch(q.float(), *pools, 0.125, kv_dtype=CHANNEL, **params).double()
+    for splits in (1, 3):
+        got = decode_attention(
+            q.to(dev),
+            cache.k[0],
+            cache.v[0],
+            tables.to(dev),
+            lens.to(dev),
+            None,
+            None,
+            None,
+            None,
+            CHANNEL,
+            0.125,
+            max_length=max(lengths),
+            k_param=cache.k_param[0],
+            v_param=cache.v_param[0],
+            num_splits=splits,
+            **kw,
+        ).cpu()
+        assert got.dtype == act
+        err, bound = (got.double() - want).abs(), slack * (1e-5 + ACT_TOL[act] * want.abs())
+        assert (err <= bound).all(), f"{what}, splits={splits}: max err {err.max():.3g}"
+
+
+@pytest.mark.parametrize(
+    "act, dim, rotate",
+    [(torch.float32, 64, False), (torch.float32, 128, True), (torch.float16, 128, False), (torch.bfloat16, 64, False)],
+)
+def test_channel_keys_write_steps_match_pytorch(act, dim, rotate):
+    """Prefill, decode steps and chunks over two sequences (CHANNEL_STEPS): the kernels' cache equals the PyTorch
+    write bit for bit after every step (open rows, helper rows, completed blocks, values), and decode attention
+    over it matches decode_attention_torch at every step's lengths, one split and three."""
+    gen = torch.Generator().manual_seed(dim + 3 * rotate + list(kernels.ACT_TYPES).index(act))
+    rotation = quant.hadamard(dim, seed=1) if rotate else None
+    caches = channel_caches(13, 2, 8, dim, gen, host_ops, rotation=rotation)
+    for step in range(len(CHANNEL_STEPS)):
+        lengths = channel_step(caches, step, act, gen)
+        assert_same_cache(*caches, f"step {step} {CHANNEL_STEPS[step]}")
+        channel_attention_check(caches[0], lengths, act, gen, f"step {step}", host_ops.decode_attention, num_sms=4)
+    assert lengths == [56, 32]
+    flat = caches[0].k_param[0][CHANNEL_IDS[1][3], :, 0]  # seq 1's block 3: all rows alike
+    assert (flat == 0).all(), "constant channels store scale 0"
+
+
+def test_channel_keys_kernel_skips_bad_plan_entries():
+    """k_complete entries outside the pool or the step and helpers outside the pool write no key (memory safety;
+    the engine never passes them)."""
+    gen = torch.Generator().manual_seed(9)
+    caches = channel_caches(6, 2, 8, 64, gen, host_ops)
+    k, v = hard_rows(9, 2, 64, gen), hard_rows(9, 2, 64, gen)
+    slots = torch.tensor([8 + r for r in range(8)] + [2 * 8])
+    plan = key_plan([[1, 2, 3]], [0], [9], 8)
+    for c in caches:
+        c.write(0, slots, k, v, plan)
+    before = [t.clone() for t in (caches[0].k[0], caches[0].k_param[0])]
+    bad = torch.tensor([[6, -1, 0, 0], [-1, 2, 0, 0], [1, 2, 9, 0], [1, 2, 0, 5], [1, -1, 5, 0], [1, 99, 6, 6]])
+    helper = torch.tensor([6, 99, -1])
+    host_ops.kv_cache_write(
+        caches[0].k[0],
+        caches[0].v[0],
+        k[:3],
+        v[:3],
+        torch.tensor([0, 1, 2]),
+        None,
+        None,
+        None,
+        None,
+        CHANNEL,
+        k_param=caches[0].k_param[0],
+        v_param=caches[0].v_param[0],
+        k_helper=helper,
+        k_complete=bad,
+    )
+    assert torch.equal(caches[0].k[0].view(torch.uint8), before[0].view(torch.uint8))
+    assert torch.equal(caches[0].k_param[0].view(torch.uint8), before[1].view(torch.uint8))
+
+
+def test_channel_keys_attention_masks_a_missing_helper():
+    """An open block past its half whose helper entry is padding (-1), outside the pool, or past the table's end:
+    the kernel never dereferences it and drops those keys (memory safety; the engine always passes the helper, and
+    decode_attention_torch rejects such a table): the output is attention over the keys in the open block itself."""
+    gen = torch.Generator().manual_seed(13)
+    caches = channel_caches(4, 2, 8, 64, gen, host_ops)
+    k, v = hard_rows(7, 2, 64, gen), hard_rows(7, 2, 64, gen)
+    for c in caches:
+        c.write(0, torch.arange(8, 15), k, v, key_plan([[1, 2]], [0], [7], 8))
+    cache, q = caches[0], torch.randn(1, 4, 64, generator=gen)
+    pools = (cache.k[0], cache.v[0])
+    params = dict(k_param=cache.k_param[0], v_param=cache.v_param[0])
+    four = torch.tensor([4], dtype=torch.int32)  # rows 0..3: no helper needed
+    want = decode_attention_torch(
+        q, *pools, torch.tensor([[1, -1]]), four, *[None] * 4, 0.125, kv_dtype=CHANNEL, **params
+    )
+    seven = torch.tensor([7], dtype=torch.int32)
+    for table in ([[1, -1]], [[1, 4]], [[1]]):
+        tables = torch.tensor(table, dtype=torch.int32)
+        got = host_ops.decode_attention(q, *pools, tables, seven, *[None] * 4, CHANNEL, 0.125, **params)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), table

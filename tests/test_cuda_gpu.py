@@ -31,9 +31,14 @@ if not _gpu_available():
 from test_cuda_cpu import (  # noqa: E402
     ACT_TOL,
     ATTENTION_CASES,
-    ONLINE,
+    CHANNEL_STEPS,
     ONLINE_CASES,
+    ROW_ONLINE,
+    assert_same_cache,
     case_id,
+    channel_attention_check,
+    channel_caches,
+    channel_step,
     hard_rows,
     kernel_params,
     make_params,
@@ -99,7 +104,7 @@ def test_gpu_decode_attention_matches_reference(case, splits):
     assert (got[2] == 0).all()  # the empty sequence
 
 
-@pytest.mark.parametrize("kv_dtype", ONLINE)
+@pytest.mark.parametrize("kv_dtype", ROW_ONLINE)
 @pytest.mark.parametrize("act", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_online_kv_write_matches_reference_bit_exactly(kv_dtype, act):
     """Codes and fp16 params from the GPU equal quant.quantize_online (no FMA can form in the write's formulas)."""
@@ -162,3 +167,20 @@ def test_gpu_online_decode_attention_matches_reference(case, splits):
     bound = 2e-5 + 2 * ACT_TOL[act] * want.abs()
     assert (err <= bound).all(), f"max err {err.max():.3g}"
     assert (got[2] == 0).all()  # the empty sequence
+
+
+@pytest.mark.parametrize("act, dim", [(torch.float32, 128), (torch.float16, 64), (torch.bfloat16, 128)])
+def test_gpu_channel_keys_write_steps_match_pytorch(act, dim):
+    """int4_per_token_head keys per channel: the GPU cache (three launches per write) equals the PyTorch write on
+    the CPU bit for bit after every step of test_cuda_cpu's CHANNEL_STEPS; attention over it matches
+    decode_attention_torch."""
+    import runtime.cuda
+
+    gen = torch.Generator().manual_seed(dim)
+    # a rotation only with fp32 rows: the kernel path rotates in the activation dtype, PyTorch's write in fp32
+    rotation = quant.hadamard(dim, seed=2) if act == torch.float32 else None
+    caches = channel_caches(13, 2, 8, dim, gen, runtime.cuda, device="cuda", rotation=rotation)
+    for step in range(len(CHANNEL_STEPS)):
+        lengths = channel_step(caches, step, act, gen)
+        assert_same_cache(*caches, f"step {step} {CHANNEL_STEPS[step]}")
+        channel_attention_check(caches[0], lengths, act, gen, f"step {step}", decode_attention, slack=2.0)

@@ -18,8 +18,9 @@
 //     (double-buffered), the warp meets at a barrier, and reads its source lane. Like on the GPU, every lane of
 //     the warp must call the shuffle (full mask); a missing lane deadlocks, and the barrier then aborts
 //     with a message after 60 s instead of hanging the test run.
-//   - __float2int_rn (round half to even, saturating, NaN -> 0 like cvt.rni.s32.f32), __fdiv_rn (IEEE division,
-//     which the host's `/` is: the emulation is compiled without fast-math), __int_as_float,
+//   - __float2int_rn (round half to even, saturating, NaN -> 0 like cvt.rni.s32.f32), __fdiv_rn / __fmul_rn /
+//     __fadd_rn (IEEE operations, which the host's are: the emulation is compiled without fast-math and with
+//     -ffp-contract=off, so no FMA forms), __int_as_float,
 //     exp2f/fmaxf from <cmath>, integer min/max.
 #pragma once
 
@@ -172,6 +173,8 @@ inline int __float2int_rn(float x) {
 }
 
 inline float __fdiv_rn(float x, float y) { return x / y; }
+inline float __fmul_rn(float x, float y) { return x * y; }  // no FMA: -ffp-contract=off
+inline float __fadd_rn(float x, float y) { return x + y; }
 
 inline float __int_as_float(int x) {
     float f;

@@ -11,6 +11,13 @@
 //   online modes:   score_t = scale_t * (q . code_t) + zero_t * sum(q), one FMA per key on the reduced dot;
 //     out accumulates (p_t * scale_t) * code_t per channel plus one scalar p_t * zero_t per key, added to
 //     every channel when the groups merge.
+//   int4_per_token_head keys (mode 6) are per channel within a block (runtime/quant.py quantize_channels,
+//     runtime/kv_cache.py gather_channel_keys): a key in one of the sequence's full blocks (t < L_b / bs * bs)
+//     is x^_c = code_c * scale_c + zero_c with its block's per-channel fp16 params (k_param (num_blocks, H_kv, 2,
+//     D) = scale row, zero row), dequantized per channel before the dot; a key in the open block (row r) is an
+//     int8 row (mode 4 formulas, its own (scale, zero)) at row r % (bs / 2) of block block_tables[b, t / bs]
+//     (r < bs / 2) or of the next entry, the helper (r >= bs / 2), viewed as (num_blocks, H_kv, bs / 2, D)
+//     bytes, its (scale, zero) in k_param viewed as (num_blocks, H_kv, D, 2), same row. Values as mode 6 rows.
 // Online softmax in fp32, in the log2 domain (exp2f); a sequence with L_b = 0 gets a zero output.
 //
 // Layout (contiguous, row-major):
@@ -21,12 +28,14 @@
 //   block_tables        (B, max_blocks) int32                   pool block of each block_size positions
 //   lengths             (B,) int32                              L_b, clamped to [0, max_blocks * block_size]
 //   k_scale ... v_zp    (H_kv,) fp32       modes 1-3 only; zero points not read in fp8 modes
-//   k_param, v_param    (num_blocks, H_kv, block_size, 2) fp16  (scale, zero) per row, online modes only
+//   k_param, v_param    (num_blocks, H_kv, block_size, 2) fp16  (scale, zero) per row, online modes only;
+//                       k_param (num_blocks, H_kv, 2, D) fp16   mode 6 (see above), 16-byte aligned
 //   part_o              (B, H, splits, D)  fp32, split-K partial outputs (normalised), splits > 1 only
 //   part_ml             (B, H, splits, 2)  fp32, each split's running max (log2 domain) and softmax sum
 // Only rows t < L_b are read, and only the block-table entries those rows fall in: rows past the length and
 // padding entries may hold anything (stale data, NaN). A block id outside [0, num_blocks) is never
-// dereferenced; its keys are masked out (memory-safe; the engine never passes one).
+// dereferenced; its keys are masked out (memory-safe; the engine never passes one); so are mode 6's open keys
+// whose helper entry lies past max_blocks or outside the pool.
 //
 // Launch (flash-decoding):
 //   decode_attention<Tq, MODE, D>: grid (H, B, splits), block 128 threads = 4 warps. Block (h, b, z) reads
@@ -34,9 +43,12 @@
 //     loads 16 bytes (8 for int4) of a K row and of a V row, EPV = 8 (fp16) or 16 values (a pool row is
 //     contiguous, so a group reads one whole row); the group looks the key's block up in the block table and,
 //     in the online modes, loads the key's K and V (scale, zero) as one __half2 each (same addresses for the
-//     group's lanes: broadcast loads). The block's 128/TPK groups take consecutive keys, UNROLL keys per
-//     group per iteration with all loads issued before the math; q.k is reduced across the group with
-//     __shfl_xor_sync. The groups' (max, sum, acc) are merged through shared memory at the end.
+//     group's lanes: broadcast loads). Mode 6 keys: a full-block key loads 8 bytes of codes, and in the math
+//     its lane's 16 channels' scales and zeros (2 x 32 bytes of the block's param rows, shared by the block's
+//     keys: cache hits); an open key loads 16 int8 codes and its row's (scale, zero). The block's 128/TPK
+//     groups take consecutive keys, UNROLL keys per group per iteration with all loads issued before the math;
+//     q.k is reduced across the group with __shfl_xor_sync. The groups' (max, sum, acc) are merged through
+//     shared memory at the end.
 //     splits == 1: the block writes out directly; splits > 1: it writes part_o / part_ml (empty splits
 //     write nothing).
 //   decode_attention_combine<Tq, D>: grid (H, B), block D threads; merges the non-empty splits.
@@ -52,6 +64,29 @@
 // Keys to read for sequence b: lengths[b] clamped to [0, max_blocks * block_size] (the block table's reach).
 __device__ __forceinline__ int sequence_length(const int* lengths, int b, int max_blocks, int block_size) {
     return (int)max(0LL, min((long long)lengths[b], (long long)max_blocks * block_size));
+}
+
+// Mode 6 full-block key: sum_i q_i * (code_i * scale_i + zero_i) over a lane's 16 channels, the scales at
+// param[0..16) and the zeros at param[D..D + 16) (the block's scale and zero rows; 16-byte loads).
+__device__ __forceinline__ float channel_dot(const float* qf, const float* codes, const __half* param, int D) {
+    float dot = 0.0f;
+#pragma unroll
+    for (int v = 0; v < 2; ++v) {
+        const uint4 sr = *reinterpret_cast<const uint4*>(param + 8 * v);
+        const uint4 zr = *reinterpret_cast<const uint4*>(param + D + 8 * v);
+        const unsigned int sw[4] = {sr.x, sr.y, sr.z, sr.w}, zw[4] = {zr.x, zr.y, zr.z, zr.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            __half2_raw sh, zh;
+            sh.x = (unsigned short)(sw[i] & 0xffffu), sh.y = (unsigned short)(sw[i] >> 16);
+            zh.x = (unsigned short)(zw[i] & 0xffffu), zh.y = (unsigned short)(zw[i] >> 16);
+            const float2 sc = __half22float2(__half2(sh)), ze = __half22float2(__half2(zh));
+            const int j = 8 * v + 2 * i;
+            dot += qf[j] * (codes[j] * sc.x + ze.x);
+            dot += qf[j + 1] * (codes[j + 1] * sc.y + ze.y);
+        }
+    }
+    return dot;
 }
 
 template <typename Tq, int MODE, int D>
@@ -79,6 +114,8 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
     const int end = min(len, start + chunk);
     if (num_splits > 1 && start >= end) return;  // block-uniform exit; the combine pass skips empty splits
     const int group = threadIdx.x / TPK, lane = threadIdx.x % TPK;
+    // mode 6 keys: positions below full_len are in full blocks (per-channel codes), the rest are open int8 rows
+    const int full_len = len / block_size * block_size, half = block_size / 2;
     const int c0 = lane * EPV;  // this lane's channels [c0, c0 + EPV)
 
     // Per-head parameters (modes 1-3); the online modes apply theirs per key below.
@@ -118,6 +155,7 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
     for (int t0 = start; t0 < end; t0 += NG * U) {
         uint4 k_raw[U], v_raw[U];
         float2 k_par[U], v_par[U];  // online: each key's (scale, zero)
+        long long k_chan[U];  // mode 6: a full-block key's param rows (offset into k_param), -1 for an open key
         unsigned valid = 0u;  // bit u: key t0 + u*NG + group is read (inside the range and the pool)
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -125,8 +163,30 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
             const unsigned col = (unsigned)t / (unsigned)block_size;  // t >= 0, block_size >= 1
             const int block = t < end ? table[col] : -1;
             k_par[u] = v_par[u] = make_float2(0.0f, 0.0f);
-            if ((unsigned)block < (unsigned)num_blocks) {
-                const long long row = block * block_rows + head_row + (t - (int)col * block_size);
+            k_chan[u] = -1;
+            // mode 6 open key: its row in the half-block layout of this block or of the helper (next entry)
+            const int r = t - (int)col * block_size;
+            const int page = MODE != KVQ_MODE_INT4_PTH || t >= end || t < full_len || r < half ? block
+                             : col + 1 < (unsigned)max_blocks ? table[col + 1]
+                                                              : -1;
+            if ((unsigned)block < (unsigned)num_blocks && (unsigned)page < (unsigned)num_blocks) {
+                const long long row = block * block_rows + head_row + r;
+                if constexpr (MODE == KVQ_MODE_INT4_PTH) {
+                    if (t < full_len) {
+                        k_raw[u] = load_vec<MODE>(k_pool + row * ROW + lane * LANE_ELEMS);
+                        k_chan[u] = ((long long)block * num_kv_heads + kvh) * 2 * D;
+                    } else {
+                        const long long page_head = (long long)page * num_kv_heads + kvh;
+                        const long long open_row = page_head * half + r % half;  // D bytes per open row
+                        k_raw[u] = load_vec<KVQ_MODE_INT8_PTH>(k_pool + open_row * D + lane * EPV);
+                        k_par[u] = __half22float2(
+                            *reinterpret_cast<const __half2*>(k_param + page_head * 2 * D + 2 * (r % half)));
+                    }
+                    v_raw[u] = load_vec<MODE>(v_pool + row * ROW + lane * LANE_ELEMS);
+                    v_par[u] = __half22float2(*reinterpret_cast<const __half2*>(v_param + 2 * row));
+                    valid |= 1u << u;
+                    continue;
+                }
                 k_raw[u] = load_vec<MODE>(k_pool + row * ROW + lane * LANE_ELEMS);
                 v_raw[u] = load_vec<MODE>(v_pool + row * ROW + lane * LANE_ELEMS);
                 if constexpr (ONLINE) {
@@ -144,13 +204,26 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             float kf[EPV];
-            unpack_vec<MODE>(k_raw[u], kf);
             float dot = 0.0f;
+            bool chan = false;  // mode 6 full-block key: dot already holds q . x^ (params applied per channel)
+            if constexpr (MODE == KVQ_MODE_INT4_PTH) {
+                chan = k_chan[u] >= 0;
+                if (chan) {
+                    unpack_vec<MODE>(k_raw[u], kf);
+                    dot = channel_dot(qf, kf, k_param + k_chan[u] + c0, D);
+                } else {
+                    unpack_vec<KVQ_MODE_INT8_PTH>(k_raw[u], kf);
 #pragma unroll
-            for (int i = 0; i < EPV; ++i) dot += qf[i] * kf[i];
+                    for (int i = 0; i < EPV; ++i) dot += qf[i] * kf[i];
+                }
+            } else {
+                unpack_vec<MODE>(k_raw[u], kf);
+#pragma unroll
+                for (int i = 0; i < EPV; ++i) dot += qf[i] * kf[i];
+            }
 #pragma unroll
             for (int off = TPK / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-            const float score = ONLINE ? k_par[u].x * dot + k_par[u].y * q_sum_scaled : dot + z_term;
+            const float score = chan ? dot : ONLINE ? k_par[u].x * dot + k_par[u].y * q_sum_scaled : dot + z_term;
             s[u] = ((valid >> u) & 1u) ? score : KVQ_NEG_INF;
             tile_max = fmaxf(tile_max, s[u]);
         }

@@ -6,6 +6,8 @@
 // dtype codes to the same template instantiations, and run them with kvq_emu::launch.
 //   dtype codes: 0 float32, 1 float16, 2 bfloat16.   mode codes: kvq_common.cuh KVQ_MODE_*.
 // Return value: 0 on success, -1 for a variant that does not exist.
+// kvq_kv_write runs int4_per_token_head's per-channel keys as kernels.kv_cache_write does: kv_stash_open_keys,
+// kv_write, kv_write_channel_keys (the first and last only with completed blocks, num_complete > 0).
 #include "cuda_host_emulation.h"
 
 #include "decode_attention.cu"
@@ -26,17 +28,34 @@ struct WriteArgs {
     const int* slot_mapping;
     const float *k_scale, *k_zp, *v_scale, *v_zp;
     __half *k_param, *v_param;
-    int num_tokens, num_kv_heads, num_blocks, block_size, head_dim, grid;
+    const int *k_helper, *k_complete;  // int4_per_token_head keys only
+    unsigned char* stash_codes;        // (num_complete, H_kv, block_size, D) scratch, num_complete > 0 only
+    __half* stash_params;              // (num_complete, H_kv, block_size, 2)
+    int num_tokens, num_kv_heads, num_blocks, block_size, head_dim, grid, num_complete;
 };
 
 template <typename Tin, int MODE>
 void write_one(const WriteArgs& a) {
     typedef typename KvStore<MODE>::T Store;
+    const bool channel_keys = MODE == KVQ_MODE_INT4_PTH && a.num_complete > 0;
+    if (channel_keys) {
+        kvq_emu::launch(dim3(a.num_complete, a.num_kv_heads), dim3(KVQ_CHANNEL_THREADS), [&] {
+            kv_stash_open_keys((const unsigned char*)a.k_pool, a.k_param, a.k_complete, a.stash_codes,
+                               a.stash_params, a.num_tokens, a.num_kv_heads, a.num_blocks, a.block_size, a.head_dim);
+        });
+    }
     kvq_emu::launch(dim3(a.grid), dim3(KVQ_WRITE_THREADS), [&] {
         kv_write<Tin, MODE>((const Tin*)a.k_new, (const Tin*)a.v_new, (Store*)a.k_pool, (Store*)a.v_pool,
-                            a.slot_mapping, a.k_scale, a.k_zp, a.v_scale, a.v_zp, a.k_param, a.v_param, a.num_tokens,
-                            a.num_kv_heads, a.num_blocks, a.block_size, a.head_dim);
+                            a.slot_mapping, a.k_scale, a.k_zp, a.v_scale, a.v_zp, a.k_param, a.v_param, a.k_helper,
+                            a.num_tokens, a.num_kv_heads, a.num_blocks, a.block_size, a.head_dim);
     });
+    if (channel_keys) {
+        kvq_emu::launch(dim3(a.num_complete, a.num_kv_heads), dim3(KVQ_CHANNEL_THREADS), [&] {
+            kv_write_channel_keys<Tin>((const Tin*)a.k_new, (unsigned char*)a.k_pool, a.k_param, a.k_complete,
+                                       a.stash_codes, a.stash_params, a.num_tokens, a.num_kv_heads, a.num_blocks,
+                                       a.block_size, a.head_dim);
+        });
+    }
 }
 
 template <typename Tin>
@@ -113,10 +132,31 @@ extern "C" {
 
 int kvq_kv_write(int in_dtype, int mode, const void* k_new, const void* v_new, void* k_pool, void* v_pool,
                  const int* slot_mapping, const float* k_scale, const float* k_zp, const float* v_scale,
-                 const float* v_zp, void* k_param, void* v_param, int num_tokens, int num_kv_heads, int num_blocks,
-                 int block_size, int head_dim, int grid) {
-    const WriteArgs a{k_new, v_new, k_pool, v_pool, slot_mapping, k_scale, k_zp, v_scale, v_zp, (__half*)k_param,
-                      (__half*)v_param, num_tokens, num_kv_heads, num_blocks, block_size, head_dim, grid};
+                 const float* v_zp, void* k_param, void* v_param, const int* k_helper, const int* k_complete,
+                 void* stash_codes, void* stash_params, int num_tokens, int num_kv_heads, int num_blocks,
+                 int block_size, int head_dim, int grid, int num_complete) {
+    const WriteArgs a{k_new,
+                      v_new,
+                      k_pool,
+                      v_pool,
+                      slot_mapping,
+                      k_scale,
+                      k_zp,
+                      v_scale,
+                      v_zp,
+                      (__half*)k_param,
+                      (__half*)v_param,
+                      k_helper,
+                      k_complete,
+                      (unsigned char*)stash_codes,
+                      (__half*)stash_params,
+                      num_tokens,
+                      num_kv_heads,
+                      num_blocks,
+                      block_size,
+                      head_dim,
+                      grid,
+                      num_complete};
     switch (in_dtype) {
         case 0: return write_mode<float>(mode, a);
         case 1: return write_mode<__half>(mode, a);

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from runtime.cuda.kernels import KV_MODES, prepare_attention, prepare_write
+from runtime.cuda.kernels import KV_MODES, channel_key_stash, prepare_attention, prepare_write
 from runtime.cuda.toolchain import build_host_library
 
 _P, _I, _F, _LL = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_longlong
@@ -23,8 +23,9 @@ _P, _I, _F, _LL = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_longlo
 def library() -> ctypes.CDLL:
     lib = build_host_library()
     # kvq_kv_write(in_dtype, mode, k_new, v_new, k_pool, v_pool, slot_mapping, k_scale, k_zp, v_scale, v_zp,
-    #              k_param, v_param, num_tokens, num_kv_heads, num_blocks, block_size, head_dim, grid)
-    lib.kvq_kv_write.argtypes = [_I, _I, *[_P] * 11, *[_I] * 6]
+    #              k_param, v_param, k_helper, k_complete, stash_codes, stash_params, num_tokens, num_kv_heads,
+    #              num_blocks, block_size, head_dim, grid, num_complete)
+    lib.kvq_kv_write.argtypes = [_I, _I, *[_P] * 15, *[_I] * 7]
     # kvq_decode_attention(q_dtype, mode, head_dim, q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp,
     #                      v_scale, v_zp, k_param, v_param, softmax_scale, batch, num_heads, num_kv_heads,
     #                      num_blocks, block_size, max_blocks, chunk, num_splits, out, part_o, part_ml)
@@ -43,14 +44,43 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def kv_cache_write(
-    k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype: str, k_param=None, v_param=None
+    k_pool,
+    v_pool,
+    k_new,
+    v_new,
+    slot_mapping,
+    k_scale,
+    k_zp,
+    v_scale,
+    v_zp,
+    kv_dtype: str,
+    k_param=None,
+    v_param=None,
+    k_helper=None,
+    k_complete=None,
 ) -> None:
-    """CPU emulation of kernels.kv_cache_write (same arguments, CPU tensors)."""
+    """CPU emulation of kernels.kv_cache_write (same arguments, CPU tensors; the same launches in the same order)."""
     w = prepare_write(
-        k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype, k_param, v_param
+        k_pool,
+        v_pool,
+        k_new,
+        v_new,
+        slot_mapping,
+        k_scale,
+        k_zp,
+        v_scale,
+        v_zp,
+        kv_dtype,
+        k_param,
+        v_param,
+        k_helper,
+        k_complete,
     )
     if w.num_tokens == 0:
         return
+    stash_codes = stash_params = None
+    if w.num_complete:
+        stash_codes, stash_params = channel_key_stash(w, k_pool.device)
     rc = library().kvq_kv_write(
         w.act_code,
         w.mode,
@@ -65,12 +95,17 @@ def kv_cache_write(
         _ptr(v_zp),
         _ptr(k_param),
         _ptr(v_param),
+        _ptr(w.k_helper),
+        _ptr(w.k_complete),
+        _ptr(stash_codes),
+        _ptr(stash_params),
         w.num_tokens,
         w.num_kv_heads,
         w.num_blocks,
         w.block_size,
         w.head_dim,
         w.grid,
+        w.num_complete,
     )
     if rc != 0:
         raise RuntimeError(f"kvq_kv_write: no variant for dtype code {w.act_code}, mode {w.mode}")

@@ -1,7 +1,7 @@
 """GPU launchers for the paged KV-cache kernels (kv_write.cu, decode_attention.cu), compiled by CuPy at first use.
 
     kv_cache_write(k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype,
-                   k_param=None, v_param=None)
+                   k_param=None, v_param=None, k_helper=None, k_complete=None)
     decode_attention(q, k_pool, v_pool, block_tables, lengths, k_scale, k_zp, v_scale, v_zp, kv_dtype,
                      softmax_scale, max_length=None, k_param=None, v_param=None) -> out (B, H, D)
 
@@ -14,11 +14,16 @@ and lengths (B,) int32 (built once per step and shared by every layer, so no per
 here). Calibrated modes take per-KV-head fp32 parameters (H_kv,) (None where the mode does not use them) and no
 param pools; the online modes (*_per_token_head) take k_scale ... v_zp = None and the fp16 param pools k_param,
 v_param (num_blocks, H_kv, block_size, 2) = (scale, zero) per row, which kv_cache_write fills and
-decode_attention reads. Every argument is checked
+decode_attention reads. int4_per_token_head keeps its keys per channel within a block (KIVI; runtime/quant.py
+quantize_channels and runtime/kv_cache.py define the format): k_param is (num_blocks, H_kv, 2, D) = (scale row,
+zero row) per block and head, a sequence's open (last, partial) block holds int8 rows in the half-block layout,
+the second half in the next block of its table (the helper), and kv_cache_write takes the step's KeyPlan
+(runtime.kv_cache.key_plan) as k_helper (N,) and k_complete (M, 4), int32 or int64. Every argument is checked
 (dtype, shape, contiguity, device, alignment) before anything launches; `prepare_write` / `prepare_attention`
 do the checks and the grid choice without touching a GPU, and the CPU emulation (host_ops.py) goes through the
 same two functions. Values inside the index tensors are not checked (that would synchronise with the GPU): the
-kernels skip slots outside the pool and never dereference a block id outside it.
+kernels skip slots (and int4 helper blocks, k_complete entries) outside the pool or the step and never dereference
+a block id outside it; an open block whose helper entry is missing has its second-half keys dropped.
 
 CuPy is imported inside the functions that launch, so importing this module needs neither CuPy nor a GPU.
 """
@@ -49,6 +54,8 @@ POOL_DTYPES = {**STORAGE_DTYPES, **ONLINE_STORAGE}
 ACT_TYPES = {torch.float32: (0, "float"), torch.float16: (1, "__half"), torch.bfloat16: (2, "__nv_bfloat16")}
 HEAD_DIMS = (64, 128)
 WRITE_THREADS, ATTN_THREADS = 256, 128  # must match kv_write.cu / decode_attention.cu
+CHANNEL_THREADS = 128  # kv_write.cu KVQ_CHANNEL_THREADS: kv_stash_open_keys, kv_write_channel_keys
+CHANNEL_KEYS = "int4_per_token_head"  # keys per channel within a block (quant.channel_keys)
 MAX_WRITE_BLOCKS = 65535  # kv_write is grid-stride, so any grid size is correct
 MIN_CHUNK = 256  # keys per split-K block: below this the combine pass costs more than it saves
 INT32_MAX = 2**31 - 1  # the kernels index positions and slots with int
@@ -59,8 +66,10 @@ class CudaOpError(ValueError):
 
 
 def write_name_expressions() -> list[str]:
-    """Every kv_write instantiation the launchers can use (input dtype x storage mode, online modes included)."""
-    return [f"kv_write<{ctype}, {mode}>" for _, ctype in ACT_TYPES.values() for mode in KV_MODES.values()]
+    """Every kv_write instantiation the launchers can use (input dtype x storage mode, online modes included),
+    plus int4_per_token_head's per-channel key kernels (kv_stash_open_keys, kv_write_channel_keys per input dtype)."""
+    names = [f"kv_write<{ctype}, {mode}>" for _, ctype in ACT_TYPES.values() for mode in KV_MODES.values()]
+    return [*names, "kv_stash_open_keys", *(f"kv_write_channel_keys<{ctype}>" for _, ctype in ACT_TYPES.values())]
 
 
 def attention_name_expressions() -> list[str]:
@@ -97,6 +106,13 @@ class WriteLaunch:
     head_dim: int
     slot_mapping: torch.Tensor  # (N,) int32 contiguous
     grid: int
+    k_helper: torch.Tensor | None = None  # int4_per_token_head: (N,) int32 contiguous
+    k_complete: torch.Tensor | None = None  # int4_per_token_head: (M, 4) int32 contiguous
+
+    @property
+    def num_complete(self) -> int:
+        """Blocks this write completes (int4_per_token_head keys; 0 otherwise)."""
+        return 0 if self.k_complete is None else self.k_complete.shape[0]
 
 
 @dataclass(frozen=True)
@@ -160,12 +176,23 @@ def _check_pools(kv_dtype: str, k_pool: torch.Tensor, v_pool: torch.Tensor) -> t
 def _check_params(kv_dtype: str, k_pool: torch.Tensor, **params: torch.Tensor | None) -> None:
     """Calibrated modes: scales for int8/fp8, zero points for int8, fp32 (H_kv,) each, and no param pools.
     Online modes: k_param / v_param fp16 (num_blocks, H_kv, block_size, 2), 4-byte aligned, and no per-head
-    parameters (each row's own (scale, zero) replace them)."""
-    num_blocks, num_kv_heads, block_size = k_pool.shape[:3]
+    parameters (each row's own (scale, zero) replace them); int4_per_token_head's k_param is per channel,
+    (num_blocks, H_kv, 2, D), 16-byte aligned, and its block_size even and at most 2 * D."""
+    num_blocks, num_kv_heads, block_size, width = k_pool.shape
     online = is_online(kv_dtype)
+    channel_keys = kv_dtype == CHANNEL_KEYS
+    if channel_keys and (block_size % 2 or block_size > 4 * width):
+        _fail("block_size", block_size, f"even and <= 2 * D = {4 * width} for kv_dtype={kv_dtype!r} (open key rows)")
     for name, p in params.items():
         is_pool = name.endswith("_param")
-        if is_pool:
+        if is_pool and channel_keys and name == "k_param":
+            shape, dtype = (num_blocks, num_kv_heads, 2, 2 * width), PARAM_DTYPE
+            needed = True
+            want = (
+                f"a {shape} float16 pool for kv_dtype={kv_dtype!r}: per-channel keys, (scale row, zero row) per "
+                "block and head (runtime/quant.py quantize_channels), not (scale, zero) per row"
+            )
+        elif is_pool:
             shape, dtype = (num_blocks, num_kv_heads, block_size, 2), PARAM_DTYPE
             needed, want = online, f"a {shape} float16 (scale, zero) pool for kv_dtype={kv_dtype!r}"
         else:
@@ -179,9 +206,13 @@ def _check_params(kv_dtype: str, k_pool: torch.Tensor, **params: torch.Tensor | 
         if online != is_pool:
             fix = "the per-row params live in k_param / v_param" if online else "only the online modes read it"
             _fail(name, "a tensor", f"None for kv_dtype={kv_dtype!r} ({fix})")
+        if is_pool and isinstance(p, torch.Tensor) and tuple(p.shape) != shape:
+            _fail(f"{name}.shape", tuple(p.shape), want)
         _check_tensor(name, p, shape, dtype, k_pool.device)
-        if is_pool and p.data_ptr() % 4:
-            _fail(f"{name}.data_ptr() % 4", p.data_ptr() % 4, "0 (read as __half2; use a fresh allocation)")
+        align = 16 if is_pool and channel_keys and name == "k_param" else 4
+        if is_pool and p.data_ptr() % align:
+            what = "16-byte loads of the channel params" if align == 16 else "read as __half2"
+            _fail(f"{name}.data_ptr() % {align}", p.data_ptr() % align, f"0 ({what}; use a fresh allocation)")
 
 
 def _check_index(name: str, t: torch.Tensor, shape: tuple, device: torch.device, dtypes: tuple) -> None:
@@ -216,8 +247,43 @@ def plan_splits(batch: int, num_heads: int, max_length: int, num_sms: int) -> tu
     return math.ceil(max_length / chunk), chunk
 
 
+def _check_key_plan(kv_dtype: str, k_helper, k_complete, num_tokens: int, num_blocks: int, device) -> tuple:
+    """int4_per_token_head: the step's KeyPlan as k_helper (N,) and k_complete (M, 4), int32 or int64 (converted
+    to int32, int64 values clamped first so that none wraps into the pool); other modes: both None."""
+    if kv_dtype != CHANNEL_KEYS:
+        for name, t in (("k_helper", k_helper), ("k_complete", k_complete)):
+            if t is not None:
+                _fail(name, "a tensor", f"None for kv_dtype={kv_dtype!r} (only {CHANNEL_KEYS!r} keys are per channel)")
+        return None, None
+    for name, t in (("k_helper", k_helper), ("k_complete", k_complete)):
+        if t is None:
+            _fail(name, None, f"the step's KeyPlan for kv_dtype={kv_dtype!r} (runtime.kv_cache.key_plan)")
+    _check_index("k_helper", k_helper, (num_tokens,), device, (torch.int32, torch.int64))
+    if not isinstance(k_complete, torch.Tensor) or k_complete.dim() != 2 or k_complete.shape[1] != 4:
+        _fail("k_complete.shape", tuple(getattr(k_complete, "shape", ())), "(M, 4) = (block, helper, r0, i0)")
+    _check_index("k_complete", k_complete, tuple(k_complete.shape), device, (torch.int32, torch.int64))
+    if k_helper.dtype == torch.int64:
+        k_helper = k_helper.clamp(-1, num_blocks).int()
+    if k_complete.dtype == torch.int64:
+        k_complete = k_complete.clamp(-1, INT32_MAX).int()
+    return k_helper, k_complete
+
+
 def prepare_write(
-    k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype: str, k_param=None, v_param=None
+    k_pool,
+    v_pool,
+    k_new,
+    v_new,
+    slot_mapping,
+    k_scale,
+    k_zp,
+    v_scale,
+    v_zp,
+    kv_dtype: str,
+    k_param=None,
+    v_param=None,
+    k_helper=None,
+    k_complete=None,
 ) -> WriteLaunch:
     """Check every kv_cache_write argument (any device) and choose the grid."""
     mode, head_dim = _check_pools(kv_dtype, k_pool, v_pool)
@@ -234,6 +300,7 @@ def prepare_write(
         kv_dtype, k_pool, k_scale=k_scale, k_zp=k_zp, v_scale=v_scale, v_zp=v_zp, k_param=k_param, v_param=v_param
     )
     _check_index("slot_mapping", slot_mapping, (num_tokens,), device, (torch.int32, torch.int64))
+    k_helper, k_complete = _check_key_plan(kv_dtype, k_helper, k_complete, num_tokens, num_blocks, device)
     return WriteLaunch(
         mode,
         act_code,
@@ -247,6 +314,8 @@ def prepare_write(
         slot_mapping if slot_mapping.dtype == torch.int32 else slot_mapping.clamp(-1, num_blocks * block_size).int(),
         # online modes: one warp (32 threads) per row, which reduces the row to its (scale, zero)
         write_grid(num_tokens * num_kv_heads * (32 if is_online(kv_dtype) else head_dim)),
+        k_helper,
+        k_complete,
     )
 
 
@@ -349,19 +418,64 @@ def _run(device: torch.device, name: str, expression: str, grid: tuple, block: t
         _module(name).get_function(expression)(grid, block, args)
 
 
+def channel_key_stash(w: WriteLaunch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch for the completed blocks' earlier open key rows: (M, H_kv, block_size, D) uint8 codes and
+    (M, H_kv, block_size, 2) fp16 (scale, zero) (kv_write.cu kv_stash_open_keys)."""
+    rows = (w.num_complete, w.num_kv_heads, w.block_size)
+    return (
+        torch.empty(*rows, w.head_dim, dtype=torch.uint8, device=device),
+        torch.empty(*rows, 2, dtype=PARAM_DTYPE, device=device),
+    )
+
+
 def kv_cache_write(
-    k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype: str, k_param=None, v_param=None
+    k_pool,
+    v_pool,
+    k_new,
+    v_new,
+    slot_mapping,
+    k_scale,
+    k_zp,
+    v_scale,
+    v_zp,
+    kv_dtype: str,
+    k_param=None,
+    v_param=None,
+    k_helper=None,
+    k_complete=None,
 ) -> None:
     """Quantize k_new / v_new (N, H_kv, D) into the pools (num_blocks, H_kv, block_size, D) at slot_mapping[n]
-    (online modes: also each row's (scale, zero) into k_param / v_param)."""
+    (online modes: also each row's (scale, zero) into k_param / v_param). int4_per_token_head keys follow the
+    step's KeyPlan k_helper / k_complete: three launches, the completed blocks' earlier open rows stashed, then
+    the rows (open keys, values), then the completed blocks' per-channel keys."""
     import numpy
 
     w = prepare_write(
-        k_pool, v_pool, k_new, v_new, slot_mapping, k_scale, k_zp, v_scale, v_zp, kv_dtype, k_param, v_param
+        k_pool,
+        v_pool,
+        k_new,
+        v_new,
+        slot_mapping,
+        k_scale,
+        k_zp,
+        v_scale,
+        v_zp,
+        kv_dtype,
+        k_param,
+        v_param,
+        k_helper,
+        k_complete,
     )
     if w.num_tokens == 0:
         return
     i32 = numpy.int32
+    dims = (i32(w.num_tokens), i32(w.num_kv_heads), i32(w.num_blocks), i32(w.block_size), i32(w.head_dim))
+    device = k_pool.device
+    if w.num_complete:
+        stash_codes, stash_params = channel_key_stash(w, device)
+        args = (_ptr(k_pool), _ptr(k_param), _ptr(w.k_complete), _ptr(stash_codes), _ptr(stash_params), *dims)
+        grid = (w.num_complete, w.num_kv_heads)
+        _run(device, "kv_write.cu", "kv_stash_open_keys", grid, (CHANNEL_THREADS,), args)
     args = (
         _ptr(k_new),
         _ptr(v_new),
@@ -374,13 +488,22 @@ def kv_cache_write(
         _ptr(v_zp),
         _ptr(k_param),
         _ptr(v_param),
-        i32(w.num_tokens),
-        i32(w.num_kv_heads),
-        i32(w.num_blocks),
-        i32(w.block_size),
-        i32(w.head_dim),
+        _ptr(w.k_helper),
+        *dims,
     )
-    _run(k_pool.device, "kv_write.cu", f"kv_write<{w.act_ctype}, {w.mode}>", (w.grid,), (WRITE_THREADS,), args)
+    _run(device, "kv_write.cu", f"kv_write<{w.act_ctype}, {w.mode}>", (w.grid,), (WRITE_THREADS,), args)
+    if w.num_complete:
+        args = (
+            _ptr(k_new),
+            _ptr(k_pool),
+            _ptr(k_param),
+            _ptr(w.k_complete),
+            _ptr(stash_codes),
+            _ptr(stash_params),
+            *dims,
+        )
+        expression = f"kv_write_channel_keys<{w.act_ctype}>"
+        _run(device, "kv_write.cu", expression, (w.num_complete, w.num_kv_heads), (CHANNEL_THREADS,), args)
 
 
 def decode_attention(

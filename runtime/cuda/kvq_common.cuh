@@ -12,6 +12,11 @@
 //   6 int4_per_token_head  scale = (max - min) / 15,  zero = min;  q = clamp(rn_even((x - zero) / scale), 0, 15),
 //                          element 2i in the low nibble, 2i + 1 in the high nibble of byte i
 // dividing by the fp16-rounded scale (a row with scale 0 stores code 0 / fp8 0); read x^ = q * scale + zero.
+// Mode 6 stores only its values per row like that. Its keys are per channel within a block (KIVI): a full block
+// holds int4 codes with one fp16 (scale, zero) per channel, k_param (num_blocks, H_kv, 2, D) = (scale row, zero
+// row), same formulas over the block's rows of one channel; the open (partial last) block holds int8 rows (mode
+// 4) in the half-block layout, the second half in the sequence's next block (the helper). Definition:
+// runtime/quant.py quantize_channels and runtime/kv_cache.py (KeyPlan, open_key_rows, KVCache.write).
 // The formulas are those of runtime/quant.py (the reference the tests compare against).
 //
 // Compiled by NVRTC for the GPU, and by g++ through cuda_host_emulation.h for the CPU tests.

@@ -27,6 +27,7 @@ HOST_FLAGS = (
     "-shared",
     "-pthread",
     "-fno-strict-aliasing",
+    "-ffp-contract=off",
     "-Wall",
     "-Wno-unknown-pragmas",
 )
