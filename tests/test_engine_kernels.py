@@ -30,14 +30,16 @@ def ws(tiny_hf, tmp_path_factory):
     return ws
 
 
-@pytest.mark.parametrize("kv", ["fp16", "int8", "fp8_e4m3"])
+@pytest.mark.parametrize("kv", ["fp16", "int8", "fp8_e4m3", "int4_per_token_head"])
 def test_kernel_path_equals_torch_path(ws, kv):
     from runtime.cuda import host_ops
 
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     prompts = [list(range(100, 111)), list(range(300, 305))]  # different lengths in one batch
-    ref = Engine(ws, kv_cache_dtype=kv, max_batch_size=2, use_context_fmha=0)
-    emu = Engine(ws, kv_cache_dtype=kv, max_batch_size=2, use_context_fmha=0)
+    # INT4 keys: blocks of 4 so that the prefill and the decode steps complete blocks and open new ones
+    kw = {"block_size": 4} if kv == "int4_per_token_head" else {}
+    ref = Engine(ws, kv_cache_dtype=kv, max_batch_size=2, use_context_fmha=0, **kw)
+    emu = Engine(ws, kv_cache_dtype=kv, max_batch_size=2, use_context_fmha=0, **kw)
     emu.cache.kernels = host_ops
     results = {}
     for name, engine in (("ref", ref), ("emu", emu)):
@@ -50,6 +52,12 @@ def test_kernel_path_equals_torch_path(ws, kv):
     # Layer 0's K/V depend only on the tokens: bit-identical. Deeper layers see the two attention
     # implementations' last-bit fp32 differences, which may flip a rounding: nearly all bytes equal.
     for layer in range(ref.config.num_layer):
-        for a, b in ((ref.cache.k[layer], emu.cache.k[layer]), (ref.cache.v[layer], emu.cache.v[layer])):
+        pools = [(ref.cache.k[layer], emu.cache.k[layer]), (ref.cache.v[layer], emu.cache.v[layer])]
+        if ref.cache.k_param:
+            pools += [
+                (ref.cache.k_param[layer], emu.cache.k_param[layer]),
+                (ref.cache.v_param[layer], emu.cache.v_param[layer]),
+            ]
+        for a, b in pools:
             same = (a.view(torch.uint8) == b.view(torch.uint8)).float().mean().item()
             assert same == 1.0 if layer == 0 else same > 0.99, (layer, same)
