@@ -39,7 +39,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from runtime import quant
+from runtime import cpu_write, quant
 
 
 class KVQuantizer(Protocol):
@@ -271,6 +271,7 @@ class KVCache:
         # kernels: a module with kv_cache_write / decode_attention over this layout (runtime.cuda on a GPU;
         # runtime.cuda.host_ops runs the same kernels on the CPU in tests); None = the PyTorch/C++ CPU path.
         self.kernels = kernels
+        self.fast_write = True  # False: the PyTorch write even where runtime.cpu_write takes the mode (tests)
         self.quantizer = quantizer
         self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
         self.shape = (num_blocks, kv_heads, block_size, quant.row_width(quantizer.kv_dtype, head_dim))
@@ -338,6 +339,20 @@ class KVCache:
                 qz.kv_dtype,
                 **self._params(layer),
                 **plan,
+            )
+            return
+        if qz.online and self.fast_write and cpu_write.takes(qz.kv_dtype, k):  # C++, same bytes as below
+            kr, vr = qz.rotate(k.to(torch.float32)), qz.rotate(v.to(torch.float32))
+            cpu_write.online_write(
+                kr,
+                vr,
+                slot_mapping,
+                qz.kv_dtype,
+                self.k[layer],
+                self.v[layer],
+                self.k_param[layer],
+                self.v_param[layer],
+                key_plan,
             )
             return
         blocks, rows = slot_mapping // self.block_size, slot_mapping % self.block_size

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import quant
+from runtime import cpu_write, quant
 from runtime.cpu_attention import _cpp_module, decode_attention_cpp, decode_attention_torch
 from runtime.kv_cache import KVCache, OnlineQuantizer, key_plan, rotation_for
 
@@ -499,3 +499,44 @@ def test_kv_error_split_tool_orders_the_modes(tiny_hf, tmp_path):
         kls[mode] = {k: float(ln.split("mean KL")[1].split()[0]) for k, ln in lines.items()}
         assert all(0 <= v < 10 for v in kls[mode].values()), kls
     assert kls["int4_per_token_head"]["K and V"] > kls["int8_per_token_head"]["K and V"], kls
+
+
+needs_write_kernel = pytest.mark.skipif(
+    not cpu_write.takes("int8_per_token_head", torch.zeros(1)), reason="the C++ write kernel does not build here"
+)
+
+
+@needs_write_kernel
+@pytest.mark.parametrize("kv", ["int8_per_token_head", "int4_per_token_head"])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_cpp_write_kernel_stores_the_bytes_of_the_pytorch_write(kv, rotate):
+    """runtime.cpu_write against KVCache's PyTorch write, byte for byte, over steps of three sequences (blocks of
+    16): prefills leaving open blocks, single rows, chunks completing blocks and opening the next ones, a block
+    completed in one write, all-equal rows, rows of 1e4 and 1e-4 ranges."""
+    D, H, BS, NB = 64, 3, 16, 40
+    rot = quant.hadamard(D, 2) if rotate else None
+    fast, slow = (KVCache(2, NB, H, BS, D, OnlineQuantizer(kv, rot)) for _ in range(2))
+    slow.fast_write = False
+    g = torch.Generator().manual_seed(5)
+    ids = [list(range(0, 12)), list(range(12, 24)), list(range(24, 36))]
+    X = [torch.randn(150, H, D, generator=g) * torch.rand(1, H, D, generator=g) * 5 for _ in ids]
+    X[1][:40] = 1.5  # all-equal rows, then whole all-equal channels in the first blocks
+    X[2][50:70] *= 1e4
+    X[0][30:60] *= 1e-4
+    pos = [0, 0, 0]
+    for counts in ([20, 33, 7], [1, 1, 1], [9, 15, 25], [1, 0, 1], [40, 1, 33], [1, 1, 1], [16, 16, 16]):
+        live = [i for i in range(3) if counts[i]]
+        plan = key_plan([ids[i] for i in live], [pos[i] for i in live], [counts[i] for i in live], BS)
+        rows = [(i, t) for i in live for t in range(pos[i], pos[i] + counts[i])]
+        slots = torch.tensor([ids[i][t // BS] * BS + t % BS for i, t in rows])
+        k = torch.stack([X[i][t] for i, t in rows])
+        for cache in (fast, slow):
+            cache.write(1, slots, k, -0.5 * k, plan)
+        pos = [p + c for p, c in zip(pos, counts, strict=True)]
+        for a, b in zip(
+            (fast.k[1], fast.v[1], fast.k_param[1], fast.v_param[1]),
+            (slow.k[1], slow.v[1], slow.k_param[1], slow.v_param[1]),
+            strict=True,
+        ):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), counts
+    assert not (fast.k[0].any() or fast.k_param[0].any())  # the other layer untouched

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime import quant  # noqa: E402
 from runtime.cuda.kernels import POOL_DTYPES  # noqa: E402
 from runtime.quant import BYTES_PER_ELEM, PARAM_DTYPE, is_online, online_row_bytes  # noqa: E402
 
@@ -77,14 +78,23 @@ def time_step(batch: int, context: int, heads: int, kv_heads: int, dim: int, kv_
     else:
         pool = (raw.to(torch.float32) / 32).to(POOL_DTYPES[kv_dtype])
     k_pool, v_pool = pool, pool.clone()
-    # (batch, max_blocks) int32: every block used once, in shuffled order
+    # (batch, max_blocks) int32: every block used once, in shuffled order; int4_per_token_head's keys of a partly
+    # filled last block may reach the block after it (its helper): one more column (and block) per sequence
+    if quant.channel_keys(kv_dtype) and context % BLOCK_SIZE:
+        max_blocks += 1
+        num_blocks += batch
+        k_pool = torch.cat([k_pool, k_pool[:batch]]).contiguous()
+        v_pool = torch.cat([v_pool, v_pool[:batch]]).contiguous()
     block_tables = torch.randperm(num_blocks, device=dev).to(torch.int32).view(batch, max_blocks)
     q = torch.randn(batch, heads, dim, dtype=torch.float16, device=dev)
     lengths = torch.full((batch,), context, dtype=torch.int32, device=dev)
     scale, zp, params = torch.full((kv_heads,), 0.02, device=dev), torch.zeros(kv_heads, device=dev), {}
     if is_online(kv_dtype):  # no per-head parameters; (num_blocks, H_kv, BLOCK_SIZE, 2) fp16 (scale, zero) per row
         param = torch.rand(num_blocks, kv_heads, BLOCK_SIZE, 2, device=dev).to(PARAM_DTYPE) * 0.02
-        scale, zp, params = None, None, dict(k_param=param, v_param=param.clone())
+        k_param = param
+        if quant.channel_keys(kv_dtype):  # keys: (scale row, zero row) per block, (num_blocks, H_kv, 2, D)
+            k_param = torch.rand(num_blocks, kv_heads, 2, dim, device=dev).to(PARAM_DTYPE) * 0.02
+        scale, zp, params = None, None, dict(k_param=k_param, v_param=param.clone())
     args = (q, k_pool, v_pool, block_tables, lengths, scale, zp, scale, zp, kv_dtype, 1 / math.sqrt(dim))
     decode_attention(*args, max_length=context, **params)  # compile + warm up
     times = []

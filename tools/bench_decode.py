@@ -174,6 +174,8 @@ def attention_bandwidth(shapes, kv_dtypes, threads: int, repeats: int = 20) -> l
     Hkv, G, D, bs = 3, 3, 64, 64
     out = []
     for batch, ctx in shapes:
+        if ctx % bs:
+            raise SystemExit(f"--attention-only needs contexts in whole blocks of {bs}; got {ctx}")
         bw = read_bandwidth_gbs(threads)
         nb = batch * -(-ctx // bs)
         g = torch.Generator().manual_seed(0)
@@ -184,6 +186,8 @@ def attention_bandwidth(shapes, kv_dtypes, threads: int, repeats: int = 20) -> l
             x = torch.randn(2, nb, Hkv, bs, D, generator=g)
             if quant.is_online(kv):  # codes and each row's (scale, zero), as the cache stores them
                 (k, kp), (v, vp) = (quant.quantize_online(t, kv) for t in x)
+                if quant.channel_keys(kv):  # full blocks' keys: per channel (shapes are whole blocks)
+                    k, kp = quant.quantize_channels(x[0])
                 args, kw = (q, k, v, tables, lengths, None, None, None, None, D**-0.5), dict(k_param=kp, v_param=vp)
             else:
                 scale, zp = torch.full((Hkv,), 4 / 127), torch.zeros(Hkv)

@@ -1,0 +1,218 @@
+"""The CPU cache write of the integer online modes in C++: int8_per_token_head and int4_per_token_head.
+
+The PyTorch write (`runtime.kv_cache.KVCache.write`, formulas in `runtime.quant`) is some 40 small tensor
+operations per layer (row min / max, fp16 rounding, division, rounding, packing, scatter; INT4 keys also the
+int8 open rows and the per-channel blocks): ~600 us a layer for 16 decode rows, 18 ms a step over 30 layers.
+This kernel does the same arithmetic row by row, in the same fp32 operations in the same order, so its bytes
+equal the PyTorch write's (tests/test_online_kv.py compares them): IEEE division and min / max (built without
+-ffast-math and with -ffp-contract=off, so q * scale + zero stays two roundings as in PyTorch), round half to
+even (rintf), fp16 rounding to nearest even (F16C). Rotation stays outside (the caller passes rotated rows).
+
+    online_write(k, v, slots, cache, layer, key_plan)
+
+k, v (N, H_kv, D) fp32 rotated rows; slots (N,) = block * block_size + row; for int4_per_token_head the step's
+`KeyPlan`. Rows whose slot lies outside the pool are skipped (the caller's slots come from the scheduler).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from runtime import quant
+
+KERNEL_SRC = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <vector>
+
+static inline float h16(float x) { return _cvtsh_ss(_cvtss_sh(x, 0)); }  // round to fp16 (nearest even) and back
+
+// One row x[0..n) (stride step) -> its (scale, zero) as fp16 bits and codes; quant.online_params and
+// quant.quantize_online for the integer modes: scale = fp16((max - min) / top), zero = fp16(min),
+// q = clamp(rint((x - zero) / scale), 0, top), 0 where scale is 0.
+static inline void quantize_row(const float* x, int64_t n, int64_t step, int top, uint8_t* q, uint16_t* pair) {
+  float mn = x[0], mx = x[0];
+  for (int64_t i = 1; i < n; ++i) {
+    const float a = x[i * step];
+    mn = a < mn ? a : mn;
+    mx = a > mx ? a : mx;
+  }
+  const float range = mx - mn;
+  const float scale_f = range / (float)top;
+  pair[0] = _cvtss_sh(scale_f, 0);
+  pair[1] = _cvtss_sh(mn, 0);
+  const float s = _cvtsh_ss(pair[0]), z = _cvtsh_ss(pair[1]);
+  for (int64_t i = 0; i < n; ++i) {
+    float y = s > 0.0f ? (x[i * step] - z) / s : 0.0f;
+    y = rintf(y);
+    y = y < 0.0f ? 0.0f : (y > (float)top ? (float)top : y);
+    q[i] = (uint8_t)y;
+  }
+}
+
+static inline void pack4(const uint8_t* q, int64_t n, uint8_t* out) {
+  for (int64_t i = 0; i < n / 2; ++i) out[i] = (uint8_t)(q[2 * i] | (q[2 * i + 1] << 4));
+}
+
+static inline float read8(const uint8_t* q, const uint16_t* pair, int64_t i) {
+  const float s = _cvtsh_ss(pair[0]), z = _cvtsh_ss(pair[1]);
+  const float p = (float)q[i] * s;  // two roundings, as dequantize_online
+  return p + z;
+}
+
+// bits 8: int8_per_token_head, K and V per row at their slots. bits 4: int4_per_token_head: V per row (packed),
+// K per channel within blocks (runtime.kv_cache.KVCache._write_channel_keys): the blocks complete (M, 4) =
+// (block, helper, r0, i0) are quantized per channel from the int8 read-back of their rows (earlier open rows,
+// then this step's rows i0 ...), all read before any is stored; then rows with helper[n] >= 0 become int8 open
+// rows in the half-block layout (rows < bs / 2 in their block, others in helper[n]).
+extern "C" void online_write(const float* k, const float* v, int64_t N, int64_t H, int64_t D, int64_t bs,
+                             int64_t num_blocks, int bits, uint8_t* kpool, uint8_t* vpool, uint16_t* kparam,
+                             uint16_t* vparam, const int64_t* slots, const int64_t* helper, const int64_t* complete,
+                             int64_t M) {
+  const int64_t width = bits == 4 ? D / 2 : D;  // stored bytes per row
+  const int top = bits == 4 ? 15 : 255;
+  std::vector<uint8_t> q(D);
+  for (int64_t n = 0; n < N; ++n) {  // per-row rows: V always, K too for int8
+    const int64_t slot = slots[n];
+    if (slot < 0 || slot >= num_blocks * bs) continue;
+    const int64_t blk = slot / bs, row = slot % bs;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t r = (blk * H + h) * bs + row;  // row index in (num_blocks, H, bs)
+      for (int which = bits == 4 ? 1 : 0; which < 2; ++which) {
+        const float* x = (which ? v : k) + (n * H + h) * D;
+        uint8_t* pool = which ? vpool : kpool;
+        uint16_t* param = which ? vparam : kparam;
+        quantize_row(x, D, 1, top, q.data(), param + 2 * r);
+        if (bits == 4) pack4(q.data(), D, pool + r * width);
+        else memcpy(pool + r * width, q.data(), D);
+      }
+    }
+  }
+  if (bits != 4) return;
+  // INT4 keys: this step's rows as int8 rows (codes + pair), as the open layout and the completions read them
+  std::vector<uint8_t> c8((size_t)N * H * D);
+  std::vector<uint16_t> p8((size_t)N * H * 2);
+  for (int64_t r = 0; r < N * H; ++r) quantize_row(k + r * D, D, 1, 255, c8.data() + r * D, p8.data() + 2 * r);
+  const int64_t half = bs / 2, page = H * bs * D / 2;  // page: K bytes of one block; kparam: H * 2 * D per block
+  std::vector<float> x((size_t)bs * D);
+  std::vector<uint8_t> codes((size_t)M * H * bs * D / 2), qc((size_t)bs);
+  std::vector<uint16_t> cpar((size_t)M * H * 2 * D);
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t blk = complete[4 * m], nxt = complete[4 * m + 1], r0 = complete[4 * m + 2], i0 = complete[4 * m + 3];
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t r = 0; r < bs; ++r) {  // the block's rows, int8 read-back (bs, D) for this head
+        const uint8_t* cq;
+        const uint16_t* pr;
+        if (r >= r0) {
+          const int64_t i = i0 + r - r0;
+          cq = c8.data() + (i * H + h) * D, pr = p8.data() + 2 * (i * H + h);
+        } else {
+          const int64_t src = r < half ? blk : nxt, rr = r % half;
+          cq = kpool + src * page + (h * half + rr) * D, pr = kparam + (src * H + h) * 2 * D + 2 * rr;
+        }
+        for (int64_t d = 0; d < D; ++d) x[r * D + d] = read8(cq, pr, d);
+      }
+      uint16_t* par = cpar.data() + (m * H + h) * 2 * D;
+      uint8_t* out = codes.data() + (m * H + h) * bs * D / 2;
+      for (int64_t d = 0; d < D; ++d) {  // per channel over the bs rows
+        uint16_t pair[2];
+        quantize_row(x.data() + d, bs, D, 15, qc.data(), pair);
+        par[d] = pair[0], par[D + d] = pair[1];
+        for (int64_t r = 0; r < bs; ++r) {  // element d of row r: low nibble when d is even
+          uint8_t* b = out + r * D / 2 + d / 2;
+          *b = (uint8_t)(d % 2 ? (*b & 0x0F) | (qc[r] << 4) : (*b & 0xF0) | qc[r]);
+        }
+      }
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t blk = complete[4 * m];
+    memcpy(kpool + blk * page, codes.data() + m * H * bs * D / 2, (size_t)H * bs * D / 2);
+    memcpy(kparam + blk * H * 2 * D, cpar.data() + m * H * 2 * D, (size_t)H * 2 * D * 2);
+  }
+  for (int64_t n = 0; n < N; ++n) {  // open rows
+    const int64_t slot = slots[n], hb = helper[n];
+    if (hb < 0 || slot < 0 || slot >= num_blocks * bs || hb >= num_blocks) continue;
+    const int64_t row = slot % bs, dst = row < half ? slot / bs : hb, rr = row % half;
+    for (int64_t h = 0; h < H; ++h) {
+      memcpy(kpool + dst * page + (h * half + rr) * D, c8.data() + (n * H + h) * D, D);
+      uint16_t* pair = kparam + (dst * H + h) * 2 * D + 2 * rr;
+      pair[0] = p8[2 * (n * H + h)], pair[1] = p8[2 * (n * H + h) + 1];
+    }
+  }
+}
+"""
+
+BITS = {"int8_per_token_head": 8, "int4_per_token_head": 4}
+
+
+@functools.cache
+def _library():
+    from runtime import cpp_build
+
+    lib = cpp_build.load(
+        "online_write", KERNEL_SRC, ["-O2", "-mf16c", "-ffp-contract=off", "-fno-fast-math"], ("f16c",)
+    )
+    if lib is not None:
+        lib.online_write.restype = None
+        lib.online_write.argtypes = (
+            [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64]
+        )
+    return lib
+
+
+def takes(kv_dtype: str, k: torch.Tensor) -> bool:
+    """Whether the kernel writes this mode's rows (integer online modes, CPU) and builds here."""
+    return kv_dtype in BITS and k.device.type == "cpu" and _library() is not None
+
+
+def online_write(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+    kv_dtype: str,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    k_param: torch.Tensor,
+    v_param: torch.Tensor,
+    key_plan=None,
+) -> None:
+    """Store rotated rows k, v (N, H_kv, D) at slots (N,) in the pools of one layer (see the module docstring)."""
+    lib = _library()
+    N, H, D = k.shape
+    num_blocks, _, bs, _ = k_pool.shape
+    for name, t in (("k_pool", k_pool), ("v_pool", v_pool), ("k_param", k_param), ("v_param", v_param)):
+        if not t.is_contiguous():
+            raise ValueError(f"online_write: {name} must be contiguous")
+    k = k.to(torch.float32).contiguous()
+    v = v.to(torch.float32).contiguous()
+    slots = slots.to(torch.int64).contiguous()
+    helper = complete = None
+    M = 0
+    if quant.channel_keys(kv_dtype):
+        helper = key_plan.helper.to(torch.int64).contiguous()
+        complete = key_plan.complete.to(torch.int64).contiguous()
+        M = complete.shape[0]
+    lib.online_write(
+        k.data_ptr(),
+        v.data_ptr(),
+        N,
+        H,
+        D,
+        bs,
+        num_blocks,
+        BITS[kv_dtype],
+        k_pool.data_ptr(),
+        v_pool.data_ptr(),
+        k_param.data_ptr(),
+        v_param.data_ptr(),
+        slots.data_ptr(),
+        None if helper is None else helper.data_ptr(),
+        None if complete is None else complete.data_ptr(),
+        M,
+    )
