@@ -345,6 +345,8 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
   constexpr bool online = kind >= 4;
   alignas(64) float blk[W * D];
   alignas(64) float rs[W], rz[W];  // this block of rows' score multipliers (online: per row; static: constant)
+  alignas(64) float cs[kind == 6 ? D : 1], cz[kind == 6 ? D : 1];  // kind 6: a full block's (scale, zero) rows
+  int64_t cpar = -1;  // ... of the block at kp + cpar, converted to fp32 once per block
   for (int64_t t0 = 0; t0 < n; t0 += W) {
     const int r = n - t0 < W ? (int)(n - t0) : W;
     for (int j = 0; j < W; ++j) {  // rows past the chunk repeat its last row; their scores are dropped
@@ -355,8 +357,12 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
           for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<4>(kc, kofs[t] + d));
           rs[j] = kscale * _cvtsh_ss(pc[0]), rz[j] = kzero * _cvtsh_ss(pc[1]);
         } else {
+          if (kpar[t] != cpar) {
+            for (int d = 0; d < D; d += W) vstorea(cs + d, loadw<0>(pc, d)), vstorea(cz + d, loadw<0>(pc + D, d));
+            cpar = kpar[t];
+          }
           for (int d = 0; d < D; d += W)
-            vstorea(blk + j * D + d, vfma(loadw<6>(kc, o + d), loadw<0>(pc, d), loadw<0>(pc + D, d)));
+            vstorea(blk + j * D + d, vfma(loadw<6>(kc, o + d), vloada(cs + d), vloada(cz + d)));
           rs[j] = kscale, rz[j] = 0.0f;
         }
         continue;
