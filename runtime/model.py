@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from runtime.cpu_linear import linear
+from runtime.cpu_linear import linear, rms_norm
 from runtime.kv_cache import KeyPlan, KVCache, key_plan
 from runtime.workspace import WorkspaceConfig, hidden_size
 
@@ -184,7 +184,7 @@ class Transformer:
     # ------------------------------------------------------------------------------------------
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x * rsqrt(mean(x^2) + eps) * w, computed in fp32 and rounded once to the compute dtype."""
-        return F.rms_norm(x, w.shape, w, self.cfg.norm_eps)  # one fused op (bf16/fp16 inputs: fp32 inside)
+        return rms_norm(x, w, self.cfg.norm_eps)  # one op (bf16/fp16 inputs: fp32 inside; bf16 CPU: C++)
 
     @property
     def max_positions(self) -> int:

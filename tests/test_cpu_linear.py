@@ -57,3 +57,21 @@ def test_bad_arguments_name_the_problem():
         cpu_linear.linear_bf16(torch.zeros(1, 8), torch.zeros(4, 8))
     with pytest.raises(ValueError, match=r"\(N, K=8\)"):
         cpu_linear.linear_bf16(torch.zeros(1, 8, dtype=torch.bfloat16), torch.zeros(4, 9, dtype=torch.bfloat16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 576), (3, 7, 64), (5, 33), (2, 1536)])
+def test_rms_norm_kernel_equals_the_formula_rounded_once(shape):
+    """x * rsqrt(mean(x^2) + eps) * w in fp64 from the same bf16 inputs: the kernel is within one bf16 rounding
+    (plus fp32 error), keeps the shape, and agrees with F.rms_norm; fp32 inputs take F.rms_norm itself."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * 3).to(torch.bfloat16)
+    w = torch.randn(shape[-1], generator=g).to(torch.bfloat16)
+    exact = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    got = cpu_linear.rms_norm(x, w, 1e-5)
+    assert got.shape == x.shape and got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() <= 2.0**-8 * exact.abs() + 1e-6 * exact.abs().amax()).all()
+    torch.testing.assert_close(got.float(), F.rms_norm(x, w.shape, w, 1e-5).float(), rtol=2**-7, atol=1e-3)
+    x32 = torch.randn(4, 64)
+    w32 = torch.randn(64)
+    assert torch.equal(cpu_linear.rms_norm(x32, w32, 1e-6), F.rms_norm(x32, (64,), w32, 1e-6))
