@@ -327,8 +327,8 @@ class KVCache:
             raise ValueError(f"{qz.kv_dtype} writes need the step's key_plan (runtime.kv_cache.key_plan)")
         if self.kernels is not None:
             plan = {"k_helper": key_plan.helper, "k_complete": key_plan.complete} if self.channel_keys else {}
-            if qz.online:  # the kernels see rotated rows; rotation is never inside them
-                k, v = qz.rotate(k), qz.rotate(v)
+            if qz.online:  # the kernels see rotated rows, fp32 as the PyTorch write rotates them; never inside them
+                k, v = qz.rotate(k.to(torch.float32)), qz.rotate(v.to(torch.float32))
             self.kernels.kv_cache_write(
                 self.k[layer],
                 self.v[layer],
