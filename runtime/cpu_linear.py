@@ -11,13 +11,15 @@ summing a buffer on the 2-core EPYC we measure on). This kernel streams the weig
 Work split: each thread takes a contiguous range of weight rows and reads it row after row, one sequential
 stream per thread (which the hardware prefetcher follows best: 4 weight rows read interleaved, the previous
 design, reached 18 GB/s at one row against 25 GB/s now; software prefetching only slowed it), each weight row
-meeting up to 8 activation rows held in L1 (2 fp32 accumulators of 16 lanes each). K need not be a multiple of
+meeting up to 12 activation rows held in L1 (2 fp32 accumulators of 16 lanes per row up to 8 rows, 1 from 9;
+more rows in passes of 8). K need not be a multiple of
 32 (masked loads). The sum order differs from PyTorch's, so results agree to fp32 rounding before the final
 bf16 rounding (tests compare against an fp32 matmul of the same bf16 inputs).
 
 `linear(x, w)` uses the kernel for CPU bf16 inputs with at most `MAX_ROWS` rows and `F.linear` otherwise.
 Measured at SmolLM2's decode shapes (all 121 matrices of a step, 2 threads, interleaved in one process),
-kernel time / PyTorch's: 0.46 at 1 row, 0.49 at 2, 0.65 at 4 and 8, 0.81 at 16, 0.98 at 24, 1.20 at 32.
+kernel time / PyTorch's: 0.46 at 1 row, 0.63 at 4, 0.68 at 8, 0.76 at 11, 0.88 at 12, 0.82 at 16, 0.94 at 22,
+1.01 at 24, 1.12 at 32. Past one row the kernel is bound by its dot-product chains, not by memory.
 """
 
 from __future__ import annotations
@@ -42,17 +44,19 @@ KERNEL_SRC = r"""
 // meets every activation row with the weight vectors in registers: 2 accumulators along k per activation row.
 template <int BR>
 static void rows(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t K, int64_t N, int64_t ldy) {
+  constexpr int A = BR <= 8 ? 2 : 1;  // accumulators along k per activation row (registers: BR * A + 2 <= 32)
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
   for (int64_t n = 0; n < N; ++n) {
     const uint16_t* wr = w + n * K;
-    __m512 a[BR][2];
-    for (int b = 0; b < BR; ++b) a[b][0] = a[b][1] = _mm512_setzero_ps();
+    __m512 a[BR][A];
+    for (int b = 0; b < BR; ++b)
+      for (int j = 0; j < A; ++j) a[b][j] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k), w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
       for (int b = 0; b < BR; ++b) {
         a[b][0] = _mm512_dpbf16_ps(a[b][0], (__m512bh)_mm512_loadu_si512(x + b * K + k), w0);
-        a[b][1] = _mm512_dpbf16_ps(a[b][1], (__m512bh)_mm512_loadu_si512(x + b * K + k + 32), w1);
+        a[b][A - 1] = _mm512_dpbf16_ps(a[b][A - 1], (__m512bh)_mm512_loadu_si512(x + b * K + k + 32), w1);
       }
     }
     for (; k < K; k += 32) {  // K need not be a multiple of 64 (or 32: masked loads)
@@ -62,7 +66,7 @@ static void rows(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t K, i
         a[b][0] = _mm512_dpbf16_ps(a[b][0], (__m512bh)_mm512_maskz_loadu_epi16(m, x + b * K + k), w0);
     }
     alignas(64) float s[16] = {0};
-    for (int b = 0; b < BR; ++b) s[b] = _mm512_reduce_add_ps(_mm512_add_ps(a[b][0], a[b][1]));
+    for (int b = 0; b < BR; ++b) s[b] = _mm512_reduce_add_ps(A == 2 ? _mm512_add_ps(a[b][0], a[b][A - 1]) : a[b][0]);
     alignas(32) uint16_t o[16];
     _mm256_store_si256((__m256i*)o, (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(s)));  // nearest even, as torch
     for (int b = 0; b < BR; ++b) y[b * ldy + n] = o[b];
@@ -95,20 +99,21 @@ extern "C" void rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y,
   }
 }
 
+// Up to 12 activation rows in one pass over the weights (2 accumulators per row up to 8, 1 from 9 on: 32
+// registers), more in passes of 8 (measured at SmolLM2's shapes: 16 rows in one pass with 1 accumulator were
+// slower than two passes of 8 with 2; 9-12 rows in one pass faster than two).
 extern "C" void linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t B, int64_t K, int64_t N) {
-  for (int64_t b0 = 0; b0 < B; b0 += 8) {  // 8 activation rows per pass over the weights
+  for (int64_t b0 = 0; b0 < B;) {
+    const int64_t left = B - b0, r = left <= 12 ? left : 8;
     const uint16_t* xb = x + b0 * K;
     uint16_t* yb = y + b0 * N;
-    switch (B - b0 < 8 ? B - b0 : 8) {
-      case 1: rows<1>(xb, w, yb, K, N, N); break;
-      case 2: rows<2>(xb, w, yb, K, N, N); break;
-      case 3: rows<3>(xb, w, yb, K, N, N); break;
-      case 4: rows<4>(xb, w, yb, K, N, N); break;
-      case 5: rows<5>(xb, w, yb, K, N, N); break;
-      case 6: rows<6>(xb, w, yb, K, N, N); break;
-      case 7: rows<7>(xb, w, yb, K, N, N); break;
-      default: rows<8>(xb, w, yb, K, N, N); break;
+    switch (r) {
+#define KVQ_ROWS(n) case n: rows<n>(xb, w, yb, K, N, N); break;
+      KVQ_ROWS(1) KVQ_ROWS(2) KVQ_ROWS(3) KVQ_ROWS(4) KVQ_ROWS(5) KVQ_ROWS(6) KVQ_ROWS(7) KVQ_ROWS(8)
+      KVQ_ROWS(9) KVQ_ROWS(10) KVQ_ROWS(11) KVQ_ROWS(12)
+#undef KVQ_ROWS
     }
+    b0 += r;
   }
 }
 """
