@@ -92,7 +92,7 @@ def check_paged_args(q, k_pool, v_pool, block_tables, lengths, params, kv_dtype=
                 got = None if p is None else (p.dtype, tuple(p.shape))
                 what = "per channel" if want_shape is kshape and kshape != pshape else "per row"
                 raise ValueError(f"{kv_dtype}: {name} must be {want_shape} float16 (scale, zero) {what}; got {got}")
-        if quant.channel_keys(kv_dtype) and (block_size % 2 or block_size > 2 * D):
+        if quant.channel_keys(kv_dtype) and not quant.channel_block_fits(block_size, D):
             raise ValueError(f"{kv_dtype} needs an even block_size <= 2 * D = {2 * D}; got {block_size}")
         return
     for name, p in zip(("k_scale", "k_zp", "v_scale", "v_zp"), params, strict=True):
@@ -469,27 +469,27 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
         for (int d = 0; d < D; ++d) s += (qx[g * (D + 1) + d] = qrow[d]);
         qx[g * (D + 1) + D] = s;
       }
-      // Cursor over (block-table column, row in block): one offset per position, no division per row.
+      // Cursor over (block-table column, row in block): one offset per position, no division per row. Kind 6
+      // (per-channel keys) also gives each row its K address and parameters: a full block's (scale, zero) rows,
+      // or in the open last block the row's int8 codes and pair (block for row < half, else its helper, the next
+      // column; at row % half).
       off.resize(it.n);
+      if (kind == 6) kofs.resize(it.n), kpar.resize(it.n);
       const int32_t* table = tables + it.b * max_blocks;
+      const int64_t full = lengths[it.b] / block_size * block_size, half = block_size / 2;
       int64_t col = it.start / block_size, row = it.start % block_size;
       for (int64_t t = 0; t < it.n; ++t) {
         off[t] = table[col] * page_stride + ((int64_t)it.h * block_size + row) * D;
-        if (++row == block_size) { row = 0; ++col; }
-      }
-      if (kind == 6) {  // per-channel keys: each row's K address and parameters (full block or open rows)
-        kofs.resize(it.n), kpar.resize(it.n);
-        const int64_t full = lengths[it.b] / block_size * block_size, half = block_size / 2;
-        for (int64_t t = 0; t < it.n; ++t) {
-          const int64_t p = it.start + t, c = p / block_size, r = p % block_size;
-          if (p < full) {
-            kofs[t] = -1, kpar[t] = ((int64_t)table[c] * Hkv + it.h) * 2 * D;
-          } else {  // open row r: block c for r < half, else its helper (column c + 1), row r % half
-            const int64_t page = table[r < half ? c : c + 1], rr = r % half;
+        if (kind == 6) {
+          if (it.start + t < full) {
+            kofs[t] = -1, kpar[t] = ((int64_t)table[col] * Hkv + it.h) * 2 * D;
+          } else {
+            const int64_t page = table[row < half ? col : col + 1], rr = row < half ? row : row - half;
             kofs[t] = page * page_stride / 2 + ((int64_t)it.h * half + rr) * D;
             kpar[t] = (page * Hkv + it.h) * 2 * D + 2 * rr;
           }
         }
+        if (++row == block_size) { row = 0; ++col; }
       }
       sc.resize((size_t)G * it.n);
       const float kscale = (online ? 1.0f : ks[it.h]) * unit * softmax_scale;

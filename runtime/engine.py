@@ -106,7 +106,9 @@ def default_block_size(kv_dtype: str, head_dim: int) -> int:
     """DEFAULT_BLOCK_SIZE, or for int4_per_token_head at most 2 x head_dim: its open blocks keep their key rows'
     (scale, zero) pairs in a block's per-channel parameters (2 x head_dim values). An explicit larger
     block_size is refused by KVCache."""
-    return min(DEFAULT_BLOCK_SIZE, 2 * head_dim) if quant.channel_keys(kv_dtype) else DEFAULT_BLOCK_SIZE
+    if quant.channel_keys(kv_dtype) and not quant.channel_block_fits(DEFAULT_BLOCK_SIZE, head_dim):
+        return 2 * head_dim
+    return DEFAULT_BLOCK_SIZE
 
 
 @dataclass

@@ -218,10 +218,28 @@ def key_plan(block_ids: list[list[int]], starts: list[int], counts: list[int], b
 def open_key_rows(pool: torch.Tensor, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The half-block views of a per-channel-key K pool (num_blocks, H_kv, bs, D / 2) and its params
     (num_blocks, H_kv, 2, D): open rows (num_blocks, H_kv, bs / 2, D) uint8 codes and (num_blocks, H_kv, D, 2)
-    fp16 (scale, zero) of which rows [0, bs / 2) are used. Open row r of block A with helper H: block A if
-    r < bs / 2 else H, row r % (bs / 2)."""
+    fp16 (scale, zero) of which rows [0, bs / 2) are used (`open_row_home` says which block and row)."""
     nb, hkv, bs, width = pool.shape
     return pool.view(nb, hkv, bs // 2, 2 * width), param.view(nb, hkv, param.shape[-1], 2)
+
+
+def open_row_home(
+    block: torch.Tensor, helper: torch.Tensor, row: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where open key row `row` of `block` (helper block `helper`) lives in the `open_key_rows` views: the block
+    itself for row < bs / 2, else its helper; at row % (bs / 2). Arguments broadcast."""
+    half = block_size // 2
+    return torch.where(row < half, block, helper), row % half
+
+
+def read_open_rows(
+    pool: torch.Tensor, param: torch.Tensor, block: torch.Tensor, helper: torch.Tensor, row: torch.Tensor
+) -> torch.Tensor:
+    """Open key rows `row` of blocks `block` with helpers `helper` (broadcasting to some shape S), read back as
+    int8_per_token_head rows: (*S, H_kv, D) fp32 = code * scale + zero."""
+    page, r = open_row_home(block, helper, row, pool.shape[2])
+    rows8, par8 = open_key_rows(pool, param)
+    return quant.dequantize_online(rows8[page, :, r], par8[page, :, r], "int8_per_token_head")
 
 
 def gather_channel_keys(
@@ -231,19 +249,15 @@ def gather_channel_keys(
     a per-channel-key pool -> (n, c, H_kv, D) fp32 (rotated basis). Positions in the full blocks
     (pos < lengths // bs * bs) read their block's per-channel codes, the rest the open rows."""
     bs = pool.shape[2]
-    half = bs // 2
     col, row = pos // bs, pos % bs
     page = block_tables.gather(1, col)  # (n, c)
     full = quant.dequantize_channels(pool[page, :, row].unsqueeze(-2), param[page]).squeeze(-2)  # (n, c, H_kv, D)
     is_open = pos >= (lengths // bs * bs).view(-1, 1)
     if not bool(is_open.any()):
         return full
-    hi = row >= half
-    opage = block_tables.gather(1, (col + hi.long()).clamp(max=block_tables.shape[1] - 1))
-    opage = torch.where(is_open, opage, page)  # full positions: any valid block, not used
-    rows8, par8 = open_key_rows(pool, param)
-    orow = row % half
-    opened = quant.dequantize_online(rows8[opage, :, orow], par8[opage, :, orow], "int8_per_token_head")
+    helper = block_tables.gather(1, (col + 1).clamp(max=block_tables.shape[1] - 1))
+    helper = torch.where(is_open, helper, page)  # full positions: never a padding entry of the table, not used
+    opened = read_open_rows(pool, param, page, helper, row)
     return torch.where(is_open[..., None, None], opened, full)
 
 
@@ -282,7 +296,7 @@ class KVCache:
         pshape = (num_blocks, kv_heads, block_size, 2)  # (scale, zero) per row
         self.channel_keys = quant.channel_keys(quantizer.kv_dtype)
         kshape = (num_blocks, kv_heads, 2, head_dim) if self.channel_keys else pshape  # (scale, zero) per channel
-        if self.channel_keys and (block_size % 2 or block_size > 2 * head_dim):
+        if self.channel_keys and not quant.channel_block_fits(block_size, head_dim):
             raise ValueError(
                 f"{quantizer.kv_dtype} needs an even block_size of at most 2 * size_per_head = {2 * head_dim} "
                 f"(its open key rows use half a block each); got block_size {block_size}"
@@ -381,8 +395,6 @@ class KVCache:
         at rows (N,) of blocks (N,). Each block the plan completes is read back (earlier open rows, then this step's
         rows through int8) and quantized per channel; then the rows whose block stays open become int8 open rows
         (in that order: a block opened by this step may be the helper of one it completes)."""
-        half = self.block_size // 2
-        rows8, par8 = open_key_rows(self.k[layer], self.k_param[layer])
         codes, params = quant.quantize_online(k, "int8_per_token_head")  # (N, H_kv, D), (N, H_kv, 2)
         complete = plan.complete.to(k.device)
         if complete.numel():  # first: this step may open a block in a completed block's helper
@@ -390,8 +402,8 @@ class KVCache:
         helper = plan.helper.to(k.device)
         stay = helper >= 0
         if bool(stay.any()):
-            page = torch.where(rows >= half, helper, blocks)[stay]
-            orow = (rows % half)[stay]
+            rows8, par8 = open_key_rows(self.k[layer], self.k_param[layer])
+            page, orow = open_row_home(blocks[stay], helper[stay], rows[stay], self.block_size)
             rows8[page, :, orow] = codes[stay]
             par8[page, :, orow] = params[stay]
 
@@ -400,16 +412,13 @@ class KVCache:
     ) -> None:
         """Quantize per channel the blocks complete (M, 4) names, from their earlier open rows and this step's int8
         rows (codes, params)."""
-        bs, half = self.block_size, self.block_size // 2
-        rows8, par8 = open_key_rows(self.k[layer], self.k_param[layer])
-        k_rows = codes.shape[0]
         blk, nxt, r0, i0 = complete.unbind(1)  # (M,) each
-        r = torch.arange(bs, device=codes.device).view(1, -1)
+        r = torch.arange(self.block_size, device=codes.device).view(1, -1)
         new = r >= r0.view(-1, 1)  # (M, bs): this step's rows
-        src = (i0.view(-1, 1) + r - r0.view(-1, 1)).clamp(0, k_rows - 1)
+        src = (i0.view(-1, 1) + r - r0.view(-1, 1)).clamp(0, codes.shape[0] - 1)
         fresh = quant.dequantize_online(codes[src], params[src], "int8_per_token_head")  # (M, bs, H_kv, D)
-        page = torch.where(r < half, blk.view(-1, 1), nxt.view(-1, 1)).clamp(min=0)
-        earlier = quant.dequantize_online(rows8[page, :, r % half], par8[page, :, r % half], "int8_per_token_head")
+        # helper -1 (none) only where every row past the first half is this step's: any valid block, not used
+        earlier = read_open_rows(self.k[layer], self.k_param[layer], blk.view(-1, 1), nxt.view(-1, 1).clamp(min=0), r)
         x = torch.where(new[..., None, None], fresh, earlier).transpose(1, 2)  # (M, H_kv, bs, D)
         data, cparams = quant.quantize_channels(x)  # all blocks read before any is stored: one may be another's helper
         self.k[layer][blk] = data
@@ -450,13 +459,11 @@ class KVCache:
     def open_history(self, layer: int, block_ids: list[int], start: int, dtype: torch.dtype) -> torch.Tensor:
         """Per-channel keys: a sequence's open-block rows [start // bs * bs, start) as int8 rows, un-rotated
         (H_kv, start % bs, D), read before a write that may complete the block (`open_keys`)."""
-        bs, half = self.block_size, self.block_size // 2
-        j, n = divmod(start, bs)
-        rows8, par8 = open_key_rows(self.k[layer], self.k_param[layer])
-        r = torch.arange(n, device=rows8.device)
-        page = torch.where(r < half, block_ids[j], block_ids[j + 1] if n > half else 0)
-        x = quant.dequantize_online(rows8[page, :, r % half], par8[page, :, r % half], "int8_per_token_head")
-        return self.quantizer.unrotate(x.transpose(0, 1)).to(dtype)
+        device = self.k[layer].device
+        table = torch.tensor([block_ids], dtype=torch.long, device=device)
+        pos = torch.arange(start - start % self.block_size, start, device=device).view(1, -1)
+        x = gather_channel_keys(self.k[layer], self.k_param[layer], table, torch.tensor([start], device=device), pos)
+        return self.quantizer.unrotate(x[0].transpose(0, 1)).to(dtype)  # at length `start` all these rows are open
 
     def open_keys(self, k: torch.Tensor) -> torch.Tensor:
         """Per-channel keys: k (..., D) as open rows hold them (int8 read-back in the rotated basis), un-rotated."""

@@ -59,7 +59,7 @@ class Batch:
     lengths: torch.Tensor  # (B,) int32 = starts + counts: tokens in the cache after this step, on the device
     max_length: int  # max(lengths), known on the host (no device sync per layer)
     key_plan: KeyPlan | None = None  # per-channel-key modes (int4_per_token_head): open rows and completed blocks
-    block_ids: list[list[int]] | None = None  # each sequence's blocks (per-channel keys read open rows by them)
+    block_ids: list[list[int]] | None = None  # per-channel-key modes: each sequence's blocks (open rows by them)
 
     @classmethod
     def build(
@@ -89,7 +89,7 @@ class Batch:
             lengths.to(device),
             int(lengths.max()),
             KeyPlan(*(t.to(device) for t in key_plan(block_ids, starts, counts, block_size))) if channel_keys else None,
-            [list(ids) for ids in block_ids],
+            [list(ids) for ids in block_ids] if channel_keys else None,
         )
 
 

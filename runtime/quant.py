@@ -246,6 +246,12 @@ def dequantize_channels(data: torch.Tensor, params: torch.Tensor, dtype: torch.d
     return (unpack_int4(data).to(torch.float32) * scale + zero).to(dtype)
 
 
+def channel_block_fits(block_size: int, head_dim: int) -> bool:
+    """Whether blocks of block_size rows can hold per-channel keys: an open block's rows are split in two halves,
+    and each half's (scale, zero) pairs live in one block's (2, D) parameter area, so an even size <= 2 * D."""
+    return block_size % 2 == 0 and block_size <= 2 * head_dim
+
+
 def int8_round_trip(x: torch.Tensor) -> torch.Tensor:
     """x (..., D) -> its int8_per_token_head read-back in fp32: what an open key row holds."""
     return dequantize_online(*quantize_online(x, "int8_per_token_head"), "int8_per_token_head")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.quant import FP8_DTYPES, ONLINE_STORAGE, PARAM_DTYPE, STORAGE_DTYPES, is_online
+from runtime.quant import FP8_DTYPES, ONLINE_STORAGE, PARAM_DTYPE, STORAGE_DTYPES, channel_block_fits, is_online
 
 CUDA_DIR = Path(__file__).resolve().parent
 KV_MODES = {  # kvq_common.cuh KVQ_MODE_*
@@ -181,7 +181,7 @@ def _check_params(kv_dtype: str, k_pool: torch.Tensor, **params: torch.Tensor | 
     num_blocks, num_kv_heads, block_size, width = k_pool.shape
     online = is_online(kv_dtype)
     channel_keys = kv_dtype == CHANNEL_KEYS
-    if channel_keys and (block_size % 2 or block_size > 4 * width):
+    if channel_keys and not channel_block_fits(block_size, 2 * width):
         _fail("block_size", block_size, f"even and <= 2 * D = {4 * width} for kv_dtype={kv_dtype!r} (open key rows)")
     for name, p in params.items():
         is_pool = name.endswith("_param")

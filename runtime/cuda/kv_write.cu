@@ -239,10 +239,18 @@ __global__ void __launch_bounds__(KVQ_CHANNEL_THREADS) kv_stash_open_keys(
     }
 }
 
-// Row r's int8 read-back at channel c: the stored code times the row's scale plus its zero, as two rounded fp32
-// operations (quant.dequantize_online; __fmul_rn / __fadd_rn never contract into an FMA).
-__device__ __forceinline__ float int8_read_back(unsigned int code, float scale, float zero) {
-    return __fadd_rn(__fmul_rn((float)code, scale), zero);
+// Row r, channel c of a completed block as its int8 read-back: the code (an earlier row's from the stash, or this
+// step's k_new row i0 + (r - r0) quantized with the row's int8 (scale, zero)) times the row's scale plus its zero,
+// as two rounded fp32 operations (quant.dequantize_online; __fmul_rn / __fadd_rn never contract into an FMA).
+template <typename Tin>
+__device__ __forceinline__ float completed_key(const Tin* k_new, const unsigned char* stash_codes, long long stash_row,
+                                               const float* s_scale, const float* s_zero, int r, int c, int r0,
+                                               int i0, int h, int num_kv_heads, int head_dim) {
+    const unsigned int code =
+        r < r0 ? stash_codes[(stash_row + r) * head_dim + c]
+               : quantize_code(to_float(k_new[((long long)(i0 + r - r0) * num_kv_heads + h) * head_dim + c]),
+                               s_zero[r], s_scale[r], 255);
+    return __fadd_rn(__fmul_rn((float)code, s_scale[r]), s_zero[r]);
 }
 
 // Quantize completed block m of KV head h per channel: rows [0, r0) from the stash, rows [r0, bs) from k_new
@@ -288,12 +296,8 @@ __global__ void __launch_bounds__(KVQ_CHANNEL_THREADS, 1) kv_write_channel_keys(
     for (int r = 0; r < block_size; ++r) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const int c = 2 * t + j;
-            const unsigned int code =
-                r < r0 ? stash_codes[(stash_row + r) * head_dim + c]
-                       : quantize_code(to_float(k_new[((long long)(i0 + r - r0) * num_kv_heads + h) * head_dim + c]),
-                                       s_zero[r], s_scale[r], 255);
-            x[j] = int8_read_back(code, s_scale[r], s_zero[r]);
+            x[j] = completed_key(k_new, stash_codes, stash_row, s_scale, s_zero, r, 2 * t + j, r0, i0, h, num_kv_heads,
+                                 head_dim);
             lo[j] = r == 0 ? x[j] : fminf(lo[j], x[j]);
             hi[j] = r == 0 ? x[j] : fmaxf(hi[j], x[j]);
         }
@@ -307,16 +311,13 @@ __global__ void __launch_bounds__(KVQ_CHANNEL_THREADS, 1) kv_write_channel_keys(
         scale[j] = __half2float(scale_h);
         zero[j] = __half2float(zero_h);
     }
-    for (int r = 0; r < block_size; ++r) {  // same read-back again (cheaper than keeping bs x D floats)
+    for (int r = 0; r < block_size; ++r) {  // the same read-back again (cheaper than keeping bs x D floats)
         unsigned int q[2];
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const int c = 2 * t + j;
-            const unsigned int code =
-                r < r0 ? stash_codes[(stash_row + r) * head_dim + c]
-                       : quantize_code(to_float(k_new[((long long)(i0 + r - r0) * num_kv_heads + h) * head_dim + c]),
-                                       s_zero[r], s_scale[r], 255);
-            q[j] = quantize_code(int8_read_back(code, s_scale[r], s_zero[r]), zero[j], scale[j], 15);
+            const float x = completed_key(k_new, stash_codes, stash_row, s_scale, s_zero, r, 2 * t + j, r0, i0, h,
+                                          num_kv_heads, head_dim);
+            q[j] = quantize_code(x, zero[j], scale[j], 15);
         }
         k_pool[(head * block_size + r) * (head_dim / 2) + t] = (unsigned char)(q[0] | (q[1] << 4));
     }
