@@ -330,66 +330,64 @@ static inline void row_params(const uint16_t* param, int64_t off, float* scale, 
   *zero = _cvtsh_ss(p[1]);
 }
 
-// One work item with head size D known at compile time: the n rows at element offsets off[0..n) (n >= 1) of
-// one KV head, attended by its G query heads. qx: G rows of D + 1 floats (q, then sum(q)); sc: G * n scratch.
-// Static kinds: score = dot * kscale + kzero * sum(q). Online kinds (>= 4): kscale, kzero multiply each row's
-// own (scale, zero) from kp; vp's fold into the V pass.
-// Writes acc (G, D) = sum_t p_t v_t unnormalised (online: sum_t p_t x^_t) and ml (G, 2) = (max score, sum_t p_t).
-// K pass: W rows at a time are converted into an L1 block (row-major) that the G query heads reuse; each head
-// keeps W accumulators (one per row) and one transpose-add tree turns them into W scores. V pass: rows are
-// converted once and accumulated into the G output rows held in registers.
+// Scores of the rows t0 .. t0 + min(W, n - t0) - 1 of a work item for its G query heads into sc (G, n), through
+// fp32: the W rows are converted into an L1 block (row-major) that the G heads reuse; each head keeps W
+// accumulators (one per row) and one transpose-add tree turns them into W scores. Static kinds: score = dot *
+// kscale + kzero * sum(q). Online kinds (>= 4): kscale, kzero multiply each row's own (scale, zero) from kp.
+// Kind 6 (per-channel keys): full rows x^ = code * scale_c + zero_c (their block's (scale, zero) rows are kept
+// converted in cs / cz, for the block at kp + *cpar), open rows int8 per row.
 template <int kind, int D>
-static void attend_chunk(const float* qx, int G, const void* kc, const void* vc, const uint16_t* kp,
-                         const uint16_t* vp, const int64_t* off, const int64_t* kofs, const int64_t* kpar,
-                         int64_t n, float kscale, float kzero, float vunit, float* sc, float* acc, float* ml) {
+static inline void k_group_f32(const float* qx, int G, const void* kc, const uint16_t* kp, const int64_t* off,
+                               const int64_t* kofs, const int64_t* kpar, int64_t n, int64_t t0, float kscale,
+                               float kzero, float* cs, float* cz, int64_t* cpar, float* sc) {
   constexpr bool online = kind >= 4;
   alignas(64) float blk[W * D];
   alignas(64) float rs[W], rz[W];  // this block of rows' score multipliers (online: per row; static: constant)
-  alignas(64) float cs[kind == 6 ? D : 1], cz[kind == 6 ? D : 1];  // kind 6: a full block's (scale, zero) rows
-  int64_t cpar = -1;  // ... of the block at kp + cpar, converted to fp32 once per block
-  for (int64_t t0 = 0; t0 < n; t0 += W) {
-    const int r = n - t0 < W ? (int)(n - t0) : W;
-    for (int j = 0; j < W; ++j) {  // rows past the chunk repeat its last row; their scores are dropped
-      const int64_t t = t0 + (j < r ? j : r - 1), o = off[t];
-      if (kind == 6) {  // per-channel keys: full rows x^ = code * scale_c + zero_c; open rows int8 per row
-        const uint16_t* pc = kp + kpar[t];
-        if (kofs[t] >= 0) {
-          for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<4>(kc, kofs[t] + d));
-          rs[j] = kscale * _cvtsh_ss(pc[0]), rz[j] = kzero * _cvtsh_ss(pc[1]);
-        } else {
-          if (kpar[t] != cpar) {
-            for (int d = 0; d < D; d += W) vstorea(cs + d, loadw<0>(pc, d)), vstorea(cz + d, loadw<0>(pc + D, d));
-            cpar = kpar[t];
-          }
-          for (int d = 0; d < D; d += W)
-            vstorea(blk + j * D + d, vfma(loadw<6>(kc, o + d), vloada(cs + d), vloada(cz + d)));
-          rs[j] = kscale, rz[j] = 0.0f;
+  const int r = n - t0 < W ? (int)(n - t0) : W;
+  for (int j = 0; j < W; ++j) {  // rows past the chunk repeat its last row; their scores are dropped
+    const int64_t t = t0 + (j < r ? j : r - 1), o = off[t];
+    if (kind == 6) {
+      const uint16_t* pc = kp + kpar[t];
+      if (kofs[t] >= 0) {
+        for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<4>(kc, kofs[t] + d));
+        rs[j] = kscale * _cvtsh_ss(pc[0]), rz[j] = kzero * _cvtsh_ss(pc[1]);
+      } else {
+        if (kpar[t] != *cpar) {
+          for (int d = 0; d < D; d += W) vstorea(cs + d, loadw<0>(pc, d)), vstorea(cz + d, loadw<0>(pc + D, d));
+          *cpar = kpar[t];
         }
-        continue;
+        for (int d = 0; d < D; d += W)
+          vstorea(blk + j * D + d, vfma(loadw<6>(kc, o + d), vloada(cs + d), vloada(cz + d)));
+        rs[j] = kscale, rz[j] = 0.0f;
       }
-      for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<kind>(kc, o + d));
-      rs[j] = kscale, rz[j] = kzero;
-      if (online) {
-        float s, z;
-        row_params<D>(kp, o, &s, &z);
-        rs[j] *= s, rz[j] *= z;
-      }
+      continue;
     }
-    const vec vrs = vloada(rs), vrz = vloada(rz);
-    for (int g = 0; g < G; ++g) {
-      const float* qg = qx + g * (D + 1);
-      vec a[W];
-      for (int j = 0; j < W; ++j) a[j] = vzero();
-      for (int d = 0; d < D; d += W) {
-        const vec qv = vload(qg + d);
-        for (int j = 0; j < W; ++j) a[j] = vfma(qv, vloada(blk + j * D + d), a[j]);
-      }
-      alignas(64) float s[W];
-      vstorea(s, vfma(hsumw(a), vrs, vrz * vset1(qg[D])));  // qg[D]: sum(q)
-      for (int j = 0; j < r; ++j) sc[g * n + t0 + j] = s[j];
+    for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<kind>(kc, o + d));
+    rs[j] = kscale, rz[j] = kzero;
+    if (online) {
+      float s, z;
+      row_params<D>(kp, o, &s, &z);
+      rs[j] *= s, rz[j] *= z;
     }
   }
-  for (int g = 0; g < G; ++g) {  // softmax numerators over the chunk (expf vectorized through libmvec)
+  const vec vrs = vloada(rs), vrz = vloada(rz);
+  for (int g = 0; g < G; ++g) {
+    const float* qg = qx + g * (D + 1);
+    vec a[W];
+    for (int j = 0; j < W; ++j) a[j] = vzero();
+    for (int d = 0; d < D; d += W) {
+      const vec qv = vload(qg + d);
+      for (int j = 0; j < W; ++j) a[j] = vfma(qv, vloada(blk + j * D + d), a[j]);
+    }
+    alignas(64) float s[W];
+    vstorea(s, vfma(hsumw(a), vrs, vrz * vset1(qg[D])));  // qg[D]: sum(q)
+    for (int j = 0; j < r; ++j) sc[g * n + t0 + j] = s[j];
+  }
+}
+
+// Softmax numerators over the chunk in place (expf vectorized through libmvec); ml (G, 2) = (max, sum).
+static inline void softmax_chunk(float* sc, int G, int64_t n, float* ml) {
+  for (int g = 0; g < G; ++g) {
     float* s = sc + g * n;
     float m = -FLT_MAX;  // -ffast-math assumes no infinities; scores are finite
     for (int64_t t = 0; t < n; ++t) m = s[t] > m ? s[t] : m;
@@ -398,6 +396,24 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
     ml[2 * g] = m;
     ml[2 * g + 1] = l;
   }
+}
+
+// One work item with head size D known at compile time: the n rows at element offsets off[0..n) (n >= 1) of
+// one KV head, attended by its G query heads. qx: G rows of D + 1 floats (q, then sum(q)); sc: G * n scratch.
+// Writes acc (G, D) = sum_t p_t v_t unnormalised (online: sum_t p_t x^_t) and ml (G, 2) = (max score, sum_t p_t).
+// K pass: k_group_f32. V pass: rows are converted once and accumulated into the G output rows held in registers.
+template <int kind, int D>
+static void attend_chunk(const float* qx, int G, const void* kc, const void* vc, const uint16_t* kp,
+                         const uint16_t* vp, const int64_t* off, const int64_t* kofs, const int64_t* kpar,
+                         int64_t n, float kscale, float kzero, float vunit, float* sc, float* acc, float* ml) {
+  constexpr bool online = kind >= 4;
+  alignas(64) float blk[W * D];
+  alignas(64) float rs[W], rz[W];
+  alignas(64) float cs[D], cz[D];
+  int64_t cpar = -1;
+  for (int64_t t0 = 0; t0 < n; t0 += W)
+    k_group_f32<kind, D>(qx, G, kc, kp, off, kofs, kpar, n, t0, kscale, kzero, cs, cz, &cpar, sc);
+  softmax_chunk(sc, G, n, ml);
   for (int i = 0; i < G * D; ++i) acc[i] = 0.0f;
   float zsum[64] = {0};  // online: sum_t p_t zero_t per query head (G <= 64, checked by the caller)
   for (int64_t t0 = 0; t0 < n; t0 += W) {
@@ -427,6 +443,239 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
     for (int g = 0; g < G; ++g)
       for (int d = 0; d < D; ++d) acc[g * D + d] += zsum[g];
 }
+
+#if KVQ_W == 16 && defined(__AVX512VNNI__)
+#define KVQ_INT 1
+// Integer kinds (1 int8, 4 uint8 codes, 6 int4) on AVX512-VNNI: the stored codes are widened to int16 (exact)
+// and multiplied by int16 operands with vpdpwssd (32 multiply-adds per instruction into int32, twice fp32 FMA's
+// rate, and no int -> float conversion per element). Each fp32 operand x is split into two int16 parts against
+// its group's largest |x|: x = scale * (hi + lo / 32768), scale = max|x| / 32767, |lo| <= 16384 (quantize_i16),
+// so the result is as exact as fp32 arithmetic (x is represented to 2^-31 of the largest; int32 sums are exact):
+//   K: each query row once per item, q . code = scale * (hi . code + (lo . code) / 32768), each dot exact in int32
+//      (|sum| <= 32767 * 255 * 128 < 2^31); kind 6's full blocks fold their (scale, zero) rows into q once per
+//      block: q . x^ = (q * scale_c) . code + q . zero_c;
+//   V: each head's weights w_t = p_t (* the row's scale) per group of 32 rows; pairs of rows are interleaved so that
+//      one vpdpwssd adds w_t code_t + w_t+1 code_t+1 for 16 dimensions; each group's int32 sums
+//      (<= 32 * 32767 * 255) are added into fp32 accumulators times the group's scale.
+typedef __m512i ivec;
+// [sum(a[0]), ..., sum(a[15])] of int32 lanes, as floats: hsumw's tree on integers.
+static inline vec hsumw_i(const ivec* a) {
+  ivec x[8], y[4], z[2];
+#define KVQ_SHUF(u, v, imm) _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(u), _mm512_castsi512_ps(v), imm))
+  for (int j = 0; j < 8; ++j)
+    x[j] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * j], a[2 * j + 1]), _mm512_unpackhi_epi32(a[2 * j], a[2 * j + 1]));
+  for (int j = 0; j < 4; ++j)
+    y[j] = _mm512_add_epi32(KVQ_SHUF(x[2 * j], x[2 * j + 1], 0x44), KVQ_SHUF(x[2 * j], x[2 * j + 1], 0xEE));
+#undef KVQ_SHUF
+  for (int j = 0; j < 2; ++j)
+    z[j] = _mm512_add_epi32(_mm512_shuffle_i32x4(y[2 * j], y[2 * j + 1], 0x88), _mm512_shuffle_i32x4(y[2 * j], y[2 * j + 1], 0xDD));
+  return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_shuffle_i32x4(z[0], z[1], 0x88), _mm512_shuffle_i32x4(z[0], z[1], 0xDD)));
+}
+
+// qi = round(x / scale) with scale = max|x| / 32767 (0 for an all-zero x, then qi = 0), and the rounding residual
+// in units of scale / 32768: ql = round((x / scale - qi) * 32768), |ql| <= 16384, so x = scale * (qi + ql / 32768)
+// to 2^-31 of max|x|; returns scale.
+template <int D>
+static inline float quantize_i16(const float* x, int16_t* qi, int16_t* ql) {
+  vec m = vzero();
+  for (int d = 0; d < D; d += W) m = _mm512_max_ps(m, _mm512_abs_ps(vload(x + d)));
+  const float amax = _mm512_reduce_max_ps(m);
+  const vec inv = vset1(amax > 0 ? 32767.0f / amax : 0.0f);
+  for (int d = 0; d < D; d += W) {
+    const vec y = _mm512_mul_ps(vload(x + d), inv);
+    const ivec h = _mm512_cvtps_epi32(y);
+    _mm256_storeu_si256((__m256i*)(qi + d), _mm512_cvtsepi32_epi16(h));
+    const vec res = _mm512_sub_ps(y, _mm512_cvtepi32_ps(h));
+    _mm256_storeu_si256((__m256i*)(ql + d), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(res, vset1(32768.0f)))));
+  }
+  return amax / 32767.0f;
+}
+
+// A K row's D codes as int16 in element order, 32 per vector (kind 6: element offset o of the unpacked layout;
+// a packed byte b holds elements 2i (b & 15) and 2i + 1 (b >> 4), widened to the words of one dword).
+template <int kind, int D>
+static inline void k_codes_i16(const void* base, int64_t o, int16_t* dst) {
+  const uint8_t* p = (const uint8_t*)base;
+  for (int d = 0; d < D; d += 32) {
+    ivec x;
+    if (kind == 1) x = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(p + o + d)));
+    else if (kind == 4) x = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + o + d)));
+    else {
+      const ivec b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + (o + d) / 2)));
+      x = _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x000F000F), 0xA8);  // (b | b << 12) & c
+    }
+    _mm512_store_si512(dst + d, x);
+  }
+}
+
+// 64 V codes of a row as bytes in element order (kind 6: 32 packed bytes; word i = byte i -> (b & 15) | (b >> 4) << 8).
+template <int kind>
+static inline ivec v_bytes64(const uint8_t* p, int64_t o) {
+  if (kind != 6) return _mm512_loadu_si512(p + o);
+  const ivec w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + o / 2)));
+  return _mm512_ternarylogic_epi32(w, _mm512_slli_epi16(w, 4), _mm512_set1_epi16(0x0F0F), 0xA8);
+}
+
+// The dimension that lane i of interleaved vector v (0..3) of a 64-element segment holds (see v_pairs).
+static inline int pair_dim(int v, int i) { return (v & 1) * 32 + (v >> 1) * 8 + (i < 8 ? i : i + 8); }
+
+// Rows a and b (64 codes each) interleaved into 4 vectors of dwords (a_d as the low word, b_d the high one), for
+// the dimensions pair_dim(v, 0..15): unpack{lo,hi}_epi8 per 128-bit lane, then widened (signed for int8 codes).
+template <int kind>
+static inline void v_pairs(ivec a, ivec b, ivec* out) {
+  const ivec lo = _mm512_unpacklo_epi8(a, b), hi = _mm512_unpackhi_epi8(a, b);
+  if (kind == 1) {
+    out[0] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(lo)), out[1] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(lo, 1));
+    out[2] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(hi)), out[3] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(hi, 1));
+  } else {
+    out[0] = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)), out[1] = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(lo, 1));
+    out[2] = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)), out[3] = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1));
+  }
+}
+
+// attend_chunk for the integer kinds (same contract), on vpdpwssd. Kind 6's key rows outside full blocks (the
+// open block's int8 rows), or a group of W rows spanning two blocks, take k_group_f32.
+template <int kind, int D>
+static void attend_chunk_int(const float* qx, int G, const void* kc, const void* vc, const uint16_t* kp,
+                             const uint16_t* vp, const int64_t* off, const int64_t* kofs, const int64_t* kpar,
+                             int64_t n, float kscale, float kzero, float vunit, float* sc, float* acc, float* ml,
+                             std::vector<int16_t>& scratch) {
+  constexpr bool online = kind >= 4;
+  constexpr int VG = 32;  // V rows per weight quantization group
+  // per thread: qi (G, D) int16, then per V group the weights wi (G, VG) int16
+  scratch.resize((size_t)2 * G * D + (size_t)2 * G * VG + 64);
+  int16_t* qi = (int16_t*)(((uintptr_t)scratch.data() + 63) & ~(uintptr_t)63);
+  int16_t* ql = qi + G * D;  // the residuals (quantize_i16)
+  int16_t* wi = ql + G * D;
+  int16_t* wl = wi + G * VG;
+  alignas(64) float qsc[64], qcon[64];  // per head: qscale, and (kind 6) the block's q . zero_c
+  alignas(64) float cs[D], cz[D], xq[D];
+  int64_t cpar = -1, ipar = -1;  // blocks whose parameters cs / cz (fp32 path) and qi (int path) hold
+  if (kind != 6)
+    for (int g = 0; g < G; ++g) qsc[g] = quantize_i16<D>(qx + g * (D + 1), qi + g * D, ql + g * D), qcon[g] = 0.0f;
+  alignas(64) int16_t blk[W * D];
+  alignas(64) float rs[W], rz[W];
+  for (int64_t t0 = 0; t0 < n; t0 += W) {
+    const int r = n - t0 < W ? (int)(n - t0) : W;
+    if (kind == 6) {
+      const int64_t t1 = t0 + r - 1;
+      if (kofs[t0] >= 0 || kofs[t1] >= 0 || kpar[t0] != kpar[t1]) {  // not all in one full block
+        k_group_f32<kind, D>(qx, G, kc, kp, off, kofs, kpar, n, t0, kscale, kzero, cs, cz, &cpar, sc);
+        continue;
+      }
+      if (kpar[t0] != ipar) {  // fold this block's (scale, zero) rows into q
+        const uint16_t* pc = kp + kpar[t0];
+        for (int g = 0; g < G; ++g) {
+          const float* qg = qx + g * (D + 1);
+          vec z = vzero();
+          for (int d = 0; d < D; d += W) {
+            vstore(xq + d, _mm512_mul_ps(vload(qg + d), loadw<0>(pc, d)));
+            z = vfma(vload(qg + d), loadw<0>(pc + D, d), z);
+          }
+          qsc[g] = quantize_i16<D>(xq, qi + g * D, ql + g * D), qcon[g] = _mm512_reduce_add_ps(z);
+        }
+        ipar = kpar[t0];
+      }
+    }
+    for (int j = 0; j < W; ++j) {  // rows past the chunk repeat its last row; their scores are dropped
+      const int64_t t = t0 + (j < r ? j : r - 1);
+      k_codes_i16<kind, D>(kc, off[t], blk + j * D);
+      rs[j] = kscale, rz[j] = kind == 6 ? 0.0f : kzero;
+      if (kind == 4) {
+        float s, z;
+        row_params<D>(kp, off[t], &s, &z);
+        rs[j] *= s, rz[j] *= z;
+      }
+    }
+    const vec vrs = vloada(rs), vrz = vloada(rz);
+    for (int g = 0; g < G; ++g) {
+      ivec a[W];
+      for (int j = 0; j < W; ++j) a[j] = _mm512_setzero_si512();
+      for (int d = 0; d < D; d += 32) {
+        const ivec qv = _mm512_load_si512(qi + g * D + d);
+        for (int j = 0; j < W; ++j) a[j] = _mm512_dpwssd_epi32(a[j], qv, _mm512_load_si512(blk + j * D + d));
+      }
+      vec dots = hsumw_i(a);
+      for (int j = 0; j < W; ++j) a[j] = _mm512_setzero_si512();
+      for (int d = 0; d < D; d += 32) {  // + the residual part of q
+        const ivec qv = _mm512_load_si512(ql + g * D + d);
+        for (int j = 0; j < W; ++j) a[j] = _mm512_dpwssd_epi32(a[j], qv, _mm512_load_si512(blk + j * D + d));
+      }
+      dots = vfma(hsumw_i(a), vset1(1.0f / 32768.0f), dots);
+      alignas(64) float s[W];
+      dots = vfma(dots, vset1(qsc[g]), vset1(qcon[g]));
+      vstorea(s, vfma(dots, vrs, vrz * vset1(qx[g * (D + 1) + D])));
+      for (int j = 0; j < r; ++j) sc[g * n + t0 + j] = s[j];
+    }
+  }
+  softmax_chunk(sc, G, n, ml);
+  // V pass: per head, fp32 sums in acc in pair_dim order (put in element order at the end), int32 sums per group
+  // of VG rows; pv: the group's rows interleaved in pairs (an odd last row pairs with itself at weight 0).
+  constexpr int NV = D / 16;  // interleaved vectors per pair of rows
+  alignas(64) ivec pv[VG / 2][NV];
+  alignas(64) float vsr[VG], vzr[VG];  // the rows' weight multipliers (online: their scale) and zeros
+  const uint8_t* vb = (const uint8_t*)vc;
+  for (int i = 0; i < G * D; ++i) acc[i] = 0.0f;
+  float zsum[64] = {0};  // online: sum_t p_t zero_t per query head
+  for (int64_t t0 = 0; t0 < n; t0 += VG) {
+    const int r = n - t0 < VG ? (int)(n - t0) : VG, pairs = (r + 1) / 2;
+    for (int j = 0; j < VG; ++j) {
+      vsr[j] = j < r ? vunit : 0.0f, vzr[j] = 0.0f;
+      if (online && j < r) {
+        float s;
+        row_params<D>(vp, off[t0 + j], &s, &vzr[j]);
+        vsr[j] *= s;
+      }
+    }
+    for (int k = 0; k < pairs; ++k) {
+      const int64_t ta = off[t0 + 2 * k], tb = 2 * k + 1 < r ? off[t0 + 2 * k + 1] : ta;
+      for (int seg = 0; seg < D / 64; ++seg)
+        v_pairs<kind>(v_bytes64<kind>(vb, ta + seg * 64), v_bytes64<kind>(vb, tb + seg * 64), pv[k] + 4 * seg);
+    }
+    const __mmask16 m0 = r >= 16 ? 0xFFFF : (__mmask16)((1u << r) - 1);
+    const __mmask16 m1 = r <= 16 ? 0 : r >= 32 ? 0xFFFF : (__mmask16)((1u << (r - 16)) - 1);
+    for (int g = 0; g < G; ++g) {
+      const float* pg = sc + g * n + t0;
+      const vec p0 = _mm512_maskz_loadu_ps(m0, pg), p1 = _mm512_maskz_loadu_ps(m1, pg + 16);
+      const vec w0 = _mm512_mul_ps(p0, vloada(vsr)), w1 = _mm512_mul_ps(p1, vloada(vsr + 16));
+      if (online) zsum[g] += _mm512_reduce_add_ps(vfma(p0, vloada(vzr), _mm512_mul_ps(p1, vloada(vzr + 16))));
+      const float wmax = _mm512_reduce_max_ps(_mm512_max_ps(w0, w1));
+      const vec inv = vset1(wmax > 0 ? 32767.0f / wmax : 0.0f);
+      int16_t *wg = wi + g * VG, *wgl = wl + g * VG;
+      for (int h = 0; h < 2; ++h) {
+        const vec y = _mm512_mul_ps(h ? w1 : w0, inv);
+        const ivec yi = _mm512_cvtps_epi32(y);
+        _mm256_storeu_si256((__m256i*)(wg + 16 * h), _mm512_cvtsepi32_epi16(yi));
+        const vec res = _mm512_mul_ps(_mm512_sub_ps(y, _mm512_cvtepi32_ps(yi)), vset1(32768.0f));
+        _mm256_storeu_si256((__m256i*)(wgl + 16 * h), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(res)));
+      }
+      ivec ia[NV], il[NV];
+      for (int v = 0; v < NV; ++v) ia[v] = _mm512_setzero_si512(), il[v] = _mm512_setzero_si512();
+      for (int k = 0; k < pairs; ++k) {
+        int32_t w2, l2;
+        __builtin_memcpy(&w2, wg + 2 * k, 4);  // weights of rows 2k (low word) and 2k + 1
+        const ivec wv = _mm512_set1_epi32(w2);
+        __builtin_memcpy(&l2, wgl + 2 * k, 4);  // ... and their residuals
+        const ivec lv = _mm512_set1_epi32(l2);
+        for (int v = 0; v < NV; ++v)
+          ia[v] = _mm512_dpwssd_epi32(ia[v], wv, pv[k][v]), il[v] = _mm512_dpwssd_epi32(il[v], lv, pv[k][v]);
+      }
+      const vec ws = vset1(wmax / 32767.0f), wsl = vset1(wmax / 32767.0f / 32768.0f);
+      for (int v = 0; v < NV; ++v) {
+        const vec x = vfma(_mm512_cvtepi32_ps(ia[v]), ws, vload(acc + g * D + v * 16));
+        vstore(acc + g * D + v * 16, vfma(_mm512_cvtepi32_ps(il[v]), wsl, x));
+      }
+    }
+  }
+  alignas(64) float row[D];
+  for (int g = 0; g < G; ++g) {  // pair_dim order -> element order (+ sum_t p_t zero_t)
+    float* a = acc + g * D;
+    for (int d = 0; d < D; ++d) row[d] = a[d];
+    for (int v = 0; v < NV; ++v)
+      for (int i = 0; i < 16; ++i) a[v / 4 * 64 + pair_dim(v % 4, i)] = row[v * 16 + i] + zsum[g];
+  }
+}
+#endif
 
 struct Item { int b, h; int64_t start, n; };  // positions [start, start + n) of sequence b, KV head h
 
@@ -460,6 +709,7 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
     _mm_setcsr(csr | 0x8040);
     std::vector<float> qx((size_t)G * (D + 1)), sc;  // per thread, reused across its items
     std::vector<int64_t> off, kofs, kpar;
+    std::vector<int16_t> iscratch;  // attend_chunk_int's int16 operands
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_items; ++i) {
       const Item it = items[i];
@@ -494,6 +744,13 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
       sc.resize((size_t)G * it.n);
       const float kscale = (online ? 1.0f : ks[it.h]) * unit * softmax_scale;
       const float kzero = (online ? 1.0f : kz[it.h]) * softmax_scale;
+#if KVQ_INT
+      if constexpr (kind == 1 || kind == 4 || kind == 6)
+        attend_chunk_int<kind, D>(qx.data(), G, kc, vc, kp, vp, off.data(), kofs.data(), kpar.data(), it.n, kscale,
+                                  kzero, unit, sc.data(), part_acc.data() + i * G * D, part_ml.data() + i * G * 2,
+                                  iscratch);
+      else
+#endif
       attend_chunk<kind, D>(qx.data(), G, kc, vc, kp, vp, off.data(), kofs.data(), kpar.data(), it.n, kscale,
                             kzero, unit, sc.data(), part_acc.data() + i * G * D, part_ml.data() + i * G * 2);
     }
@@ -580,21 +837,27 @@ def kernel_kind(kv_dtype: str | None, pool_dtype: torch.dtype) -> int | None:
 
 
 @functools.cache
-def _cpp_module(avx512: bool | None = None):
+def _cpp_module(avx512: bool | None = None, vnni: bool | None = None):
     """The kernel library (built once, see runtime.cpp_build), or None where it cannot run. avx512: the 16-lane
-    build (KVQ_W = 16) or the 8-lane AVX2 one from the same source; None = AVX-512 where the CPU has it (tests
-    ask for False to check the AVX2 build on an AVX-512 machine too)."""
+    build (KVQ_W = 16) or the 8-lane AVX2 one from the same source; vnni: with AVX512-VNNI, the integer kinds
+    (int8, int8/int4 per token head) run on int16 dot products (attend_chunk_int); None = what the CPU has (tests
+    ask for the others to check every build on one machine)."""
     import ctypes
 
     from runtime import cpp_build
 
     if avx512 is None:
         avx512 = cpp_build.cpu_has("avx512f", "avx512bw")
+    if vnni is None:
+        vnni = avx512 and cpp_build.cpu_has("avx512_vnni")
     flags = ["-O3", "-ffast-math", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
     need = ("avx2", "fma", "f16c")
     if avx512:
         flags, need = [*flags, "-mavx512f", "-mavx512bw"], (*need, "avx512f", "avx512bw")
-    lib = cpp_build.load("decode_attn" if avx512 else "decode_attn_avx2", KERNEL_SRC, flags, need)
+    if avx512 and vnni:
+        flags, need = [*flags, "-mavx512vnni"], (*need, "avx512_vnni")
+    name = "decode_attn" + ("" if avx512 and vnni else "_avx512" if avx512 else "_avx2")
+    lib = cpp_build.load(name, KERNEL_SRC, flags, need)
     if lib is not None and lib.decode_attn.argtypes is None:
         lib.decode_attn.restype = ctypes.c_int
         lib.decode_attn.argtypes = (

@@ -94,15 +94,19 @@ def tiny_hf(tmp_path_factory, demo_model):
     return build
 
 
-@pytest.fixture(params=["native", "avx2"])
+@pytest.fixture(params=["native", "avx512-fp32", "avx2"])
 def cpu_kernel_build(request, monkeypatch) -> str:
-    """Run a C++ decode-attention test on both builds of the one kernel source: the one this CPU gets (16-lane
-    AVX-512 where it has it) and the 8-lane AVX2 one that CPUs without AVX-512 get."""
-    from runtime import cpu_attention
+    """Run a C++ decode-attention test on every build of the one kernel source: the one this CPU gets (16-lane
+    AVX-512 with AVX512-VNNI integer dot products where it has them), the 16-lane fp32-only one (AVX-512 CPUs
+    without VNNI) and the 8-lane AVX2 one that CPUs without AVX-512 get."""
+    from runtime import cpp_build, cpu_attention
 
-    if request.param == "avx2":
-        build = cpu_attention._cpp_module(avx512=False)
+    if request.param != "native":
+        avx512 = request.param == "avx512-fp32"
+        if avx512 and not cpp_build.cpu_has("avx512_vnni"):
+            pytest.skip("the native build is the fp32 AVX-512 one here")
+        build = cpu_attention._cpp_module(avx512=avx512, vnni=False)
         if build is None:
-            pytest.skip("the AVX2 build of the kernel does not build here")
+            pytest.skip(f"the {request.param} build of the kernel does not build here")
         monkeypatch.setattr(cpu_attention, "_cpp_module", lambda: build)
     return request.param

@@ -287,3 +287,16 @@ def test_invalid_arguments_raise(impl):
     param[5] = torch.ones(3)
     with pytest.raises(ValueError, match="k_scale"):
         impl(*param)
+
+
+@needs_cpp
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp16"])
+def test_cpp_kernel_as_exact_as_fp32_on_sharp_attention(kv_dtype, cpu_kernel_build):
+    """Peaked softmax (q x 12: a few rows hold most of the weight, thousands hold weights below 2^-15 of the
+    largest) over a long context, against float64 dense attention: the integer dot-product path splits q and the
+    weights into two int16 parts, so its error stays at fp32's level (a single int16 part leaves ~1e-3 here)."""
+    case = make_case(kv_dtype, 64, 2, 3, 16, [2000, 777], seed=11)
+    case.q = case.q * 12
+    want = dense_attention(case)
+    got = decode_attention_cpp(*case.args())
+    assert_close(got, want, 1e-5, "sharp", atol=1e-5)
