@@ -330,6 +330,27 @@ static inline void row_params(const uint16_t* param, int64_t off, float* scale, 
   *zero = _cvtsh_ss(p[1]);
 }
 
+// The (scale, zero) of the n rows at element offsets off[0..n) (n <= 16) into scale[0..n), zero[0..n): one
+// vector load and deinterleave where the 16 rows are consecutive in memory, off[j] = off[0] + j D (then their
+// pairs are too: a row's pair is at row index off / D).
+template <int D>
+static inline void rows_params(const uint16_t* param, const int64_t* off, int n, float* scale, float* zero) {
+#if KVQ_W == 16
+  const __m512i step = _mm512_setr_epi64(0, D, 2 * D, 3 * D, 4 * D, 5 * D, 6 * D, 7 * D);
+  const __m512i o0 = _mm512_add_epi64(_mm512_set1_epi64(off[0]), step);
+  if (n == 16 && !(_mm512_cmpneq_epi64_mask(_mm512_loadu_si512(off), o0) |
+                   _mm512_cmpneq_epi64_mask(_mm512_loadu_si512(off + 8), _mm512_add_epi64(o0, _mm512_set1_epi64(8 * D))))) {
+    const uint16_t* p = param + off[0] / D * 2;
+    const vec a = from_h16(_mm256_loadu_si256((const __m256i*)p)), b = from_h16(_mm256_loadu_si256((const __m256i*)(p + 16)));
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    vstore(scale, _mm512_permutex2var_ps(a, even, b));
+    vstore(zero, _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b));
+    return;
+  }
+#endif
+  for (int j = 0; j < n; ++j) row_params<D>(param, off[j], scale + j, zero + j);
+}
+
 // Scores of the rows t0 .. t0 + min(W, n - t0) - 1 of a work item for its G query heads into sc (G, n), through
 // fp32: the W rows are converted into an L1 block (row-major) that the G heads reuse; each head keeps W
 // accumulators (one per row) and one transpose-add tree turns them into W scores. Static kinds: score = dot *
@@ -364,11 +385,10 @@ static inline void k_group_f32(const float* qx, int G, const void* kc, const uin
     }
     for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<kind>(kc, o + d));
     rs[j] = kscale, rz[j] = kzero;
-    if (online) {
-      float s, z;
-      row_params<D>(kp, o, &s, &z);
-      rs[j] *= s, rz[j] *= z;
-    }
+  }
+  if (online && kind != 6) {
+    rows_params<D>(kp, off + t0, r, rs, rz);
+    for (int j = 0; j < r; ++j) rs[j] *= kscale, rz[j] *= kzero;
   }
   const vec vrs = vloada(rs), vrz = vloada(rz);
   for (int g = 0; g < G; ++g) {
@@ -578,16 +598,11 @@ static void attend_chunk_int(const float* qx, int G, const void* kc, const void*
       }
     }
     for (int j = 0; j < W; ++j) {  // rows past the chunk repeat its last row; their scores are dropped
-      const int64_t t = t0 + (j < r ? j : r - 1);
-      k_codes_i16<kind, D>(kc, off[t], blk + j * D);
-      rs[j] = kscale, rz[j] = kind == 6 ? 0.0f : kzero;
-      if (kind == 4) {
-        float s, z;
-        row_params<D>(kp, off[t], &s, &z);
-        rs[j] *= s, rz[j] *= z;
-      }
+      k_codes_i16<kind, D>(kc, off[t0 + (j < r ? j : r - 1)], blk + j * D);
+      rs[j] = 1.0f, rz[j] = kind == 6 ? 0.0f : 1.0f;
     }
-    const vec vrs = vloada(rs), vrz = vloada(rz);
+    if (kind == 4) rows_params<D>(kp, off + t0, r, rs, rz);
+    const vec vrs = _mm512_mul_ps(vloada(rs), vset1(kscale)), vrz = _mm512_mul_ps(vloada(rz), vset1(kzero));
     for (int g = 0; g < G; ++g) {
       ivec a[W];
       for (int j = 0; j < W; ++j) a[j] = _mm512_setzero_si512();
@@ -619,13 +634,10 @@ static void attend_chunk_int(const float* qx, int G, const void* kc, const void*
   float zsum[64] = {0};  // online: sum_t p_t zero_t per query head
   for (int64_t t0 = 0; t0 < n; t0 += VG) {
     const int r = n - t0 < VG ? (int)(n - t0) : VG, pairs = (r + 1) / 2;
-    for (int j = 0; j < VG; ++j) {
-      vsr[j] = j < r ? vunit : 0.0f, vzr[j] = 0.0f;
-      if (online && j < r) {
-        float s;
-        row_params<D>(vp, off[t0 + j], &s, &vzr[j]);
-        vsr[j] *= s;
-      }
+    for (int j = 0; j < VG; ++j) vsr[j] = j < r ? vunit : 0.0f, vzr[j] = 0.0f;
+    if (online) {
+      for (int j = 0; j < r; j += 16) rows_params<D>(vp, off + t0 + j, r - j < 16 ? r - j : 16, vsr + j, vzr + j);
+      for (int j = 0; j < r; ++j) vsr[j] *= vunit;
     }
     for (int k = 0; k < pairs; ++k) {
       const int64_t ta = off[t0 + 2 * k], tb = 2 * k + 1 < r ? off[t0 + 2 * k + 1] : ta;
