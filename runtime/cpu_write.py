@@ -1,4 +1,5 @@
-"""The CPU cache write of the integer online modes in C++: int8_per_token_head and int4_per_token_head.
+"""The CPU cache writes in C++: the integer online modes (int8_per_token_head, int4_per_token_head) and the
+static ones (fp16, int8, fp8_e4m3, fp8_e5m2 with per-head parameters).
 
 The PyTorch write (`runtime.kv_cache.KVCache.write`, formulas in `runtime.quant`) is some 40 small tensor
 operations per layer (row min / max, fp16 rounding, division, rounding, packing, scatter; INT4 keys also the
@@ -8,10 +9,16 @@ equal the PyTorch write's (tests/test_online_kv.py compares them): IEEE division
 -ffast-math and with -ffp-contract=off, so q * scale + zero stays two roundings as in PyTorch), round half to
 even (rintf), fp16 rounding to nearest even (F16C). Rotation stays outside (the caller passes rotated rows).
 
-    online_write(k, v, slots, cache, layer, key_plan)
+    online_write(k, v, slots, kv_dtype, k_pool, v_pool, k_param, v_param, key_plan)
+    static_write(k, v, slots, kv_dtype, k_pool, v_pool, k_scale, k_zp, v_scale, v_zp)
 
-k, v (N, H_kv, D) fp32 rotated rows; slots (N,) = block * block_size + row; for int4_per_token_head the step's
-`KeyPlan`. Rows whose slot lies outside the pool are skipped (the caller's slots come from the scheduler).
+k, v (N, H_kv, D) rows (online: fp32, rotated; static: fp32 or bf16, the compute dtype); slots (N,) = block *
+block_size + row; for int4_per_token_head the step's `KeyPlan`. Rows whose slot lies outside the pool are
+skipped (the caller's slots come from the scheduler). The static write replaces quant.quantize + an indexed
+store (~10 tensor operations a layer, most of a batch-1 step's cache-write time): int8 q = clamp(rint((x - zp)
+/ scale), -128, 127) with the IEEE division; fp8 the saturating scaled cast clamp(x / scale, +-max) rounded
+to nearest even in the format (c10's fp32 -> fp8 conversion: subnormals by a magic-number add, normals by
+adding half an ulp minus one plus the low mantissa bit); fp16 the F16C rounding to nearest even.
 """
 
 from __future__ import annotations
@@ -146,9 +153,80 @@ extern "C" void online_write(const float* k, const float* v, int64_t N, int64_t 
     }
   }
 }
+
+// fp32 -> fp8 (M mantissa bits, exponent bias B) rounded to nearest even, |f| <= the format's max (the caller
+// clamps): c10's fp8e4m3fn / fp8e5m2 conversion. Below the smallest normal, adding 2^(E) with E = (127 - B) +
+// (23 - M) + 1 lets the FPU round the value into the low bits; above it, the exponent is rebiased and the mantissa
+// rounded by adding 2^(22 - M) - 1 plus its lowest kept bit.
+template <int M, int B>
+static inline uint8_t to_fp8(float f) {
+  uint32_t bits;
+  memcpy(&bits, &f, 4);
+  const uint32_t sign = bits & 0x80000000u;
+  bits ^= sign;
+  uint8_t out;
+  if (bits < (uint32_t)(127 - B + 1) << 23) {
+    const uint32_t magic = (uint32_t)((127 - B) + (23 - M) + 1) << 23;
+    float m, y;
+    memcpy(&m, &magic, 4);
+    memcpy(&y, &bits, 4);
+    y += m;
+    memcpy(&bits, &y, 4);
+    out = (uint8_t)(bits - magic);
+  } else {
+    const uint32_t odd = (bits >> (23 - M)) & 1u;
+    bits += ((uint32_t)(B - 127) << 23) + ((1u << (22 - M)) - 1u) + odd;
+    out = (uint8_t)(bits >> (23 - M));
+  }
+  return out | (uint8_t)(sign >> 24);
+}
+
+// kind 0 fp16, 1 int8, 2 fp8 e4m3, 3 fp8 e5m2 (runtime.cpu_attention's numbering); x rows fp32, or bf16 when
+// bf16 is set; ks..vz (H,) fp32 per-head parameters (unused for fp16).
+extern "C" void static_write(const void* k, const void* v, int bf16, int64_t N, int64_t H, int64_t D, int64_t bs,
+                             int64_t num_blocks, int kind, void* kpool, void* vpool, const int64_t* slots,
+                             const float* ks, const float* kz, const float* vs, const float* vz) {
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t slot = slots[n];
+    if (slot < 0 || slot >= num_blocks * bs) continue;
+    const int64_t blk = slot / bs, row = slot % bs;
+    for (int which = 0; which < 2; ++which) {
+      const void* src = which ? v : k;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t i0 = (n * H + h) * D, o = ((blk * H + h) * bs + row) * D;
+        const float scale = kind ? (which ? vs : ks)[h] : 1.0f, zp = kind == 1 ? (which ? vz : kz)[h] : 0.0f;
+        for (int64_t d = 0; d < D; ++d) {
+          float x;
+          if (bf16) {
+            const uint32_t b = (uint32_t)((const uint16_t*)src)[i0 + d] << 16;
+            memcpy(&x, &b, 4);
+          } else {
+            x = ((const float*)src)[i0 + d];
+          }
+          if (kind == 0) {
+            ((uint16_t*)(which ? vpool : kpool))[o + d] = _cvtss_sh(x, 0);
+            continue;
+          }
+          uint8_t* dst = (uint8_t*)(which ? vpool : kpool) + o + d;
+          if (kind == 1) {
+            float y = rintf((x - zp) / scale);
+            y = y < -128.0f ? -128.0f : (y > 127.0f ? 127.0f : y);
+            *dst = (uint8_t)(int8_t)y;
+          } else {
+            const float fmax = kind == 2 ? 448.0f : 57344.0f;
+            float y = x / scale;
+            y = y < -fmax ? -fmax : (y > fmax ? fmax : y);
+            *dst = kind == 2 ? to_fp8<3, 7>(y) : to_fp8<2, 15>(y);
+          }
+        }
+      }
+    }
+  }
+}
 """
 
 BITS = {"int8_per_token_head": 8, "int4_per_token_head": 4}
+STATIC_KINDS = {"fp16": 0, "int8": 1, "fp8_e4m3": 2, "fp8_e5m2": 3}
 
 
 @functools.cache
@@ -162,6 +240,10 @@ def _library():
         lib.online_write.restype = None
         lib.online_write.argtypes = (
             [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64]
+        )
+        lib.static_write.restype = None
+        lib.static_write.argtypes = (
+            [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_int] + [ctypes.c_void_p] * 7
         )
     return lib
 
@@ -215,4 +297,53 @@ def online_write(
         None if helper is None else helper.data_ptr(),
         None if complete is None else complete.data_ptr(),
         M,
+    )
+
+
+def takes_static(kv_dtype: str, k: torch.Tensor) -> bool:
+    """Whether static_write takes this mode and these rows (CPU, fp32 or bf16) and the kernel builds here."""
+    return (
+        kv_dtype in STATIC_KINDS
+        and k.device.type == "cpu"
+        and k.dtype in (torch.float32, torch.bfloat16)
+        and _library() is not None
+    )
+
+
+def static_write(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+    kv_dtype: str,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zp: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zp: torch.Tensor,
+) -> None:
+    """Store rows k, v (N, H_kv, D) (fp32 or bf16) at slots (N,) in a static mode's pools of one layer, as
+    quant.quantize with the per-head (scale, zp) would (see the module docstring)."""
+    N, H, D = k.shape
+    num_blocks, _, bs, _ = k_pool.shape
+    if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("static_write: the pools must be contiguous")
+    dt = torch.bfloat16 if k.dtype == torch.bfloat16 else torch.float32
+    k, v = k.to(dt).contiguous(), v.to(dt).contiguous()
+    slots = slots.to(torch.int64).contiguous()
+    params = [p.to(torch.float32).contiguous() for p in (k_scale, k_zp, v_scale, v_zp)]
+    _library().static_write(
+        k.data_ptr(),
+        v.data_ptr(),
+        int(dt == torch.bfloat16),
+        N,
+        H,
+        D,
+        bs,
+        num_blocks,
+        STATIC_KINDS[kv_dtype],
+        k_pool.data_ptr(),
+        v_pool.data_ptr(),
+        slots.data_ptr(),
+        *(p.data_ptr() for p in params),
     )

@@ -369,6 +369,9 @@ class KVCache:
                 key_plan,
             )
             return
+        if not qz.online and self.fast_write and cpu_write.takes_static(qz.kv_dtype, k):  # C++, same bytes
+            cpu_write.static_write(k, v, slot_mapping, qz.kv_dtype, self.k[layer], self.v[layer], *self._affine(layer))
+            return
         blocks, rows = slot_mapping // self.block_size, slot_mapping % self.block_size
         if qz.online:
             pairs = (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from runtime import cpu_write
 from runtime.kv_cache import KVCache, StaticQuantizer
 
 KV_DTYPES = ("fp16", "int8", "fp8_e4m3", "fp8_e5m2")
@@ -33,14 +34,16 @@ def params(kv: str, H: int, seed: int = 0):
     return ks, kz, vs, vz
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["cpp", "torch"])
 @pytest.mark.parametrize("kv", KV_DTYPES)
-def test_write_quantizes_like_the_hand_formula(kv):
+def test_write_quantizes_like_the_hand_formula(kv, fast):
     L, H, NB, BS, D = 2, 3, 6, 4, 8
     ks, kz, vs, vz = params(kv, H)
     quantizer = StaticQuantizer(
         kv, torch.stack([ks, ks * 2]), torch.stack([kz, kz]), torch.stack([vs, vs]), torch.stack([vz, vz])
     )
     cache = KVCache(L, NB, H, BS, D, quantizer)
+    cache.fast_write = fast  # the C++ write (runtime.cpu_write) where it builds, or the PyTorch one
     torch.manual_seed(1)
     k, v = torch.randn(7, H, D) * 2, torch.randn(7, H, D) * 3  # seven new tokens
     if kv != "fp16":
@@ -59,6 +62,27 @@ def test_write_quantizes_like_the_hand_formula(kv):
     untouched = [b for b in range(NB) if b not in (0, 2, 5)]
     assert (cache.k[1][untouched] == 0).all() and (cache.k[0] == 0).all()  # other blocks and layers
     assert (cache.k[1][5, :, :2] == 0).all() and (cache.k[1][2, :, 3:] == 0).all()  # rows before/after
+
+
+@pytest.mark.skipif(not cpu_write.takes_static("int8", torch.zeros(1)), reason="the C++ write does not build here")
+@pytest.mark.parametrize("kv", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_fp8_write_rounds_like_torch_at_every_tie(kv, dtype):
+    """Every finite fp8 value, the midpoints between neighbours (ties go to the even code) and the fp32 neighbours
+    of each midpoint, both signs, through the C++ static write (scale 1) against torch's cast."""
+    fdt, fmax = FP8[kv]
+    vals = torch.arange(256, dtype=torch.uint8).view(fdt).float()
+    vals = vals[vals.isfinite() & (vals >= 0)].sort().values
+    mids = (vals[1:] + vals[:-1]) / 2  # exact in fp32
+    x = torch.cat([vals, mids, mids.nextafter(torch.tensor(0.0)), mids.nextafter(torch.tensor(1e9)), -vals, -mids])
+    x = torch.cat([x, torch.tensor([fmax * 1.5, -fmax * 3, 1e-30, -1e-30])]).to(dtype)
+    N, H, D, BS = x.numel(), 1, 1, 8
+    pool = [torch.zeros(-(-N // BS), H, BS, D, dtype=fdt) for _ in range(2)]
+    ones, zeros = torch.ones(H), torch.zeros(H)
+    cpu_write.static_write(x.view(N, H, D), -x.view(N, H, D), torch.arange(N), kv, *pool, ones, zeros, ones, zeros)
+    for got, src in zip(pool, (x, -x), strict=True):
+        want = src.float().clamp(-fmax, fmax).to(fdt)
+        assert torch.equal(got.view(-1)[:N].view(torch.uint8), want.view(torch.uint8))
 
 
 def test_read_gathers_blocks_in_table_order():
