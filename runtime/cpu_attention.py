@@ -689,14 +689,29 @@ static void attend_chunk_int(const float* qx, int G, const void* kc, const void*
 }
 #endif
 
+// bf16 <-> fp32 (q and the output in the compute dtype): widening is exact; narrowing rounds to nearest even
+// as torch does (NaN stays NaN).
+static inline float from_bf16(uint16_t h) {
+  const uint32_t bits = (uint32_t)h << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+static inline uint16_t to_bf16(float f) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, 4);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((bits >> 16) | 0x40);
+  return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
 struct Item { int b, h; int64_t start, n; };  // positions [start, start + n) of sequence b, KV head h
 
 template <int kind, int D>
-static void decode_attn_t(const float* q, const void* kc, const void* vc, const int32_t* tables,
+static void decode_attn_t(const void* q, const void* kc, const void* vc, const int32_t* tables,
                           const int32_t* lengths, const float* ks, const float* kz, const float* vs,
                           const float* vz, const uint16_t* kp, const uint16_t* vp, float softmax_scale, int B,
                           int H, int Hkv, int64_t block_size, int64_t max_blocks, int64_t chunk, int parallel,
-                          float* out) {
+                          int io_bf16, void* out) {
   constexpr bool online = kind >= 4;  // ks..vz unused (null); per-row parameters in kp, vp
   const int G = H / Hkv;
   const float unit = kind == 2 || kind == 5 ? 256.0f : 1.0f;  // e4m3 rows are read as value * 2^-8
@@ -726,9 +741,10 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
     for (int64_t i = 0; i < num_items; ++i) {
       const Item it = items[i];
       for (int g = 0; g < G; ++g) {  // q rows of this KV head's group, each followed by sum(q)
-        const float* qrow = q + ((int64_t)it.b * H + (int64_t)it.h * G + g) * D;
+        const int64_t row = ((int64_t)it.b * H + (int64_t)it.h * G + g) * D;
         float s = 0;
-        for (int d = 0; d < D; ++d) s += (qx[g * (D + 1) + d] = qrow[d]);
+        for (int d = 0; d < D; ++d) s += (qx[g * (D + 1) + d] = io_bf16 ? from_bf16(((const uint16_t*)q)[row + d])
+                                                                       : ((const float*)q)[row + d]);
         qx[g * (D + 1) + D] = s;
       }
       // Cursor over (block-table column, row in block): one offset per position, no division per row. Kind 6
@@ -773,7 +789,8 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
       const int64_t chunks = (first[b + 1] - first[b]) / Hkv;
       const float vscale = online ? 1.0f : vs[h] * unit, vzero = online ? 0.0f : vz[h];
       for (int g = 0; g < G; ++g) {
-        float* o = out + ((int64_t)b * H + (int64_t)h * G + g) * D;
+        const int64_t row = ((int64_t)b * H + (int64_t)h * G + g) * D;
+        float o[128];
         float mx = -FLT_MAX;
         for (int64_t c = 0; c < chunks; ++c) {
           const float mc = part_ml[((first[b] + c * Hkv + h) * G + g) * 2];
@@ -789,6 +806,9 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
         }
         if (chunks > 0)
           for (int d = 0; d < D; ++d) o[d] = o[d] / l * vscale + vzero;
+        for (int d = 0; d < D; ++d)
+          if (io_bf16) ((uint16_t*)out)[row + d] = to_bf16(o[d]);
+          else ((float*)out)[row + d] = o[d];
       }
     }
     _mm_setcsr(csr);
@@ -798,12 +818,12 @@ static void decode_attn_t(const float* q, const void* kc, const void* vc, const 
 // Returns 0, or 1 (err = {b, length}) for a length outside [0, max_blocks * block_size], or 2
 // (err = {b, column, block id}) for a block a length reaches that lies outside [0, num_blocks).
 // chunk <= 0: chosen here (whole sequences when they alone give every thread several items).
-extern "C" int decode_attn(const float* q, const void* kc, const void* vc, const int32_t* tables,
+extern "C" int decode_attn(const void* q, const void* kc, const void* vc, const int32_t* tables,
                            const int32_t* lengths, const float* ks, const float* kz, const float* vs,
                            const float* vz, const uint16_t* kp, const uint16_t* vp, float softmax_scale, int B,
                            int H, int Hkv, int64_t num_blocks,
                            int64_t block_size, int64_t max_blocks, int D, int kind, int64_t chunk,
-                           int64_t parallel_min, float* out, int64_t* err) {
+                           int64_t parallel_min, int io_bf16, void* out, int64_t* err) {
   int64_t total = 0, longest = 0;
   for (int b = 0; b < B; ++b) {
     const int64_t L = lengths[b];
@@ -830,7 +850,7 @@ extern "C" int decode_attn(const float* q, const void* kc, const void* vc, const
           : kind == 4 ? KVQ_KIND(4) : kind == 5 ? KVQ_KIND(5) : KVQ_KIND(6);
 #undef KVQ_KIND
   f(q, kc, vc, tables, lengths, ks, kz, vs, vz, kp, vp, softmax_scale, B, H, Hkv, block_size, max_blocks, chunk,
-    parallel, out);
+    parallel, io_bf16, out);
   return 0;
 }
 """
@@ -879,6 +899,7 @@ def _cpp_module(avx512: bool | None = None, vnni: bool | None = None):
             + [ctypes.c_int64] * 3
             + [ctypes.c_int] * 2
             + [ctypes.c_int64] * 2
+            + [ctypes.c_int]
             + [ctypes.c_void_p] * 2
         )
     return lib
@@ -906,6 +927,8 @@ def decode_attention_cpp(
     chunk: positions per work item (0: chosen by the kernel from the work size and the thread count); tests
     pass a small one to exercise the split-K merge on short sequences.
     """
+    import ctypes
+
     lib = _cpp_module()
     params = (k_scale, k_zp, v_scale, v_zp)
     check_paged_args(q, k_pool, v_pool, block_tables, lengths, params, kv_dtype, (k_param, v_param))
@@ -923,8 +946,9 @@ def decode_attention_cpp(
     tensors = (q, k_pool, v_pool, block_tables, lengths, *(p for p in params + rows if p is not None))
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("the C++ decode kernel takes CPU tensors only (runtime.cuda has the GPU kernels)")
-    qf = q.to(torch.float32).contiguous()
-    out = torch.empty(B, H, D, dtype=torch.float32)
+    io_bf16 = q.dtype == torch.bfloat16  # bf16 q in, bf16 out (the kernel converts); else fp32 both ways
+    qf = q.contiguous() if io_bf16 else q.to(torch.float32).contiguous()
+    out = torch.empty(B, H, D, dtype=torch.bfloat16 if io_bf16 else torch.float32)
     for name, t in (("block_tables", block_tables), ("lengths", lengths)):  # int64 values must survive int32
         if t.dtype == torch.int64 and t.numel() and not -(2**31) <= int(t.min()) <= int(t.max()) < 2**31:
             raise ValueError(f"{name} holds values outside int32 (the kernel indexes blocks and positions with int32)")
@@ -934,9 +958,9 @@ def decode_attention_cpp(
         static = [None] * 4
         row_ptrs = [p.contiguous() for p in rows]
     else:
-        static = [p.to(torch.float32).contiguous() for p in params]
+        static = [p if p.dtype == torch.float32 and p.is_contiguous() else p.float().contiguous() for p in params]
         row_ptrs = [None, None]
-    err = torch.zeros(3, dtype=torch.int64)
+    err = (ctypes.c_int64 * 3)()
     rc = lib.decode_attn(
         qf.data_ptr(),
         k_pool.data_ptr(),
@@ -955,15 +979,16 @@ def decode_attention_cpp(
         kind,
         chunk,
         PARALLEL_MIN,
+        int(io_bf16),
         out.data_ptr(),
-        err.data_ptr(),
+        ctypes.addressof(err),
     )
-    b, x, page = err.tolist()
+    b, x, page = err
     if rc == 1:
         raise ValueError(f"lengths[{b}] = {x} is outside [0, {tables.shape[1] * block_size}] (max_blocks * block_size)")
     if rc == 2:
         raise ValueError(f"block_tables[{b}, {x}] = {page} is outside the pool [0, {num_blocks})")
-    return out.to(q.dtype)
+    return out if io_bf16 else out.to(q.dtype)
 
 
 def _kernel_takes(q: torch.Tensor, k_pool: torch.Tensor, kv_dtype: str | None) -> bool:

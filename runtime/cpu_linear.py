@@ -39,6 +39,11 @@ KERNEL_SRC = r"""
 #include <math.h>
 #include <stdint.h>
 
+static inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+extern "C" void rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t rows, int64_t n, float eps);
+
 // BR activation rows (1..8) against all N weight rows: each thread streams its contiguous range of weight rows
 // once, row after row (one sequential stream per thread, which the hardware prefetcher follows best), and
 // meets every activation row with the weight vectors in registers: 2 accumulators along k per activation row.
@@ -74,9 +79,6 @@ static void rows(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t K, i
 }
 
 // RMSNorm of bf16 rows: y = round_bf16((x * (1 / sqrt(mean(x^2) + eps))) * w), all in fp32 (F.rms_norm's order).
-static inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
 
 extern "C" void rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t rows, int64_t n, float eps) {
 #pragma omp parallel for schedule(static) if (rows * n >= (1 << 18))
@@ -116,6 +118,78 @@ extern "C" void linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, i
     b0 += r;
   }
 }
+
+static inline void store_bf16(uint16_t* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));  // nearest even, as torch
+}
+static inline __mmask16 tail16(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
+
+// e^x in fp32 (relative error ~1e-6 over the range used here): 2^(x log2 e) as 2^n * 2^f, |f| <= 1/2, with a
+// degree-6 polynomial for 2^f and vscalefps for 2^n.
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// SwiGLU then the down projection: rows h (B, 2K) = [gate | up] -> a = round(round(silu(gate)) * up) (the two
+// bf16 roundings of F.silu(gate) * up), y = a @ W.T (W (N, K)).
+extern "C" void linear_swiglu_bf16(const uint16_t* h, const uint16_t* w, uint16_t* y, int64_t B, int64_t K,
+                                   int64_t N, uint16_t* a) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = tail16(K - k);
+      const __m512 g = load_bf16(h + b * 2 * K + k, m), u = load_bf16(h + b * 2 * K + K + k, m);
+      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      const __m512 sr = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(silu));  // F.silu's bf16 result
+      store_bf16(a + b * K + k, _mm512_mul_ps(sr, u), m);
+    }
+  linear_bf16(a, w, y, B, K, N);
+}
+
+// The residual add and the next RMSNorm: s = round(x + r) (torch's bf16 add), y = rms_norm(s) * w.
+extern "C" void add_rms_norm_bf16(const uint16_t* x, const uint16_t* r, const uint16_t* w, uint16_t* s,
+                                  uint16_t* y, int64_t rows, int64_t n, float eps) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t k = 0; k < n; k += 16) {
+      const __mmask16 m = tail16(n - k);
+      store_bf16(s + i * n + k, _mm512_add_ps(load_bf16(x + i * n + k, m), load_bf16(r + i * n + k, m)), m);
+    }
+  rms_norm_bf16(s, w, y, rows, n, eps);
+}
+
+// RoPE of the q and k heads of fused qkv rows (N, (H + 2 Hkv) D) bf16 at positions pos (N,): element pairs
+// (2i, 2i + 1) times rot[pos] = (cos, sin) pairs (S, D / 2) fp32, in fp32 as the complex product
+// (a c - b s, a s + b c), rounded to bf16; q -> (N, H, D), k -> (N, Hkv, D).
+extern "C" void rope_qk_bf16(const uint16_t* qkv, const float* rot, const int64_t* pos, uint16_t* q, uint16_t* k,
+                             int64_t N, int64_t H, int64_t Hkv, int64_t D) {
+  const int64_t width = (H + 2 * Hkv) * D;
+  const __m512i swap = _mm512_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  const __m512 sign = _mm512_setr_ps(-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1);
+  for (int64_t t = 0; t < N; ++t) {
+    const float* r = rot + pos[t] * D;  // D / 2 (cos, sin) pairs
+    for (int64_t hd = 0; hd < H + Hkv; ++hd) {
+      const uint16_t* x = qkv + t * width + hd * D;
+      uint16_t* o = hd < H ? q + (t * H + hd) * D : k + (t * Hkv + hd - H) * D;
+      for (int64_t d = 0; d < D; d += 16) {  // 8 pairs: [a, b] * [c, s] -> [a c - b s, b c + a s]
+        const __mmask16 m = tail16(D - d);
+        const __m512 v = load_bf16(x + d, m), cs = _mm512_maskz_loadu_ps(m, r + d);
+        const __m512 c = _mm512_moveldup_ps(cs), sn = _mm512_movehdup_ps(cs);  // [c, c], [s, s]
+        const __m512 vs = _mm512_mul_ps(_mm512_permutexvar_ps(swap, v), sign);  // [-b, a]
+        store_bf16(o + d, _mm512_fmadd_ps(vs, sn, _mm512_mul_ps(v, c)), m);
+      }
+    }
+  }
+}
 """
 
 
@@ -128,6 +202,12 @@ def _library() -> ctypes.CDLL | None:
         lib.linear_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
         lib.rms_norm_bf16.restype = None
         lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+        lib.linear_swiglu_bf16.restype = None
+        lib.linear_swiglu_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+        lib.add_rms_norm_bf16.restype = None
+        lib.add_rms_norm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+        lib.rope_qk_bf16.restype = None
+        lib.rope_qk_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
     return lib
 
 
@@ -181,3 +261,57 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         _library().rms_norm_bf16(x2.data_ptr(), w.contiguous().data_ptr(), y.data_ptr(), x2.shape[0], x2.shape[1], eps)
         return y.view(x.shape)
     return F.rms_norm(x, w.shape, w, eps)
+
+
+def _kernel_takes(*tensors: torch.Tensor) -> bool:
+    """CPU bf16 tensors and a kernel library that builds here."""
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors) and available()
+
+
+def swiglu_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(F.silu(gate) * up) @ w.T for h = [gate | up] (..., 2K), w (N, K): one kernel call for a few CPU bf16 rows
+    (the activation with F.silu's and the product's bf16 roundings, then the linear kernel), else PyTorch."""
+    N, K = w.shape
+    if h.shape[-1] == 2 * K and h.numel() <= MAX_ROWS * 2 * K and w.is_contiguous() and _kernel_takes(h, w):
+        h2 = h.reshape(-1, 2 * K).contiguous()
+        B = h2.shape[0]
+        act = torch.empty(B, K, dtype=torch.bfloat16)
+        y = torch.empty(B, N, dtype=torch.bfloat16)
+        _library().linear_swiglu_bf16(h2.data_ptr(), w.data_ptr(), y.data_ptr(), B, K, N, act.data_ptr())
+        return y.view(*h.shape[:-1], N)
+    gate, up = h.chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w)
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm: (s, rms_norm(s) * w) with s = x + r (new tensors; x is not modified);
+    one kernel call for CPU bf16 (the same roundings as the two PyTorch operations), else PyTorch."""
+    if x.shape == r.shape and w.dim() == 1 and x.shape[-1] == w.shape[0] and _kernel_takes(x, r, w):
+        x2, r2 = x.reshape(-1, x.shape[-1]).contiguous(), r.reshape(-1, x.shape[-1]).contiguous()
+        s, y = torch.empty_like(x2), torch.empty_like(x2)
+        _library().add_rms_norm_bf16(
+            x2.data_ptr(), r2.data_ptr(), w.contiguous().data_ptr(), s.data_ptr(), y.data_ptr(), *x2.shape, eps
+        )
+        return s.view(x.shape), y.view(x.shape)
+    s = x + r
+    return s, rms_norm(s, w, eps)
+
+
+def rope_qk(qkv: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor, H: int, Hkv: int, D: int):
+    """RoPE of the q and k heads of fused qkv rows (N, (H + 2 Hkv) D) CPU bf16 -> q (N, H, D), k (N, Hkv, D) bf16,
+    with rot (S, D / 2) complex64 and positions pos (N,): pairs (2i, 2i + 1) as complex numbers times rot[pos], in
+    fp32, rounded once (the caller's PyTorch path does the same with complex tensors). None where the kernel
+    does not take these tensors."""
+    N = qkv.shape[0]
+    if qkv.dim() != 2 or qkv.shape[1] != (H + 2 * Hkv) * D or rot.dtype != torch.complex64 or not _kernel_takes(qkv):
+        return None
+    qkv = qkv.contiguous()
+    table = torch.view_as_real(rot.contiguous())  # (S, D / 2, 2) fp32: (cos, sin) pairs
+    pos = pos.to(torch.int64).contiguous()
+    lo, hi = torch.aminmax(pos) if N else (torch.tensor(0), torch.tensor(0))
+    if not 0 <= int(lo) <= int(hi) < table.shape[0]:
+        raise ValueError(f"rope_qk: positions outside [0, {table.shape[0]}) (the rotation table)")
+    q = torch.empty(N, H, D, dtype=torch.bfloat16)
+    k = torch.empty(N, Hkv, D, dtype=torch.bfloat16)
+    _library().rope_qk_bf16(qkv.data_ptr(), table.data_ptr(), pos.data_ptr(), q.data_ptr(), k.data_ptr(), N, H, Hkv, D)
+    return q, k

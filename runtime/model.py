@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from runtime.cpu_linear import linear, rms_norm
+from runtime.cpu_linear import add_rms_norm, linear, rms_norm, rope_qk, swiglu_linear
 from runtime.kv_cache import KeyPlan, KVCache, key_plan
 from runtime.workspace import WorkspaceConfig, hidden_size
 
@@ -191,6 +191,19 @@ class Transformer:
         """Positions the RoPE table covers."""
         return self.rotations.shape[0]
 
+    def rope_qk(self, qkv: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated q and k heads of fused qkv rows (N, (H + 2 H_kv) D) at positions pos (N,) -> q (N, H, D),
+        k (N, H_kv, D): one kernel call for CPU bf16 (runtime.cpu_linear.rope_qk), else `rope` on both at once."""
+        H, Hkv, D = self.H, self.Hkv, self.D
+        fused = rope_qk(qkv, self.rotations, pos, H, Hkv, D)
+        if fused is not None:
+            return fused
+        N = qkv.shape[0]
+        qk = self.rope(
+            qkv[:, : (H + Hkv) * D].view(1, N, H + Hkv, D).transpose(1, 2), self.rotations[pos].view(1, 1, N, -1)
+        )
+        return qk[0, :H].transpose(0, 1), qk[0, H:].transpose(0, 1)
+
     def rope(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         """x (B, heads, T, D) with interleaved pairs; rot (B, 1, T, D/2) complex64 = cos + i sin.
 
@@ -217,17 +230,16 @@ class Transformer:
             pos = (batch.starts.view(B, 1) + torch.arange(T).view(1, T))[valid]  # (N,), sequence by sequence
         N = flat.shape[0]
         x = self.embed(flat.view(1, N))  # (1, N, hidden)
-        rot = self.rotations[pos.to(self.rotations.device)].view(1, 1, N, -1)  # (1, 1, N, D/2)
+        pos = pos.to(self.rotations.device)
         H, Hkv, D = self.H, self.Hkv, self.D
+        h = self.rms_norm(x, self.layers[0]["attention_norm"])
         for i, L in enumerate(self.layers):
-            h = self.rms_norm(x, L["attention_norm"])
-            qkv = linear(h, L["wqkv"])  # (1, N, (H + 2 H_kv) D)
+            qkv = linear(h, L["wqkv"]).view(N, -1)  # (N, (H + 2 H_kv) D)
             if L["bqkv"] is not None:
                 qkv = qkv + L["bqkv"]
-            qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
-            qk = self.rope(qk.view(1, N, H + Hkv, D).transpose(1, 2), rot)  # q and k heads in one rotation
-            q, k = qk[0].split([H, Hkv])  # (H, N, D), (H_kv, N, D)
-            v = v.view(N, Hkv, D)
+            q, k = self.rope_qk(qkv, pos)  # (N, H, D), (N, H_kv, D)
+            q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, N, D), (H_kv, N, D) views
+            v = qkv[:, (H + Hkv) * D :].view(N, Hkv, D)
             history = None
             if cache.channel_keys and T > 1 and not use_context_fmha:  # before this write completes their blocks
                 history = [
@@ -239,19 +251,18 @@ class Transformer:
             y = linear(o, L["wo"])  # (1, N, hidden); with TP this rank's heads' share
             if self.tp is not None:
                 self.tp.all_reduce(y)
-            x = x + y
             if L["bo"] is not None:
-                x = x + L["bo"]
-            h = self.rms_norm(x, L["ffn_norm"])
-            gate, up = linear(h, L["w13"]).chunk(2, dim=-1)
-            y = linear(F.silu(gate) * up, L["w2"])  # (1, N, hidden); with TP a partial sum
+                x = x + y
+                y = L["bo"].expand_as(x)
+            x, h = add_rms_norm(x, y, L["ffn_norm"], self.cfg.norm_eps)  # x + y, and its norm
+            y = swiglu_linear(linear(h, L["w13"]), L["w2"])  # (1, N, hidden); with TP a partial sum
             if self.tp is not None:
                 self.tp.all_reduce(y)
-            x = x + y
+            last = i + 1 == len(self.layers)
+            x, h = add_rms_norm(x, y, self.norm if last else self.layers[i + 1]["attention_norm"], self.cfg.norm_eps)
         if not all_logits and T > 1:  # only each sequence's last real token
-            x = x[:, (counts.cumsum(0) - 1).to(x.device)]  # (1, B, hidden)
-        x = self.rms_norm(x, self.norm)
-        logits = linear(x, self.output).float()  # (1, N or B, vocab rows)
+            h = h[:, (counts.cumsum(0) - 1).to(h.device)]  # (1, B, hidden)
+        logits = linear(h, self.output).float()  # (1, N or B, vocab rows)
         if self.tp is not None:
             logits = self.tp.gather_vocab(logits)  # rank 0: (1, N or B, padded vocab); others: None
             if logits is None:

@@ -75,3 +75,68 @@ def test_rms_norm_kernel_equals_the_formula_rounded_once(shape):
     x32 = torch.randn(4, 64)
     w32 = torch.randn(64)
     assert torch.equal(cpu_linear.rms_norm(x32, w32, 1e-6), F.rms_norm(x32, (64,), w32, 1e-6))
+
+
+def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units of b's bf16 ulp (b's magnitude; 2^-133 floor for zeros)."""
+    ulp = torch.ldexp(torch.ones_like(b.float()), torch.frexp(b.float().abs()).exponent - 8).clamp_min(2.0**-133)
+    return (a.float() - b.float()).abs() / ulp
+
+
+@needs_kernel
+@pytest.mark.parametrize("B", [1, 3, 11])
+def test_swiglu_linear_equals_silu_times_up_then_linear(B):
+    """One call for (F.silu(gate) * up) @ w.T: the activation carries F.silu's and the product's bf16 roundings (at
+    most one bf16 ulp apart from PyTorch's: the kernel's exp is not torch's), then the linear kernel; fp32 inputs
+    take PyTorch."""
+    g = torch.Generator().manual_seed(B)
+    h = (torch.randn(B, 2 * 1536, generator=g) * 3).to(torch.bfloat16)
+    h[0, :8] = torch.tensor([0.0, -0.0, 30.0, -30.0, 90.0, -90.0, 1e-3, -1e-3])
+    w = torch.randn(576, 1536, generator=g).to(torch.bfloat16)
+    gate, up = h.chunk(2, dim=-1)
+    act = F.silu(gate) * up
+    got = cpu_linear.swiglu_linear(h, w)
+    want = cpu_linear.linear_bf16(act, w)
+    ref = act.double() @ w.double().T  # exact on the PyTorch activation
+    assert got.shape == (B, 576) and got.dtype == torch.bfloat16
+    # the activations agree to a bf16 ulp, so the outputs agree to the sum of those differences times |w|
+    bound = 2.0**-7 * (act.double().abs() @ w.double().abs().T) * 2.0**-1 + 2.0**-8 * ref.abs()
+    assert ((got.double() - ref).abs() <= bound + (want.double() - ref).abs()).all()
+    assert torch.equal(
+        cpu_linear.swiglu_linear(h.float(), w.float()), F.linear(F.silu(gate.float()) * up.float(), w.float())
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1, 576), (1, 7, 576), (3, 100)])
+def test_add_rms_norm_equals_add_then_rms_norm(shape):
+    """(x + r, rms_norm(x + r) * w) in one call: the sum is torch's bf16 add exactly, the norm the rms_norm
+    kernel's; x is left as it was."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x, r = (torch.randn(*shape, generator=g).to(torch.bfloat16) for _ in range(2))
+    w = torch.randn(shape[-1], generator=g).to(torch.bfloat16)
+    x0 = x.clone()
+    s, y = cpu_linear.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(s, x + r) and torch.equal(x, x0)
+    assert torch.equal(y, cpu_linear.rms_norm(x + r, w, 1e-5))
+
+
+@needs_kernel
+@pytest.mark.parametrize(("H", "Hkv", "D"), [(9, 3, 64), (4, 4, 128), (2, 1, 40)])
+def test_rope_qk_equals_the_complex_rotation(H, Hkv, D):
+    """The q and k heads of fused qkv rows rotated pairwise by rot[pos] in fp32, rounded once to bf16, against the
+    complex product in float64 (within one bf16 rounding); v is not read into the outputs."""
+    g = torch.Generator().manual_seed(H + D)
+    N, S = 5, 300
+    qkv = torch.randn(N, (H + 2 * Hkv) * D, generator=g).to(torch.bfloat16)
+    ang = torch.arange(S, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    rot = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
+    pos = torch.tensor([0, 1, 299, 17, 17])
+    q, k = cpu_linear.rope_qk(qkv, rot, pos, H, Hkv, D)
+    assert q.shape == (N, H, D) and k.shape == (N, Hkv, D)
+    x = torch.view_as_complex(qkv[:, : (H + Hkv) * D].double().view(N, H + Hkv, D // 2, 2).contiguous())
+    want = torch.view_as_real(x * rot[pos].to(torch.complex128)[:, None]).flatten(-2)
+    assert (bf16_ulps(torch.cat([q, k], 1), want) <= 0.5 + 1e-3).all()
+    with pytest.raises(ValueError, match="positions outside"):
+        cpu_linear.rope_qk(qkv, rot, torch.tensor([0, 1, 2, 3, S]), H, Hkv, D)
+    assert cpu_linear.rope_qk(qkv.float(), rot, pos, H, Hkv, D) is None  # fp32: the caller's PyTorch path
