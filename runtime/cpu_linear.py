@@ -225,22 +225,32 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"linear_bf16 takes CPU bf16 tensors; got x {x.dtype} {x.device}, w {w.dtype} {w.device}")
     if w.dim() != 2 or x.shape[-1] != w.shape[1] or not w.is_contiguous():
         raise ValueError(f"w must be a contiguous (N, K={x.shape[-1]}) matrix; got {tuple(w.shape)}")
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.empty(x2.shape[0], w.shape[0], dtype=torch.bfloat16)
-    lib.linear_bf16(x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0], w.shape[1], w.shape[0])
-    return y.view(*x.shape[:-1], w.shape[0])
+    return _linear_bf16(lib, x, w)
+
+
+def _linear_bf16(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """linear_bf16 once its arguments are known to fit (the decode path calls this ~90 times a step)."""
+    N, K = w.shape
+    x2 = x.reshape(-1, K).contiguous()
+    y = torch.empty(x2.shape[0], N, dtype=torch.bfloat16)
+    lib.linear_bf16(x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0], K, N)
+    return y.view(*x.shape[:-1], N)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T (w in nn.Linear's (out, in) layout): the kernel for a few CPU bf16 rows, else F.linear."""
     if (
         x.dtype == torch.bfloat16
+        and w.dtype == torch.bfloat16
         and x.device.type == "cpu"
+        and w.device.type == "cpu"
+        and w.dim() == 2
+        and x.shape[-1] == w.shape[1]
         and x.numel() <= MAX_ROWS * x.shape[-1]
         and w.is_contiguous()
-        and available()
+        and (lib := _library()) is not None
     ):
-        return linear_bf16(x, w)
+        return _linear_bf16(lib, x, w)
     return F.linear(x, w)
 
 
