@@ -36,7 +36,10 @@ Three functions with one signature:
   - `decode_attention_cpp`: a C++/OpenMP kernel (16-lane AVX-512 where the CPU has it, else 8-lane AVX2; built
     once under ~/.cache/kvq/kernels by runtime.cpp_build) that reads the
     pool in place; work is split over (sequence, KV head, context chunk) and the chunks' partial softmax
-    results are merged (split-K), so a single long sequence keeps every core busy;
+    results are merged (split-K), so a single long sequence keeps every core busy. On CPUs with AVX512-VNNI
+    the integer caches (int8, int8_per_token_head, int4_per_token_head) multiply their codes as int16 with
+    q and the softmax weights split into two int16 parts each (vpdpwssd), as exact as the fp32 arithmetic of
+    the other kinds; bf16 q is read and the output written in bf16 directly;
   - `decode_attention`: the C++ kernel where it builds and applies, else the reference.
 Invalid arguments (shapes, lengths beyond the block table, block ids outside the pool) raise ValueError.
 """
@@ -220,7 +223,8 @@ def decode_attention_torch(
 #   fp16:  F16C cvtph_ps
 #   e5m2:  the byte is the high byte of an fp16 (same exponent bias 15): bits << 8 -> cvtph_ps
 #   e4m3:  bits (s eeee mmm) -> fp16 bits s<<15 | (eeee mmm)<<7 is the same value * 2^-8 for normals
-#          and subnormals alike (bias 7 vs 15); the 2^8 is folded into the scale.
+#          and subnormals alike (bias 7 vs 15); the 2^8 is folded into the scale. Built as (byte << 8)
+#          shifted right arithmetically by one (s lands in bits 15 and 14) with bit 14 cleared.
 #   uint8 codes (int8_per_token_head): cvtepu8_epi32 -> cvtepi32_ps
 #   int4 (int4_per_token_head): 4 bytes hold 8 codes (8 bytes 16); lo = w & 0x0F, hi = (w >> 4) & 0x0F per byte,
 #          unpacklo_epi8(lo, hi) interleaves them into element order (2i low nibble, 2i + 1 high) -> cvtepu8_epi32
@@ -267,11 +271,10 @@ static inline vec loadw(const void* base, int64_t i) {
     const __m128i b = _mm_loadl_epi64((const __m128i*)(p + i / 2)), m = _mm_set1_epi8(0x0F);
     return from_u8(_mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m)));
   }
-  const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(p + i)));
-  if (kind == 3) return from_h16(_mm256_slli_epi16(w, 8));  // e5m2 (kinds 2 and 5: e4m3)
-  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8);
-  const __m256i mag = _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7F)), 7);
-  return from_h16(_mm256_or_si256(sign, mag));
+  const __m256i w = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(p + i))), 8);
+  if (kind == 3) return from_h16(w);  // e5m2 (kinds 2 and 5: e4m3)
+  // e4m3: s eeee mmm in the high byte; an arithmetic shift by one copies s into bit 14, which is then cleared
+  return from_h16(_mm256_and_si256(_mm256_srai_epi16(w, 1), _mm256_set1_epi16((short)0xBFFF)));
 }
 // [sum(a[0]), ..., sum(a[15])]: a transpose-and-add tree (45 instructions for 16 rows).
 static inline vec hsumw(const vec* a) {
@@ -307,11 +310,9 @@ static inline vec loadw(const void* base, int64_t i) {
     const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
   }
-  const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(p + i)));
-  if (kind == 3) return _mm256_cvtph_ps(_mm_slli_epi16(w, 8));  // e5m2 (kinds 2 and 5: e4m3)
-  const __m128i sign = _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8);
-  const __m128i mag = _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x7F)), 7);
-  return _mm256_cvtph_ps(_mm_or_si128(sign, mag));  // e4m3 * 2^-8
+  const __m128i w = _mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(p + i))), 8);
+  if (kind == 3) return _mm256_cvtph_ps(w);  // e5m2 (kinds 2 and 5: e4m3, * 2^-8)
+  return _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(w, 1), _mm_set1_epi16((short)0xBFFF)));
 }
 // [sum(a[0]), ..., sum(a[7])].
 static inline vec hsumw(const vec* a) {
