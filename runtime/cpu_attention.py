@@ -352,6 +352,22 @@ static inline void rows_params(const uint16_t* param, const int64_t* off, int n,
   for (int j = 0; j < n; ++j) row_params<D>(param, off[j], scale + j, zero + j);
 }
 
+// Software prefetch of the rows [t0, t1) (clipped to n) of a pool, and of their (scale, zero) pairs (online
+// kinds, p != null): the blocks of a sequence are scattered over the pool, and the hardware prefetchers stop at
+// each block's end (a new page), so without it every block starts with a full memory latency; PF rows ahead
+// (~one block) keep the loads in flight. Kind 6 prefetches per-row (V) addresses; its open key rows are few.
+constexpr int64_t PF = 64;
+template <int kind, int D>
+static inline void prefetch_rows(const void* base, const uint16_t* p, const int64_t* off, int64_t t0, int64_t t1,
+                                 int64_t n) {
+  constexpr int64_t bytes = kind == 0 ? 2 * D : kind == 6 ? D / 2 : D;  // per row
+  for (int64_t t = t0; t < t1 && t < n; ++t) {
+    const char* r = (const char*)base + (kind == 0 ? off[t] * 2 : kind == 6 ? off[t] / 2 : off[t]);
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(r + b, _MM_HINT_T0);
+    if (p != nullptr && (t == t0 || (off[t] / D) % 16 == 0)) _mm_prefetch((const char*)(p + off[t] / D * 2), _MM_HINT_T0);
+  }
+}
+
 // Scores of the rows t0 .. t0 + min(W, n - t0) - 1 of a work item for its G query heads into sc (G, n), through
 // fp32: the W rows are converted into an L1 block (row-major) that the G heads reuse; each head keeps W
 // accumulators (one per row) and one transpose-add tree turns them into W scores. Static kinds: score = dot *
@@ -432,13 +448,19 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
   alignas(64) float rs[W], rz[W];
   alignas(64) float cs[D], cz[D];
   int64_t cpar = -1;
-  for (int64_t t0 = 0; t0 < n; t0 += W)
+  const uint16_t* kpp = online && kind != 6 ? kp : nullptr;
+  prefetch_rows<kind, D>(kc, kpp, off, 0, PF, n);
+  for (int64_t t0 = 0; t0 < n; t0 += W) {
+    prefetch_rows<kind, D>(kc, kpp, off, t0 + PF, t0 + PF + W, n);
     k_group_f32<kind, D>(qx, G, kc, kp, off, kofs, kpar, n, t0, kscale, kzero, cs, cz, &cpar, sc);
+  }
+  prefetch_rows<kind, D>(vc, online ? vp : nullptr, off, 0, PF, n);
   softmax_chunk(sc, G, n, ml);
   for (int i = 0; i < G * D; ++i) acc[i] = 0.0f;
   float zsum[64] = {0};  // online: sum_t p_t zero_t per query head (G <= 64, checked by the caller)
   for (int64_t t0 = 0; t0 < n; t0 += W) {
     const int r = n - t0 < W ? (int)(n - t0) : W;
+    prefetch_rows<kind, D>(vc, online ? vp : nullptr, off, t0 + PF, t0 + PF + W, n);
     for (int j = 0; j < r; ++j) {
       for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<kind>(vc, off[t0 + j] + d));
       rs[j] = vunit, rz[j] = 0.0f;
@@ -576,8 +598,11 @@ static void attend_chunk_int(const float* qx, int G, const void* kc, const void*
     for (int g = 0; g < G; ++g) qsc[g] = quantize_i16<D>(qx + g * (D + 1), qi + g * D, ql + g * D), qcon[g] = 0.0f;
   alignas(64) int16_t blk[W * D];
   alignas(64) float rs[W], rz[W];
+  const uint16_t* kpp = kind == 4 ? kp : nullptr;
+  prefetch_rows<kind, D>(kc, kpp, off, 0, PF, n);
   for (int64_t t0 = 0; t0 < n; t0 += W) {
     const int r = n - t0 < W ? (int)(n - t0) : W;
+    prefetch_rows<kind, D>(kc, kpp, off, t0 + PF, t0 + PF + W, n);
     if (kind == 6) {
       const int64_t t1 = t0 + r - 1;
       if (kofs[t0] >= 0 || kofs[t1] >= 0 || kpar[t0] != kpar[t1]) {  // not all in one full block
@@ -624,6 +649,7 @@ static void attend_chunk_int(const float* qx, int G, const void* kc, const void*
       for (int j = 0; j < r; ++j) sc[g * n + t0 + j] = s[j];
     }
   }
+  prefetch_rows<kind, D>(vc, online ? vp : nullptr, off, 0, PF, n);
   softmax_chunk(sc, G, n, ml);
   // V pass: per head, fp32 sums in acc in pair_dim order (put in element order at the end), int32 sums per group
   // of VG rows; pv: the group's rows interleaved in pairs (an odd last row pairs with itself at weight 0).
@@ -635,6 +661,7 @@ static void attend_chunk_int(const float* qx, int G, const void* kc, const void*
   float zsum[64] = {0};  // online: sum_t p_t zero_t per query head
   for (int64_t t0 = 0; t0 < n; t0 += VG) {
     const int r = n - t0 < VG ? (int)(n - t0) : VG, pairs = (r + 1) / 2;
+    prefetch_rows<kind, D>(vc, online ? vp : nullptr, off, t0 + PF, t0 + PF + VG, n);
     for (int j = 0; j < VG; ++j) vsr[j] = j < r ? vunit : 0.0f, vzr[j] = 0.0f;
     if (online) {
       for (int j = 0; j < r; j += 16) rows_params<D>(vp, off + t0 + j, r - j < 16 ? r - j : 16, vsr + j, vzr + j);

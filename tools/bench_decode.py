@@ -162,9 +162,12 @@ def read_bandwidth_gbs(threads: int) -> float:
     return buf.numel() * 4 / best / 1e9
 
 
-def attention_bandwidth(shapes, kv_dtypes, threads: int, repeats: int = 20) -> list[dict]:
+def attention_bandwidth(shapes, kv_dtypes, threads: int, repeats: int = 7, layers: int = 30) -> list[dict]:
     """Decode attention alone (the engine's CPU kernel, SmolLM2's 9 query / 3 KV heads, D 64) on random pools of
-    each KV dtype: GB/s of cache bytes read, next to the read bandwidth measured just before each shape."""
+    each KV dtype: GB/s of cache bytes read, next to the read bandwidth measured just before each shape. Each
+    timed pass runs `layers` calls on as many copies of the pools (the model's 30 layers), as a decode step does,
+    so the cache is read from memory: one layer's pools alone (6-25 MB here) would stay in the CPU's caches
+    between calls and overstate the bandwidth."""
     import torch
 
     from runtime import quant
@@ -193,13 +196,25 @@ def attention_bandwidth(shapes, kv_dtypes, threads: int, repeats: int = 20) -> l
                 scale, zp = torch.full((Hkv,), 4 / 127), torch.zeros(Hkv)
                 k, v = quant.quantize(x, kv, scale, zp)  # values of a realistic range (no overflow, no denormals)
                 args, kw = (q, k, v, tables, lengths, scale, zp, scale, zp, D**-0.5), {}
-            decode_attention(*args, kv_dtype=kv, **kw)
+            pools = [tuple(t.clone() for t in (k, v, kw.get("k_param"), kw.get("v_param")) if t is not None)]
+            pools += [tuple(t.clone() for t in pools[0]) for _ in range(layers - 1)]
+            calls = []
+            for pk in pools:  # this layer's copies in the pool arguments' places
+                a, kwl = list(args), dict(kw)
+                a[1], a[2] = pk[0], pk[1]
+                if len(pk) == 4:
+                    kwl["k_param"], kwl["v_param"] = pk[2], pk[3]
+                calls.append((a, kwl))
+            for a, kwl in calls:
+                decode_attention(*a, kv_dtype=kv, **kwl)
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
-                decode_attention(*args, kv_dtype=kv, **kw)
-                times.append(time.perf_counter() - t)
+                for a, kwl in calls:
+                    decode_attention(*a, kv_dtype=kv, **kwl)
+                times.append((time.perf_counter() - t) / layers)
             sec = statistics.median(times)
+            del pools, calls
             read = 2 * batch * ctx * Hkv * quant.kv_row_bytes(kv, D)  # data (+ online params) of every row
             out.append(dict(batch=batch, context=ctx, kv=kv, ms=sec * 1e3, gbs=read / sec / 1e9, read_bw_gbs=bw))
     return out
@@ -349,7 +364,10 @@ def main() -> None:
 
 
 def print_attention(shapes, kvs: list[str], threads: int) -> None:
-    print("\ndecode attention alone (C++ kernel, 9 query / 3 KV heads, D 64, shuffled blocks of 64):")
+    print(
+        "\ndecode attention alone (C++ kernel, 9 query / 3 KV heads, D 64, shuffled blocks of 64, 30 layers' pools "
+        "per timed pass):"
+    )
     for r in attention_bandwidth(shapes, kvs, threads):
         name = f"{r['kv']} b{r['batch']} x {r['context']}"
         print(
