@@ -46,6 +46,7 @@ Invalid arguments (shapes, lengths beyond the block table, block ids outside the
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -464,11 +465,10 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
     for (int j = 0; j < r; ++j) {
       for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<kind>(vc, off[t0 + j] + d));
       rs[j] = vunit, rz[j] = 0.0f;
-      if (online) {
-        float s, z;
-        row_params<D>(vp, off[t0 + j], &s, &z);
-        rs[j] *= s, rz[j] = z;
-      }
+    }
+    if (online) {
+      rows_params<D>(vp, off + t0, r, rs, rz);
+      for (int j = 0; j < r; ++j) rs[j] *= vunit;
     }
     for (int g = 0; g < G; ++g) {
       vec o[D / W];
@@ -630,19 +630,17 @@ static void attend_chunk_int(const float* qx, int G, const void* kc, const void*
     if (kind == 4) rows_params<D>(kp, off + t0, r, rs, rz);
     const vec vrs = _mm512_mul_ps(vloada(rs), vset1(kscale)), vrz = _mm512_mul_ps(vloada(rz), vset1(kzero));
     for (int g = 0; g < G; ++g) {
-      ivec a[W];
-      for (int j = 0; j < W; ++j) a[j] = _mm512_setzero_si512();
-      for (int d = 0; d < D; d += 32) {
-        const ivec qv = _mm512_load_si512(qi + g * D + d);
-        for (int j = 0; j < W; ++j) a[j] = _mm512_dpwssd_epi32(a[j], qv, _mm512_load_si512(blk + j * D + d));
+      vec dots = vzero();
+      for (int part = 0; part < 2; ++part) {  // hi . code, then + (lo . code) / 32768
+        const int16_t* qp = (part ? ql : qi) + g * D;
+        ivec a[W];
+        for (int j = 0; j < W; ++j) a[j] = _mm512_setzero_si512();
+        for (int d = 0; d < D; d += 32) {
+          const ivec qv = _mm512_load_si512(qp + d);
+          for (int j = 0; j < W; ++j) a[j] = _mm512_dpwssd_epi32(a[j], qv, _mm512_load_si512(blk + j * D + d));
+        }
+        dots = vfma(hsumw_i(a), vset1(part ? 1.0f / 32768.0f : 1.0f), dots);
       }
-      vec dots = hsumw_i(a);
-      for (int j = 0; j < W; ++j) a[j] = _mm512_setzero_si512();
-      for (int d = 0; d < D; d += 32) {  // + the residual part of q
-        const ivec qv = _mm512_load_si512(ql + g * D + d);
-        for (int j = 0; j < W; ++j) a[j] = _mm512_dpwssd_epi32(a[j], qv, _mm512_load_si512(blk + j * D + d));
-      }
-      dots = vfma(hsumw_i(a), vset1(1.0f / 32768.0f), dots);
       alignas(64) float s[W];
       dots = vfma(dots, vset1(qsc[g]), vset1(qcon[g]));
       vstorea(s, vfma(dots, vrs, vrz * vset1(qx[g * (D + 1) + D])));
@@ -677,18 +675,11 @@ static void attend_chunk_int(const float* qx, int G, const void* kc, const void*
     for (int g = 0; g < G; ++g) {
       const float* pg = sc + g * n + t0;
       const vec p0 = _mm512_maskz_loadu_ps(m0, pg), p1 = _mm512_maskz_loadu_ps(m1, pg + 16);
-      const vec w0 = _mm512_mul_ps(p0, vloada(vsr)), w1 = _mm512_mul_ps(p1, vloada(vsr + 16));
+      alignas(64) float w[VG];  // this head's weights (0 past the group's rows), split into two int16 parts
+      vstorea(w, _mm512_mul_ps(p0, vloada(vsr))), vstorea(w + 16, _mm512_mul_ps(p1, vloada(vsr + 16)));
       if (online) zsum[g] += _mm512_reduce_add_ps(vfma(p0, vloada(vzr), _mm512_mul_ps(p1, vloada(vzr + 16))));
-      const float wmax = _mm512_reduce_max_ps(_mm512_max_ps(w0, w1));
-      const vec inv = vset1(wmax > 0 ? 32767.0f / wmax : 0.0f);
       int16_t *wg = wi + g * VG, *wgl = wl + g * VG;
-      for (int h = 0; h < 2; ++h) {
-        const vec y = _mm512_mul_ps(h ? w1 : w0, inv);
-        const ivec yi = _mm512_cvtps_epi32(y);
-        _mm256_storeu_si256((__m256i*)(wg + 16 * h), _mm512_cvtsepi32_epi16(yi));
-        const vec res = _mm512_mul_ps(_mm512_sub_ps(y, _mm512_cvtepi32_ps(yi)), vset1(32768.0f));
-        _mm256_storeu_si256((__m256i*)(wgl + 16 * h), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(res)));
-      }
+      const float wscale = quantize_i16<VG>(w, wg, wgl);
       ivec ia[NV], il[NV];
       for (int v = 0; v < NV; ++v) ia[v] = _mm512_setzero_si512(), il[v] = _mm512_setzero_si512();
       for (int k = 0; k < pairs; ++k) {
@@ -700,7 +691,7 @@ static void attend_chunk_int(const float* qx, int G, const void* kc, const void*
         for (int v = 0; v < NV; ++v)
           ia[v] = _mm512_dpwssd_epi32(ia[v], wv, pv[k][v]), il[v] = _mm512_dpwssd_epi32(il[v], lv, pv[k][v]);
       }
-      const vec ws = vset1(wmax / 32767.0f), wsl = vset1(wmax / 32767.0f / 32768.0f);
+      const vec ws = vset1(wscale), wsl = vset1(wscale / 32768.0f);
       for (int v = 0; v < NV; ++v) {
         const vec x = vfma(_mm512_cvtepi32_ps(ia[v]), ws, vload(acc + g * D + v * 16));
         vstore(acc + g * D + v * 16, vfma(_mm512_cvtepi32_ps(il[v]), wsl, x));
@@ -902,8 +893,6 @@ def _cpp_module(avx512: bool | None = None, vnni: bool | None = None):
     build (KVQ_W = 16) or the 8-lane AVX2 one from the same source; vnni: with AVX512-VNNI, the integer kinds
     (int8, int8/int4 per token head) run on int16 dot products (attend_chunk_int); None = what the CPU has (tests
     ask for the others to check every build on one machine)."""
-    import ctypes
-
     from runtime import cpp_build
 
     if avx512 is None:
@@ -955,8 +944,6 @@ def decode_attention_cpp(
     chunk: positions per work item (0: chosen by the kernel from the work size and the thread count); tests
     pass a small one to exercise the split-K merge on short sequences.
     """
-    import ctypes
-
     lib = _cpp_module()
     params = (k_scale, k_zp, v_scale, v_zp)
     check_paged_args(q, k_pool, v_pool, block_tables, lengths, params, kv_dtype, (k_param, v_param))

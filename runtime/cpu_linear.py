@@ -169,9 +169,12 @@ extern "C" void add_rms_norm_bf16(const uint16_t* x, const uint16_t* r, const ui
 
 // RoPE of the q and k heads of fused qkv rows (N, (H + 2 Hkv) D) bf16 at positions pos (N,): element pairs
 // (2i, 2i + 1) times rot[pos] = (cos, sin) pairs (S, D / 2) fp32, in fp32 as the complex product
-// (a c - b s, a s + b c), rounded to bf16; q -> (N, H, D), k -> (N, Hkv, D).
-extern "C" void rope_qk_bf16(const uint16_t* qkv, const float* rot, const int64_t* pos, uint16_t* q, uint16_t* k,
-                             int64_t N, int64_t H, int64_t Hkv, int64_t D) {
+// (a c - b s, a s + b c), rounded to bf16; q -> (N, H, D), k -> (N, Hkv, D). Returns -1, or the index of the
+// first position outside the table's S rows (then nothing is written).
+extern "C" int64_t rope_qk_bf16(const uint16_t* qkv, const float* rot, const int64_t* pos, uint16_t* q, uint16_t* k,
+                                int64_t N, int64_t H, int64_t Hkv, int64_t D, int64_t S) {
+  for (int64_t t = 0; t < N; ++t)
+    if (pos[t] < 0 || pos[t] >= S) return t;
   const int64_t width = (H + 2 * Hkv) * D;
   const __m512i swap = _mm512_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
   const __m512 sign = _mm512_setr_ps(-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1);
@@ -189,6 +192,7 @@ extern "C" void rope_qk_bf16(const uint16_t* qkv, const float* rot, const int64_
       }
     }
   }
+  return -1;
 }
 """
 
@@ -206,8 +210,8 @@ def _library() -> ctypes.CDLL | None:
         lib.linear_swiglu_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
         lib.add_rms_norm_bf16.restype = None
         lib.add_rms_norm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-        lib.rope_qk_bf16.restype = None
-        lib.rope_qk_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
+        lib.rope_qk_bf16.restype = ctypes.c_int64
+        lib.rope_qk_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
     return lib
 
 
@@ -318,10 +322,12 @@ def rope_qk(qkv: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor, H: int, Hkv
     qkv = qkv.contiguous()
     table = torch.view_as_real(rot.contiguous())  # (S, D / 2, 2) fp32: (cos, sin) pairs
     pos = pos.to(torch.int64).contiguous()
-    lo, hi = torch.aminmax(pos) if N else (torch.tensor(0), torch.tensor(0))
-    if not 0 <= int(lo) <= int(hi) < table.shape[0]:
-        raise ValueError(f"rope_qk: positions outside [0, {table.shape[0]}) (the rotation table)")
     q = torch.empty(N, H, D, dtype=torch.bfloat16)
     k = torch.empty(N, Hkv, D, dtype=torch.bfloat16)
-    _library().rope_qk_bf16(qkv.data_ptr(), table.data_ptr(), pos.data_ptr(), q.data_ptr(), k.data_ptr(), N, H, Hkv, D)
+    S = table.shape[0]
+    bad = _library().rope_qk_bf16(
+        qkv.data_ptr(), table.data_ptr(), pos.data_ptr(), q.data_ptr(), k.data_ptr(), N, H, Hkv, D, S
+    )
+    if bad >= 0:  # checked in the kernel: no tensor operations per layer for it
+        raise ValueError(f"rope_qk: positions outside [0, {S}) (the rotation table): pos[{bad}] = {int(pos[bad])}")
     return q, k

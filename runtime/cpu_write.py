@@ -248,6 +248,13 @@ def _library():
     return lib
 
 
+def _check_contiguous(fn: str, **pools: torch.Tensor) -> None:
+    """The kernels write the pools through raw pointers: each must be contiguous (ValueError naming it)."""
+    for name, t in pools.items():
+        if not t.is_contiguous():
+            raise ValueError(f"{fn}: {name} must be contiguous")
+
+
 def takes(kv_dtype: str, k: torch.Tensor) -> bool:
     """Whether the kernel writes this mode's rows (integer online modes, CPU) and builds here."""
     return kv_dtype in BITS and k.device.type == "cpu" and _library() is not None
@@ -268,9 +275,7 @@ def online_write(
     lib = _library()
     N, H, D = k.shape
     num_blocks, _, bs, _ = k_pool.shape
-    for name, t in (("k_pool", k_pool), ("v_pool", v_pool), ("k_param", k_param), ("v_param", v_param)):
-        if not t.is_contiguous():
-            raise ValueError(f"online_write: {name} must be contiguous")
+    _check_contiguous("online_write", k_pool=k_pool, v_pool=v_pool, k_param=k_param, v_param=v_param)
     k = k.to(torch.float32).contiguous()
     v = v.to(torch.float32).contiguous()
     slots = slots.to(torch.int64).contiguous()
@@ -326,8 +331,7 @@ def static_write(
     quant.quantize with the per-head (scale, zp) would (see the module docstring)."""
     N, H, D = k.shape
     num_blocks, _, bs, _ = k_pool.shape
-    if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
-        raise ValueError("static_write: the pools must be contiguous")
+    _check_contiguous("static_write", k_pool=k_pool, v_pool=v_pool)
     dt = torch.bfloat16 if k.dtype == torch.bfloat16 else torch.float32
     k, v = k.to(dt).contiguous(), v.to(dt).contiguous()
     slots = slots.to(torch.int64).contiguous()
