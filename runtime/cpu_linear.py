@@ -30,7 +30,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from runtime import cpp_build
+from runtime import cpp_build, cpu_f16w
 
 MAX_ROWS = 16  # rows per call up to which the kernel beats PyTorch's bf16 GEMM (see the module docstring)
 
@@ -242,7 +242,11 @@ def _linear_bf16(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor) -> torch.Te
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T (w in nn.Linear's (out, in) layout): the kernel for a few CPU bf16 rows, else F.linear."""
+    """x @ w.T (w in nn.Linear's (out, in) layout): the kernel for a few CPU bf16 rows; fp32 rows against fp16
+    weights (how the model holds them for fp32 compute where runtime.cpu_f16w runs) through that kernel, or on
+    weights cast to fp32 elsewhere; F.linear otherwise."""
+    if w.dtype == torch.float16 and x.dtype == torch.float32:
+        return cpu_f16w.linear_f16w(x, w) if cpu_f16w.takes(x, w) else F.linear(x, w.float())
     if (
         x.dtype == torch.bfloat16
         and w.dtype == torch.bfloat16

@@ -19,7 +19,8 @@ Decode always reads the cache, through `runtime.cpu_attention.decode_attention` 
 folded into the attention arithmetic).
 
 The weight matrices are held transposed, (out, in) as nn.Linear, and applied by `runtime.cpu_linear.linear`:
-a bandwidth-bound bf16 kernel for the few rows of a CPU decode step, PyTorch's GEMM otherwise.
+a bandwidth-bound bf16 kernel for the few rows of a CPU decode step, PyTorch's GEMM otherwise. With fp32 compute
+on a CPU (no native bf16) they stay in the workspace's fp16 and `runtime.cpu_f16w` multiplies them in fp32.
 
 Tensor parallelism (`tp`, a `runtime.distributed.TPGroup`; None in one process): the weights are one rank's
 (`workspace.read_rank`): H / N query heads, H_kv / N KV heads, 1/N of the FFN columns and of the vocabulary
@@ -34,9 +35,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from runtime import cpu_f16w
 from runtime.cpu_linear import add_rms_norm, linear, rms_norm, rope_qk, swiglu_linear
 from runtime.kv_cache import KeyPlan, KVCache, key_plan
 from runtime.workspace import WorkspaceConfig, hidden_size
@@ -144,18 +147,28 @@ class Transformer:
         def t(name: str) -> torch.Tensor:  # fp16 memmap -> compute dtype on device, contiguous
             return torch.from_numpy(weights[name][...].astype("float32")).to(device=device, dtype=dtype).contiguous()
 
+        # fp32 compute on a CPU the fp16-weight kernel runs on: the matrices stay in the workspace's fp16 (exact in
+        # fp32, half the bytes to read per step) and runtime.cpu_f16w multiplies them in fp32.
+        f16_mats = dtype == torch.float32 and torch.device(device).type == "cpu" and cpu_f16w.available()
+
+        def m(name: str) -> torch.Tensor:  # a weight matrix as stored (in, out)
+            a = weights[name][...]
+            if f16_mats and a.dtype == np.float16:
+                return torch.from_numpy(a.copy())
+            return t(name)
+
         # Embedding kept in fp16: rows are gathered then cast (saves a full-precision copy).
         self.tok_embeddings = torch.from_numpy(weights["tok_embeddings.weight"][...].copy()).to(device)
         self.vocab_rows = self.tok_embeddings.shape[0]  # vocab_size, or one rank's padded_vocab / N
         self.vocab_start = 0 if tp is None else tp.rank * self.vocab_rows  # first token id of this rank's rows
         self.norm = t("norm.weight")
-        self.output = t("output.weight")  # (vocab rows, hidden), not transposed
+        self.output = m("output.weight")  # (vocab rows, hidden), not transposed
         self.layers = []
         for i in range(cfg.num_layer):
             p = f"layers.{i}."
 
             def mat(*names: str, p: str = p) -> torch.Tensor:  # (in, out) matrices, side by side -> (out, in)
-                return torch.cat([t(p + n) for n in names], 1).T.contiguous()
+                return torch.cat([m(p + n) for n in names], 1).T.contiguous()
 
             self.layers.append(
                 {

@@ -135,9 +135,10 @@ def test_quantized_cache_holds_reference_quantization_of_hf_kv(tiny_hf, tmp_path
         for got, x, s, z in ((engine.cache.k[i], k, ks, kz), (engine.cache.v[i], v, vs, vz)):
             want = ref_quantize(x[None], kv, s, z)[0].float()
             diff = (got[0, :, :T].float() - want).abs()
-            # our fp32 K/V equal HF's to ~1e-6: a value may land on the other side of a rounding boundary
-            step = s.view(-1, 1, 1) if kv == "int8" else want.abs().clamp(min=1e-3) / 4
-            assert (diff == 0).float().mean() > 0.999 and (diff <= step * 1.01).all()
+            # our fp32 K/V equal HF's to ~1e-6 (another summation order): a few values (one in ~1000 on an AVX2 CPU,
+            # whose PyTorch GEMM sums in another order than HF's here) land on the other side of a rounding boundary
+            step = torch.tensor(1.0) if kv == "int8" else want.abs().clamp(min=1e-3) / 4  # one code / fp8 step
+            assert (diff == 0).float().mean() > 0.995 and (diff <= step * 1.01).all()
     # end-to-end: prefill logits with use_context_fmha=1 equal the fp16 run's; decode reads the quantized cache
     torch.testing.assert_close(logits, fp16.score(torch.tensor([ids]))[0], atol=1e-5, rtol=0)
     q_tok = engine.generate([ids], [GREEDY])[0]

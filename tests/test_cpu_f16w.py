@@ -1,0 +1,76 @@
+"""The fp32 x fp16-weight linear kernel (runtime.cpu_f16w) against a float64 matmul of the same values, and the
+model holding its matrices in fp16 for fp32 compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runtime import cpu_f16w, cpu_linear
+
+needs_kernel = pytest.mark.skipif(not cpu_f16w.available(), reason="needs an x86-64 CPU with AVX2, FMA, F16C and g++")
+
+
+@needs_kernel
+# 1-16 rows: passes (13-16 as two halves); 17+: tiles of 4 rows with 1-3 rows left over; 64: many tiles
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 16, 17, 18, 19, 23, 64])
+@pytest.mark.parametrize(("N", "K"), [(960, 576), (7, 33), (1, 64), (50, 1536), (97, 5), (49, 8)])
+def test_kernel_equals_float64_matmul_to_fp32_rounding(B, N, K):
+    """Every output is the fp32 dot product of the activations with the exact fp32 values of the fp16 weights:
+    within fp32 summation error of the float64 result, for every row count, N not a multiple of the 48-row
+    blocks or the 3-row tiles, and K not a multiple of the 8-lane vectors."""
+    g = torch.Generator().manual_seed(B * 1000 + N + K)
+    x = torch.randn(B, K, generator=g)
+    w = torch.randn(N, K, generator=g).half()
+    exact = x.double() @ w.double().T
+    got = cpu_f16w.linear_f16w(x, w).double()
+    bound = K * 2.0**-23 * (x.double().abs() @ w.double().abs().T) + 1e-30  # fp32 sums of K products
+    assert ((got - exact).abs() <= bound).all()
+
+
+@needs_kernel
+def test_leading_dims_special_values_and_dispatch():
+    """(B, T, K) inputs keep their leading dims; zero rows give zeros; fp16's largest and subnormal weights are
+    used at their exact values; linear() sends fp32 x fp16 here, with F.linear on the fp32 weights as reference."""
+    w = torch.randn(48, 64).half()
+    w[0, :3] = torch.tensor([65504.0, -65504.0, 2.0**-24])  # fp16 max and smallest subnormal: exact in fp32
+    x = torch.randn(2, 3, 64)
+    x[1, 2] = 0
+    y = cpu_linear.linear(x, w)
+    assert y.shape == (2, 3, 48) and y.dtype == torch.float32
+    assert torch.equal(y[1, 2], torch.zeros(48))
+    torch.testing.assert_close(y, F.linear(x, w.float()), rtol=1e-5, atol=1e-4)
+    e = torch.zeros(1, 64)
+    e[0, 2] = 1.0
+    assert cpu_f16w.linear_f16w(e, w)[0, 0].item() == 2.0**-24
+    nc = torch.randn(64, 5)[:, 1]  # a non-contiguous (K,) row: copied, same result
+    torch.testing.assert_close(cpu_f16w.linear_f16w(nc, w), F.linear(nc.contiguous(), w.float()), rtol=1e-5, atol=1e-4)
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="fp16 w"):
+        cpu_f16w.linear_f16w(torch.zeros(1, 8), torch.zeros(4, 8))  # fp32 weights
+    with pytest.raises(ValueError, match=r"\(4, 9\)"):
+        cpu_f16w.linear_f16w(torch.zeros(1, 8), torch.zeros(4, 9).half())
+
+
+@needs_kernel
+def test_fp32_model_holds_fp16_matrices(tiny_hf, tmp_path):
+    """With fp32 compute the workspace's fp16 matrices are kept as they are (half the bytes; the fp32 norms and
+    embedding lookups unchanged), and the logits equal those of the same model on fp32 copies of the matrices."""
+    from runtime.engine import Engine
+    from rt_workspace import make_workspace
+
+    ws = make_workspace(tiny_hf("llama"), tmp_path / "ws")
+    engine = Engine(ws, max_batch_size=1, kv_cache_dtype="fp16", dtype="float32")
+    model = engine.model
+    assert model.layers[0]["wqkv"].dtype == torch.float16 and model.output.dtype == torch.float16
+    assert model.layers[0]["attention_norm"].dtype == torch.float32
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    got = engine.score(ids)
+    for layer in model.layers:  # the same values in fp32: PyTorch's GEMM from here on
+        for name in ("wqkv", "wo", "w13", "w2"):
+            layer[name] = layer[name].float()
+    model.output = model.output.float()
+    torch.testing.assert_close(got, engine.score(ids), rtol=1e-5, atol=1e-5)
