@@ -59,8 +59,9 @@ def test_bad_arguments_name_the_problem():
 def test_fp32_model_holds_fp16_matrices(tiny_hf, tmp_path):
     """With fp32 compute the workspace's fp16 matrices are kept as they are (half the bytes; the fp32 norms and
     embedding lookups unchanged), and the logits equal those of the same model on fp32 copies of the matrices."""
-    from runtime.engine import Engine
     from rt_workspace import make_workspace
+
+    from runtime.engine import Engine
 
     ws = make_workspace(tiny_hf("llama"), tmp_path / "ws")
     engine = Engine(ws, max_batch_size=1, kv_cache_dtype="fp16", dtype="float32")
