@@ -944,66 +944,112 @@ def decode_attention_cpp(
     chunk: positions per work item (0: chosen by the kernel from the work size and the thread count); tests
     pass a small one to exercise the split-K merge on short sequences.
     """
-    lib = _cpp_module()
     params = (k_scale, k_zp, v_scale, v_zp)
     check_paged_args(q, k_pool, v_pool, block_tables, lengths, params, kv_dtype, (k_param, v_param))
-    B, H, D = q.shape
-    num_blocks, Hkv, block_size, _ = k_pool.shape
-    kind = kernel_kind(kv_dtype, k_pool.dtype)
-    if not _kernel_takes(q, k_pool, kv_dtype) or not v_pool.is_contiguous():
-        raise ValueError(
-            f"the C++ decode kernel takes contiguous fp16/int8/fp8 or online pools with head size 64 or 128; got "
-            f"D={D}, {kv_dtype or k_pool.dtype}, {H // Hkv} query heads per KV head (at most {MAX_GROUP}; use "
-            "decode_attention, which falls back to torch)"
-        )
-    online = kind in ONLINE_KINDS.values()
-    rows = (k_param, v_param) if online else ()
-    tensors = (q, k_pool, v_pool, block_tables, lengths, *(p for p in params + rows if p is not None))
-    if any(t.device.type != "cpu" for t in tensors):
-        raise ValueError("the C++ decode kernel takes CPU tensors only (runtime.cuda has the GPU kernels)")
-    io_bf16 = q.dtype == torch.bfloat16  # bf16 q in, bf16 out (the kernel converts); else fp32 both ways
-    qf = q.contiguous() if io_bf16 else q.to(torch.float32).contiguous()
-    out = torch.empty(B, H, D, dtype=torch.bfloat16 if io_bf16 else torch.float32)
+    plan = DecodePlan(k_pool, v_pool, params, kv_dtype, k_param, v_param, heads=q.shape[1], head_dim=q.shape[2])
     for name, t in (("block_tables", block_tables), ("lengths", lengths)):  # int64 values must survive int32
         if t.dtype == torch.int64 and t.numel() and not -(2**31) <= int(t.min()) <= int(t.max()) < 2**31:
             raise ValueError(f"{name} holds values outside int32 (the kernel indexes blocks and positions with int32)")
-    tables = block_tables.to(torch.int32).contiguous()  # the engine's Batch tables are int32 already
-    lengths32 = lengths.to(torch.int32).contiguous()
-    if online:  # per-row (scale, zero) pools; no per-head parameters (null pointers)
-        static = [None] * 4
-        row_ptrs = [p.contiguous() for p in rows]
-    else:
-        static = [p if p.dtype == torch.float32 and p.is_contiguous() else p.float().contiguous() for p in params]
-        row_ptrs = [None, None]
-    err = (ctypes.c_int64 * 3)()
-    rc = lib.decode_attn(
-        qf.data_ptr(),
-        k_pool.data_ptr(),
-        v_pool.data_ptr(),
-        tables.data_ptr(),
-        lengths32.data_ptr(),
-        *(None if p is None else p.data_ptr() for p in static + row_ptrs),
-        float(softmax_scale),
-        B,
-        H,
-        Hkv,
-        num_blocks,
-        block_size,
-        tables.shape[1],
-        D,
-        kind,
-        chunk,
-        PARALLEL_MIN,
-        int(io_bf16),
-        out.data_ptr(),
-        ctypes.addressof(err),
-    )
-    b, x, page = err
-    if rc == 1:
-        raise ValueError(f"lengths[{b}] = {x} is outside [0, {tables.shape[1] * block_size}] (max_blocks * block_size)")
-    if rc == 2:
-        raise ValueError(f"block_tables[{b}, {x}] = {page} is outside the pool [0, {num_blocks})")
-    return out if io_bf16 else out.to(q.dtype)
+    if q.device.type != "cpu" or block_tables.device.type != "cpu" or lengths.device.type != "cpu":
+        raise ValueError("the C++ decode kernel takes CPU tensors only (runtime.cuda has the GPU kernels)")
+    return plan(q, block_tables, lengths, softmax_scale, chunk)
+
+
+class DecodePlan:
+    """The C++ decode kernel bound to one layer's pools: what stays fixed from step to step (the pools, their
+    parameters, the kind, the shapes) is checked and converted once, so a decode step passes only q, the block
+    tables and the lengths (the engine calls it 30 times a step; the per-call checks cost ~100 us each on a
+    2-core machine, as much as the kernel at batch 1). The kernel itself checks the tables' and lengths' values.
+
+    params: (k_scale, k_zp, v_scale, v_zp) per KV head for the static kinds (all None for the online ones);
+    k_param / v_param: the online kinds' per-row parameter pools; heads: query heads H (a multiple of H_kv);
+    head_dim: D (INT4 pools hold D / 2 bytes a row)."""
+
+    def __init__(self, k_pool, v_pool, params, kv_dtype, k_param=None, v_param=None, *, heads: int, head_dim: int):
+        self.lib = _cpp_module()
+        D = head_dim
+        q = torch.empty(0, heads, D)
+        check_paged_args(
+            q,
+            k_pool,
+            v_pool,
+            q.new_empty(0, 1, dtype=torch.int32),
+            q.new_empty(0, dtype=torch.int32),
+            params,
+            kv_dtype,
+            (k_param, v_param),
+        )
+        self.kind = kernel_kind(kv_dtype, k_pool.dtype)
+        if self.lib is None or not _kernel_takes(q, k_pool, kv_dtype) or not v_pool.is_contiguous():
+            raise ValueError(
+                f"the C++ decode kernel takes contiguous fp16/int8/fp8 or online pools with head size 64 or 128; got "
+                f"D={D}, {kv_dtype or k_pool.dtype}, {heads // max(k_pool.shape[1], 1)} query heads per KV head (at "
+                f"most {MAX_GROUP}; use decode_attention, which falls back to torch)"
+            )
+        online = self.kind in ONLINE_KINDS.values()
+        rows = (k_param, v_param) if online else ()
+        if any(t.device.type != "cpu" for t in (k_pool, v_pool, *(p for p in params + rows if p is not None))):
+            raise ValueError("the C++ decode kernel takes CPU tensors only (runtime.cuda has the GPU kernels)")
+        # self.copied: the kernel reads converted copies, which would not see later in-place updates of the
+        # parameters (FP8's dynamic scales); then the plan is good for one call only
+        if online:  # per-row (scale, zero) pools; no per-head parameters (null pointers)
+            static, row_ts = [None] * 4, [p.contiguous() for p in rows]
+            self.copied = any(a is not b for a, b in zip(row_ts, rows, strict=True))
+        else:
+            static = [p if p.dtype == torch.float32 and p.is_contiguous() else p.float().contiguous() for p in params]
+            row_ts = [None, None]
+            self.copied = any(a is not b for a, b in zip(static, params, strict=True))
+        self.k_pool, self.v_pool = k_pool, v_pool  # held: the pointers below stay valid while the plan lives
+        self.held = static + row_ts
+        self.pools = (k_pool.data_ptr(), v_pool.data_ptr())
+        self.ptrs = tuple(None if p is None else p.data_ptr() for p in self.held)
+        self.num_blocks, self.Hkv, self.block_size = k_pool.shape[:3]
+        self.H, self.D = heads, D
+
+    def __call__(self, q, block_tables, lengths, softmax_scale, chunk: int = 0):
+        """q (B, H, D) fp32/bf16 (other float dtypes go through fp32) -> (B, H, D) in q's dtype."""
+        B = q.shape[0]
+        if q.dim() != 3 or q.shape[1:] != (self.H, self.D) or block_tables.dim() != 2 or lengths.shape != (B,):
+            raise ValueError(
+                f"q must be (B, {self.H}, {self.D}), block_tables (B, max_blocks), lengths (B,); got "
+                f"{tuple(q.shape)}, {tuple(block_tables.shape)}, {tuple(lengths.shape)}"
+            )
+        io_bf16 = q.dtype == torch.bfloat16  # bf16 q in, bf16 out (the kernel converts); else fp32 both ways
+        qf = q.contiguous() if io_bf16 or q.dtype == torch.float32 else q.to(torch.float32).contiguous()
+        out = torch.empty(B, self.H, self.D, dtype=torch.bfloat16 if io_bf16 else torch.float32)
+        tables = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
+        tables = tables.contiguous()  # the engine's Batch tables are int32 and contiguous already
+        lengths32 = (lengths if lengths.dtype == torch.int32 else lengths.to(torch.int32)).contiguous()
+        err = (ctypes.c_int64 * 3)()
+        rc = self.lib.decode_attn(
+            qf.data_ptr(),
+            *self.pools,
+            tables.data_ptr(),
+            lengths32.data_ptr(),
+            *self.ptrs,
+            float(softmax_scale),
+            B,
+            self.H,
+            self.Hkv,
+            self.num_blocks,
+            self.block_size,
+            tables.shape[1],
+            self.D,
+            self.kind,
+            chunk,
+            PARALLEL_MIN,
+            int(io_bf16),
+            out.data_ptr(),
+            ctypes.addressof(err),
+        )
+        b, x, page = err
+        if rc == 1:
+            raise ValueError(
+                f"lengths[{b}] = {x} is outside [0, {tables.shape[1] * self.block_size}] (max_blocks * block_size)"
+            )
+        if rc == 2:
+            raise ValueError(f"block_tables[{b}, {x}] = {page} is outside the pool [0, {self.num_blocks})")
+        return out if io_bf16 or q.dtype == torch.float32 else out.to(q.dtype)
 
 
 def _kernel_takes(q: torch.Tensor, k_pool: torch.Tensor, kv_dtype: str | None) -> bool:

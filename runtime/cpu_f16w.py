@@ -33,6 +33,7 @@ from runtime import cpp_build
 
 KERNEL_SRC = r"""
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 static inline float hsum8(__m256 v) {
@@ -125,6 +126,100 @@ static void tiles(const float* x, const uint16_t* w, float* y, int64_t K, int64_
   if (n < n1) pass(x, w, y, MR, K, n, n1, ldy);
 }
 
+// e^x in fp32 (relative error ~1e-6): 2^(x log2 e) as 2^n * 2^f, |f| <= 1/2, a degree-6 polynomial for 2^f and
+// 2^n built in the exponent bits (x clamped to [-87, 88], so n stays in the normal range).
+static inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// Up to 8 floats at p (left < 8: the rest zero) / stored back.
+static inline __m256i tail_mask(int64_t left) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(left < 8 ? (int)left : 8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline __m256 load8(const float* p, int64_t left) {
+  return left >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, tail_mask(left));
+}
+static inline void store8(float* p, __m256 v, int64_t left) {
+  if (left >= 8) _mm256_storeu_ps(p, v);
+  else _mm256_maskstore_ps(p, tail_mask(left), v);
+}
+
+// RMSNorm of fp32 rows: y = x * (1 / sqrt(mean(x^2) + eps)) * w.
+extern "C" void rms_norm_f32(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n; k += 8) {
+      const __m256 v = load8(xr + k, n - k);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum8(acc) / (float)n + eps));
+    for (int64_t k = 0; k < n; k += 8)
+      store8(y + r * n + k, _mm256_mul_ps(_mm256_mul_ps(load8(xr + k, n - k), inv), load8(w + k, n - k)), n - k);
+  }
+}
+
+// The residual add and the next RMSNorm: s = x + r, y = rms_norm(s) * w.
+extern "C" void add_rms_norm_f32(const float* x, const float* r, const float* w, float* s, float* y, int64_t rows,
+                                 int64_t n, float eps) {
+  for (int64_t i = 0; i < rows * n; i += 8)
+    store8(s + i, _mm256_add_ps(load8(x + i, rows * n - i), load8(r + i, rows * n - i)), rows * n - i);
+  rms_norm_f32(s, w, y, rows, n, eps);
+}
+
+// RoPE of the q and k heads of fused qkv rows (N, (H + 2 Hkv) D) fp32 at positions pos (N,): element pairs
+// (2i, 2i + 1) times rot[pos] = (cos, sin) pairs (S, D / 2) as the complex product (a c - b s, a s + b c);
+// q -> (N, H, D), k -> (N, Hkv, D). Returns -1, or the index of the first position outside the table's S rows
+// (then nothing is written).
+extern "C" int64_t rope_qk_f32(const float* qkv, const float* rot, const int64_t* pos, float* q, float* k, int64_t N,
+                               int64_t H, int64_t Hkv, int64_t D, int64_t S) {
+  for (int64_t t = 0; t < N; ++t)
+    if (pos[t] < 0 || pos[t] >= S) return t;
+  const int64_t width = (H + 2 * Hkv) * D;
+  const __m256 sign = _mm256_setr_ps(-1, 1, -1, 1, -1, 1, -1, 1);
+  for (int64_t t = 0; t < N; ++t) {
+    const float* r = rot + pos[t] * D;  // D / 2 (cos, sin) pairs
+    for (int64_t hd = 0; hd < H + Hkv; ++hd) {
+      const float* x = qkv + t * width + hd * D;
+      float* o = hd < H ? q + (t * H + hd) * D : k + (t * Hkv + hd - H) * D;
+      for (int64_t d = 0; d < D; d += 8) {  // 4 pairs: [a, b] * [c, s] -> [a c - b s, b c + a s]
+        const __m256 v = load8(x + d, D - d), cs = load8(r + d, D - d);
+        const __m256 c = _mm256_moveldup_ps(cs), sn = _mm256_movehdup_ps(cs);  // [c, c], [s, s]
+        const __m256 vs = _mm256_mul_ps(_mm256_permute_ps(v, 0xB1), sign);  // [-b, a]
+        store8(o + d, _mm256_fmadd_ps(vs, sn, _mm256_mul_ps(v, c)), D - d);
+      }
+    }
+  }
+  return -1;
+}
+
+extern "C" void linear_f16w(const float* x, const uint16_t* w, float* y, int64_t B, int64_t K, int64_t N);
+
+// SwiGLU then the down projection: rows h (B, 2K) = [gate | up] -> a = silu(gate) * up = gate / (1 + e^-gate) * up,
+// y = a @ W.T (W (N, K) fp16).
+extern "C" void linear_swiglu_f16w(const float* h, const uint16_t* w, float* y, int64_t B, int64_t K, int64_t N,
+                                   float* a) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256 g = load8(h + b * 2 * K + k, K - k), u = load8(h + b * 2 * K + K + k, K - k);
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+      store8(a + b * K + k, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u), K - k);
+    }
+  linear_f16w(a, w, y, B, K, N);
+}
+
 extern "C" void linear_f16w(const float* x, const uint16_t* w, float* y, int64_t B, int64_t K, int64_t N) {
   const int64_t nb = 48, blocks = (N + nb - 1) / nb;
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
@@ -150,6 +245,14 @@ def _library() -> ctypes.CDLL | None:
     if lib is not None and lib.linear_f16w.argtypes is None:
         lib.linear_f16w.restype = None
         lib.linear_f16w.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+        lib.rms_norm_f32.restype = None
+        lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+        lib.add_rms_norm_f32.restype = None
+        lib.add_rms_norm_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+        lib.rope_qk_f32.restype = ctypes.c_int64
+        lib.rope_qk_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
+        lib.linear_swiglu_f16w.restype = None
+        lib.linear_swiglu_f16w.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
     return lib
 
 
@@ -180,7 +283,7 @@ def linear_f16w(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             f"FMA and F16C; got x {x.dtype} {tuple(x.shape)} {x.device}, w {w.dtype} {tuple(w.shape)} {w.device}"
         )
     N, K = w.shape
-    x2 = x.reshape(-1, K).contiguous()
-    y = torch.empty(x2.shape[0], N, dtype=torch.float32)
-    _library().linear_f16w(x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0], K, N)
-    return y.view(*x.shape[:-1], N)
+    x = x.contiguous()
+    y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)  # in its final shape: a view costs ~4 us a call
+    _library().linear_f16w(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // K, K, N)
+    return y

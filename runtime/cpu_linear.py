@@ -262,76 +262,80 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def _fused(name: str, *tensors: torch.Tensor):
+    """The C++ op `name` for these CPU tensors of one dtype: the bf16 kernels above (AVX512-BF16) for bf16, the
+    fp32 ones of runtime.cpu_f16w (AVX2) for fp32; None where none runs."""
+    dtype = tensors[0].dtype
+    if any(t.dtype != dtype or t.device.type != "cpu" for t in tensors):
+        return None
+    lib = _library() if dtype == torch.bfloat16 else cpu_f16w._library() if dtype == torch.float32 else None
+    return None if lib is None else getattr(lib, f"{name}_{'bf16' if dtype == torch.bfloat16 else 'f32'}")
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """F.rms_norm(x, w.shape, w, eps) over the last dim; for CPU bf16 through the kernel (one op instead of
+    """F.rms_norm(x, w.shape, w, eps) over the last dim; for CPU bf16 / fp32 through a kernel (one op instead of
     PyTorch's ~10 for bf16 on the CPU: ~60 us a call at a decode step's single row, x61 calls a step), with the
-    same arithmetic in fp32 and one rounding, so results agree with PyTorch's to fp32 summation order."""
-    if (
-        x.dtype == torch.bfloat16
-        and w.dtype == torch.bfloat16
-        and x.device.type == "cpu"
-        and w.dim() == 1
-        and x.shape[-1] == w.shape[0]
-        and available()
-    ):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y = torch.empty_like(x2)
-        _library().rms_norm_bf16(x2.data_ptr(), w.contiguous().data_ptr(), y.data_ptr(), x2.shape[0], x2.shape[1], eps)
-        return y.view(x.shape)
+    same arithmetic in fp32 (bf16: rounded once), so results agree with PyTorch's to fp32 summation order."""
+    if w.dim() == 1 and x.shape[-1] == w.shape[0] and (op := _fused("rms_norm", x, w)) is not None:
+        x, n = x.contiguous(), x.shape[-1]
+        y = torch.empty(x.shape, dtype=x.dtype)  # in its final shape: a view costs as much as the kernel here
+        op(x.data_ptr(), w.contiguous().data_ptr(), y.data_ptr(), x.numel() // n, n, eps)
+        return y
     return F.rms_norm(x, w.shape, w, eps)
-
-
-def _kernel_takes(*tensors: torch.Tensor) -> bool:
-    """CPU bf16 tensors and a kernel library that builds here."""
-    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors) and available()
 
 
 def swiglu_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(F.silu(gate) * up) @ w.T for h = [gate | up] (..., 2K), w (N, K): one kernel call for a few CPU bf16 rows
-    (the activation with F.silu's and the product's bf16 roundings, then the linear kernel), else PyTorch."""
+    (the activation with F.silu's and the product's bf16 roundings, then the linear kernel) or for fp32 rows
+    against fp16 weights (fp32 activation, then runtime.cpu_f16w's kernel), else PyTorch."""
     N, K = w.shape
-    if h.shape[-1] == 2 * K and h.numel() <= MAX_ROWS * 2 * K and w.is_contiguous() and _kernel_takes(h, w):
-        h2 = h.reshape(-1, 2 * K).contiguous()
-        B = h2.shape[0]
-        act = torch.empty(B, K, dtype=torch.bfloat16)
-        y = torch.empty(B, N, dtype=torch.bfloat16)
-        _library().linear_swiglu_bf16(h2.data_ptr(), w.data_ptr(), y.data_ptr(), B, K, N, act.data_ptr())
-        return y.view(*h.shape[:-1], N)
+    if h.shape[-1] == 2 * K and w.is_contiguous():
+        if h.dtype == torch.float32 and cpu_f16w.takes(h[..., :K], w):
+            op, dtype = cpu_f16w._library().linear_swiglu_f16w, torch.float32
+        elif h.dtype == torch.bfloat16 and h.numel() <= MAX_ROWS * 2 * K and (op := _fused("linear_swiglu", h, w)):
+            dtype = torch.bfloat16
+        else:
+            op = None
+        if op is not None:
+            h = h.contiguous()
+            B = h.numel() // (2 * K)
+            act = torch.empty(B, K, dtype=dtype)
+            y = torch.empty((*h.shape[:-1], N), dtype=dtype)
+            op(h.data_ptr(), w.data_ptr(), y.data_ptr(), B, K, N, act.data_ptr())
+            return y
     gate, up = h.chunk(2, dim=-1)
     return linear(F.silu(gate) * up, w)
 
 
 def add_rms_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add and the next norm: (s, rms_norm(s) * w) with s = x + r (new tensors; x is not modified);
-    one kernel call for CPU bf16 (the same roundings as the two PyTorch operations), else PyTorch."""
-    if x.shape == r.shape and w.dim() == 1 and x.shape[-1] == w.shape[0] and _kernel_takes(x, r, w):
-        x2, r2 = x.reshape(-1, x.shape[-1]).contiguous(), r.reshape(-1, x.shape[-1]).contiguous()
-        s, y = torch.empty_like(x2), torch.empty_like(x2)
-        _library().add_rms_norm_bf16(
-            x2.data_ptr(), r2.data_ptr(), w.contiguous().data_ptr(), s.data_ptr(), y.data_ptr(), *x2.shape, eps
-        )
-        return s.view(x.shape), y.view(x.shape)
+    one kernel call for CPU bf16 (the same roundings as the two PyTorch operations) or fp32, else PyTorch."""
+    if x.shape == r.shape and w.dim() == 1 and x.shape[-1] == w.shape[0] and (op := _fused("add_rms_norm", x, r, w)):
+        x, r, n = x.contiguous(), r.contiguous(), x.shape[-1]
+        s, y = torch.empty(x.shape, dtype=x.dtype), torch.empty(x.shape, dtype=x.dtype)
+        op(x.data_ptr(), r.data_ptr(), w.contiguous().data_ptr(), s.data_ptr(), y.data_ptr(), x.numel() // n, n, eps)
+        return s, y
     s = x + r
     return s, rms_norm(s, w, eps)
 
 
 def rope_qk(qkv: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor, H: int, Hkv: int, D: int):
-    """RoPE of the q and k heads of fused qkv rows (N, (H + 2 Hkv) D) CPU bf16 -> q (N, H, D), k (N, Hkv, D) bf16,
-    with rot (S, D / 2) complex64 and positions pos (N,): pairs (2i, 2i + 1) as complex numbers times rot[pos], in
-    fp32, rounded once (the caller's PyTorch path does the same with complex tensors). None where the kernel
-    does not take these tensors."""
+    """RoPE of the q and k heads of fused qkv rows (N, (H + 2 Hkv) D) CPU bf16 or fp32 -> q (N, H, D),
+    k (N, Hkv, D) in that dtype, with rot (S, D / 2) complex64 and positions pos (N,): pairs (2i, 2i + 1) as
+    complex numbers times rot[pos], in fp32 (bf16: rounded once; the caller's PyTorch path does the same with
+    complex tensors). None where no kernel takes these tensors."""
     N = qkv.shape[0]
-    if qkv.dim() != 2 or qkv.shape[1] != (H + 2 * Hkv) * D or rot.dtype != torch.complex64 or not _kernel_takes(qkv):
+    if qkv.dim() != 2 or qkv.shape[1] != (H + 2 * Hkv) * D or rot.dtype != torch.complex64:
+        return None
+    if (op := _fused("rope_qk", qkv)) is None:
         return None
     qkv = qkv.contiguous()
     table = torch.view_as_real(rot.contiguous())  # (S, D / 2, 2) fp32: (cos, sin) pairs
     pos = pos.to(torch.int64).contiguous()
-    q = torch.empty(N, H, D, dtype=torch.bfloat16)
-    k = torch.empty(N, Hkv, D, dtype=torch.bfloat16)
+    q = torch.empty(N, H, D, dtype=qkv.dtype)
+    k = torch.empty(N, Hkv, D, dtype=qkv.dtype)
     S = table.shape[0]
-    bad = _library().rope_qk_bf16(
-        qkv.data_ptr(), table.data_ptr(), pos.data_ptr(), q.data_ptr(), k.data_ptr(), N, H, Hkv, D, S
-    )
+    bad = op(qkv.data_ptr(), table.data_ptr(), pos.data_ptr(), q.data_ptr(), k.data_ptr(), N, H, Hkv, D, S)
     if bad >= 0:  # checked in the kernel: no tensor operations per layer for it
         raise ValueError(f"rope_qk: positions outside [0, {S}) (the rotation table): pos[{bad}] = {int(pos[bad])}")
     return q, k

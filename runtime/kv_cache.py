@@ -286,6 +286,7 @@ class KVCache:
         # runtime.cuda.host_ops runs the same kernels on the CPU in tests); None = the PyTorch/C++ CPU path.
         self.kernels = kernels
         self.fast_write = True  # False: the PyTorch write even where runtime.cpu_write takes the mode (tests)
+        self._plans: dict = {}  # (layer, query heads) -> runtime.cpu_attention.DecodePlan (`_cpu_plan`)
         self.quantizer = quantizer
         self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
         self.shape = (num_blocks, kv_heads, block_size, quant.row_width(quantizer.kv_dtype, head_dim))
@@ -446,9 +447,13 @@ class KVCache:
             q = qz.rotate(q)
         args = (q.contiguous(), self.k[layer], self.v[layer], block_tables, lengths, *self._affine(layer))
         if self.kernels is None:
-            from runtime.cpu_attention import decode_attention
+            plan = self._cpu_plan(layer, q)
+            if plan is not None:
+                o = plan(args[0], block_tables, lengths, softmax_scale)
+            else:
+                from runtime.cpu_attention import decode_attention
 
-            o = decode_attention(*args, softmax_scale, kv_dtype=qz.kv_dtype, **self._params(layer))
+                o = decode_attention(*args, softmax_scale, kv_dtype=qz.kv_dtype, **self._params(layer))
         else:
             o = self.kernels.decode_attention(
                 *args,
@@ -458,6 +463,30 @@ class KVCache:
                 **self._params(layer),
             )
         return qz.unrotate(o) if qz.online else o
+
+    def _cpu_plan(self, layer: int, q: torch.Tensor):
+        """The C++ decode kernel bound to this layer's pools (runtime.cpu_attention.DecodePlan, made at the first
+        decode step), or None where it does not take them (then the torch reference runs)."""
+        from runtime.cpu_attention import DecodePlan, cpp_usable
+
+        key = (layer, q.shape[1])
+        plan = self._plans.get(key)
+        if plan is None or plan.k_pool is not self.k[layer] or plan.v_pool is not self.v[layer]:
+            if q.is_cuda or not cpp_usable(q, self.k[layer], self.quantizer.kv_dtype):
+                return None
+            kw = self._params(layer)
+            plan = DecodePlan(
+                self.k[layer],
+                self.v[layer],
+                self._affine(layer),
+                self.quantizer.kv_dtype,
+                heads=q.shape[1],
+                head_dim=self.head_dim,
+                **kw,
+            )
+            if not plan.copied:  # it reads the parameters where the quantizer keeps them (set in place)
+                self._plans[key] = plan
+        return plan
 
     def open_history(self, layer: int, block_ids: list[int], start: int, dtype: torch.dtype) -> torch.Tensor:
         """Per-channel keys: a sequence's open-block rows [start // bs * bs, start) as int8 rows, un-rotated

@@ -75,3 +75,58 @@ def test_fp32_model_holds_fp16_matrices(tiny_hf, tmp_path):
             layer[name] = layer[name].float()
     model.output = model.output.float()
     torch.testing.assert_close(got, engine.score(ids), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 576), (3, 7, 64), (5, 33), (2, 1536)])
+def test_rms_norm_and_add_rms_norm_fp32(shape):
+    """fp32 rows: x * rsqrt(mean(x^2) + eps) * w within fp32 error of float64 (lengths not a multiple of 8 included);
+    add_rms_norm returns x + r exactly and the norm of it, leaving x as it was."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x, r = (torch.randn(shape, generator=g) * 3 for _ in range(2))
+    w = torch.randn(shape[-1], generator=g)
+    exact = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    got = cpu_linear.rms_norm(x, w, 1e-5)
+    assert got.shape == x.shape and got.dtype == torch.float32
+    assert ((got.double() - exact).abs() <= 1e-6 * exact.abs() + 1e-6 * exact.abs().amax()).all()
+    x0 = x.clone()
+    s, y = cpu_linear.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(s, x + r) and torch.equal(x, x0)
+    assert torch.equal(y, cpu_linear.rms_norm(x + r, w, 1e-5))
+
+
+@needs_kernel
+@pytest.mark.parametrize("B", [1, 3, 20])
+def test_swiglu_linear_fp32_with_fp16_weights(B):
+    """One call for (silu(gate) * up) @ w.T with fp32 rows and fp16 weights: the activation within ~1e-6 relative of
+    PyTorch's (the kernel's own exp), gate values far into both tails included, then the fp16-weight kernel."""
+    g = torch.Generator().manual_seed(B)
+    h = torch.randn(B, 2 * 100, generator=g) * 3
+    h[0, :8] = torch.tensor([0.0, -0.0, 30.0, -30.0, 90.0, -90.0, 1e-3, -1e-3])
+    w = torch.randn(40, 100, generator=g).half()
+    gate, up = h.double().chunk(2, dim=-1)
+    act = gate * torch.sigmoid(gate) * up
+    exact = act @ w.double().T
+    got = cpu_linear.swiglu_linear(h, w)
+    assert got.shape == (B, 40) and got.dtype == torch.float32
+    assert ((got.double() - exact).abs() <= 4e-6 * (act.abs() @ w.double().abs().T) + 1e-30).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize(("H", "Hkv", "D"), [(9, 3, 64), (4, 4, 128), (2, 1, 40), (1, 1, 6)])
+def test_rope_qk_fp32_equals_the_complex_rotation(H, Hkv, D):
+    """fp32 qkv rows: q and k heads rotated pairwise by rot[pos], within fp32 rounding of the float64 complex
+    product (head sizes not a multiple of 8 included); a position outside the table is refused."""
+    g = torch.Generator().manual_seed(H + D)
+    N, S = 5, 300
+    qkv = torch.randn(N, (H + 2 * Hkv) * D, generator=g)
+    ang = torch.arange(S, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    rot = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
+    pos = torch.tensor([0, 1, 299, 17, 17])
+    q, k = cpu_linear.rope_qk(qkv, rot, pos, H, Hkv, D)
+    assert q.shape == (N, H, D) and k.shape == (N, Hkv, D) and q.dtype == torch.float32
+    x = torch.view_as_complex(qkv[:, : (H + Hkv) * D].double().view(N, H + Hkv, D // 2, 2).contiguous())
+    want = torch.view_as_real(x * rot[pos].to(torch.complex128)[:, None]).flatten(-2)
+    assert ((torch.cat([q, k], 1).double() - want).abs() <= 1e-6 * (want.abs() + 1)).all()
+    with pytest.raises(ValueError, match="positions outside"):
+        cpu_linear.rope_qk(qkv, rot, torch.tensor([0, 1, 2, 3, S]), H, Hkv, D)

@@ -119,3 +119,45 @@ def test_calculate_kv_scales_sets_vllm_scales_once_then_saturates():
     big = q.quantize(k * 1000, 0, "k")
     assert torch.isfinite(big.float()).all() and big.float().abs().max() == 448.0
     assert torch.equal(q.affine(1, "k")[0], torch.ones(3))  # layer 1 not seen yet
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8_e4m3", "int8_per_token_head"])
+def test_decode_attention_follows_parameters_and_pools_across_steps(kv):
+    """KVCache.decode_attention binds the C++ kernel to each layer's pools once (DecodePlan) where it builds: a
+    later call still reads the parameters as they are now (FP8's dynamic scales are set in place after the first
+    prompt) and the pool's current contents, equal to the torch reference on the same arguments every time."""
+    from runtime.cpu_attention import decode_attention_torch
+    from runtime.kv_cache import OnlineQuantizer
+
+    L, H, Hq, NB, BS, D = 2, 3, 9, 4, 16, 64
+    online = kv.endswith("per_token_head")
+    quantizer = OnlineQuantizer(kv) if online else StaticQuantizer(kv, *(torch.stack([p, p]) for p in params(kv, H)))
+    cache = KVCache(L, NB, H, BS, D, quantizer)
+    g = torch.Generator().manual_seed(3)
+    slots = torch.arange(40)
+    tables, lengths = torch.tensor([[0, 1, 2]], dtype=torch.int32), torch.tensor([40], dtype=torch.int32)
+    q = torch.randn(1, Hq, D, generator=g)
+
+    def check(layer: int) -> None:
+        got = cache.decode_attention(layer, q, tables, lengths, D**-0.5)
+        qr = quantizer.rotate(q) if online else q
+        want = decode_attention_torch(
+            qr,
+            cache.k[layer],
+            cache.v[layer],
+            tables,
+            lengths,
+            *cache._affine(layer),
+            D**-0.5,
+            kv_dtype=kv,
+            **cache._params(layer),
+        )
+        torch.testing.assert_close(got, quantizer.unrotate(want) if online else want, rtol=1e-5, atol=1e-5)
+
+    for step in range(2):
+        cache.write(1, slots, torch.randn(40, H, D, generator=g), torch.randn(40, H, D, generator=g))
+        check(1)
+        if not online:  # new scales in place, as FP8's dynamic scales are set
+            for which in ("k", "v"):
+                quantizer.params[which][0][1].mul_(1.5 + step)
+            check(1)
