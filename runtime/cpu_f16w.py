@@ -19,7 +19,8 @@ block's rows while they sit in the L2 cache, so the weights are read from memory
   vectors and one activation vector in registers: 7 loads per 12 multiply-adds), the 1-3 rows left over as a
   pass. ~100-115 GFLOP/s on 2 cores, at or above PyTorch's fp32 GEMM.
 Measured against F.linear with fp32 weights (all 121 matrices of a SmolLM2 step, 2 threads, one process):
-3.2-3.8x faster at 1 row, 2.7-3.4x at 8, 1.5x at 32, 1.2-1.4x at 64-256 rows.
+3.2-3.8x faster at 1 row, 2.7-3.4x at 8, 1.5x at 32, 1.2-1.4x at 64 rows. Prefill-sized calls (more than
+MAX_ROWS rows) go to PyTorch's GEMM on the weights cast to fp32 for the call (runtime.cpu_linear.linear).
 """
 
 from __future__ import annotations
@@ -256,15 +257,23 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+# Rows per call up to which the kernel beats PyTorch's fp32 GEMM on weights cast to fp32 for the call: past ~64
+# rows the activations outgrow the L2 cache that every block of weight rows re-reads them from (a 1024-token
+# prefill ran at 0.86x PyTorch's speed through the kernel), while the cast costs little next to the GEMM.
+MAX_ROWS = 64
+
+
 def available() -> bool:
     """Can this machine run the kernel (x86-64 with AVX2, FMA and F16C, g++)?"""
     return _library() is not None
 
 
 def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Does the kernel take x @ w.T: CPU fp32 activations, a contiguous CPU fp16 (N, K) matrix, and a build here?"""
+    """Does the kernel take x @ w.T: up to MAX_ROWS rows of CPU fp32 activations, a contiguous CPU fp16 (N, K)
+    matrix, and a build here?"""
     return (
         x.dtype == torch.float32
+        and x.numel() <= MAX_ROWS * x.shape[-1]
         and w.dtype == torch.float16
         and x.device.type == "cpu"
         and w.device.type == "cpu"
@@ -276,8 +285,10 @@ def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def linear_f16w(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (..., K) fp32 @ w.T, w (N, K) fp16 contiguous, on the CPU through the kernel -> (..., N) fp32."""
-    if not takes(x, w):
+    """x (..., K) fp32 @ w.T, w (N, K) fp16 contiguous, on the CPU through the kernel (any number of rows; linear()
+    sends more than MAX_ROWS to PyTorch) -> (..., N) fp32."""
+    ok = x.dtype == torch.float32 and w.dtype == torch.float16 and x.device.type == w.device.type == "cpu"
+    if not (ok and w.dim() == 2 and x.shape[-1] == w.shape[1] and w.is_contiguous() and available()):
         raise ValueError(
             "linear_f16w takes CPU fp32 x (..., K) and a contiguous CPU fp16 w (N, K) on an x86-64 CPU with AVX2, "
             f"FMA and F16C; got x {x.dtype} {tuple(x.shape)} {x.device}, w {w.dtype} {tuple(w.shape)} {w.device}"

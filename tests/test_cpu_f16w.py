@@ -44,6 +44,9 @@ def test_leading_dims_special_values_and_dispatch():
     e = torch.zeros(1, 64)
     e[0, 2] = 1.0
     assert cpu_f16w.linear_f16w(e, w)[0, 0].item() == 2.0**-24
+    big = torch.randn(cpu_f16w.MAX_ROWS + 1, 64)  # prefill-sized: PyTorch's GEMM on the weights cast to fp32
+    assert torch.equal(cpu_linear.linear(big, w), F.linear(big, w.float()))
+    torch.testing.assert_close(cpu_f16w.linear_f16w(big, w), F.linear(big, w.float()), rtol=1e-5, atol=1e-4)
     nc = torch.randn(64, 5)[:, 1]  # a non-contiguous (K,) row: copied, same result
     torch.testing.assert_close(cpu_f16w.linear_f16w(nc, w), F.linear(nc.contiguous(), w.float()), rtol=1e-5, atol=1e-4)
 
