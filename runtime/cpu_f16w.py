@@ -293,6 +293,11 @@ def linear_f16w(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             "linear_f16w takes CPU fp32 x (..., K) and a contiguous CPU fp16 w (N, K) on an x86-64 CPU with AVX2, "
             f"FMA and F16C; got x {x.dtype} {tuple(x.shape)} {x.device}, w {w.dtype} {tuple(w.shape)} {w.device}"
         )
+    return _linear(x, w)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """linear_f16w once its arguments are known to fit (`takes`; the decode path calls this ~90 times a step)."""
     N, K = w.shape
     x = x.contiguous()
     y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)  # in its final shape: a view costs ~4 us a call

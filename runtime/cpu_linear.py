@@ -246,7 +246,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     weights (how the model holds them for fp32 compute where runtime.cpu_f16w runs) through that kernel, or on
     weights cast to fp32 elsewhere; F.linear otherwise."""
     if w.dtype == torch.float16 and x.dtype == torch.float32:
-        return cpu_f16w.linear_f16w(x, w) if cpu_f16w.takes(x, w) else F.linear(x, w.float())
+        return cpu_f16w._linear(x, w) if cpu_f16w.takes(x, w) else F.linear(x, w.float())
     if (
         x.dtype == torch.bfloat16
         and w.dtype == torch.bfloat16
