@@ -27,10 +27,35 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import re
 
 import torch
 
 from runtime import cpp_build
+
+EXP2_COEFFS = (  # 2^f for |f| <= 1/2, degree 6, highest power first (relative error ~1e-7)
+    "1.535336188319500e-4f",
+    "1.339887440266574e-3f",
+    "9.618437357674640e-3f",
+    "5.550332471162809e-2f",
+    "2.402264791363012e-1f",
+    "6.931472028550421e-1f",
+    "1.0f",
+)
+
+
+def with_exp2_poly(source: str) -> str:
+    """source with each `EXP2_POLY(bits)` line replaced by the C++ that evaluates p = 2^f (Horner's rule on
+    EXP2_COEFFS) in an __m<bits> f: one definition for the AVX2 and AVX-512 exp kernels."""
+
+    def poly(m: re.Match) -> str:
+        b = m.group(1)
+        fma, set1 = f"_mm{b}_fmadd_ps", f"_mm{b}_set1_ps"
+        lines = [f"__m{b} p = {set1}({EXP2_COEFFS[0]});"] + [f"p = {fma}(p, f, {set1}({c}));" for c in EXP2_COEFFS[1:]]
+        return "\n".join(m.group(0)[: m.start(1) - m.start(0) - len("EXP2_POLY(")] + ln for ln in lines)
+
+    return re.sub(r"[ ]*EXP2_POLY\((256|512)\)", poly, source)
+
 
 KERNEL_SRC = r"""
 #include <immintrin.h>
@@ -134,13 +159,7 @@ static inline __m256 exp256(__m256 x) {
   const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(t, n);
-  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  EXP2_POLY(256)
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
@@ -242,7 +261,7 @@ extern "C" void linear_f16w(const float* x, const uint16_t* w, float* y, int64_t
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
-    lib = cpp_build.load("linear_f16w", KERNEL_SRC, flags, ("avx2", "fma", "f16c"))
+    lib = cpp_build.load("linear_f16w", with_exp2_poly(KERNEL_SRC), flags, ("avx2", "fma", "f16c"))
     if lib is not None and lib.linear_f16w.argtypes is None:
         lib.linear_f16w.restype = None
         lib.linear_f16w.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3

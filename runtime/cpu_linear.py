@@ -131,13 +131,7 @@ static inline __m512 exp512(__m512 x) {
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  EXP2_POLY(512)
   return _mm512_scalef_ps(p, n);
 }
 
@@ -200,7 +194,9 @@ extern "C" int64_t rope_qk_bf16(const uint16_t* qkv, const float* rot, const int
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
-    lib = cpp_build.load("linear_bf16", KERNEL_SRC, flags, ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
+    lib = cpp_build.load(
+        "linear_bf16", cpu_f16w.with_exp2_poly(KERNEL_SRC), flags, ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+    )
     if lib is not None and lib.linear_bf16.argtypes is None:
         lib.linear_bf16.restype = None
         lib.linear_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3

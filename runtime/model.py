@@ -15,7 +15,8 @@ Prefill attention (`use_context_fmha`):
        dequantized cached history (KV quantization only affects later tokens),
     0: the chunk's K/V is written first and attention reads the whole prefix back from the cache
        (upstream INT8 semantics: quantization error already shows in the prefill logits).
-Decode always reads the cache, through `runtime.cpu_attention.decode_attention` (dequantization
+Decode always reads the cache, through `KVCache.decode_attention` (the C++ kernel of `runtime.cpu_attention` bound
+to each layer's pools, or the torch reference; dequantization
 folded into the attention arithmetic).
 
 The weight matrices are held transposed, (out, in) as nn.Linear, and applied by `runtime.cpu_linear.linear`:
