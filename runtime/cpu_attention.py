@@ -333,8 +333,8 @@ static inline void row_params(const uint16_t* param, int64_t off, float* scale, 
 }
 
 // The (scale, zero) of the n rows at element offsets off[0..n) (n <= 16) into scale[0..n), zero[0..n): one
-// vector load and deinterleave where the 16 rows are consecutive in memory, off[j] = off[0] + j D (then their
-// pairs are too: a row's pair is at row index off / D).
+// vector load and deinterleave where the W (16 or 8) rows are consecutive in memory, off[j] = off[0] + j D (then
+// their pairs are too: a row's pair is at row index off / D).
 template <int D>
 static inline void rows_params(const uint16_t* param, const int64_t* off, int n, float* scale, float* zero) {
 #if KVQ_W == 16
@@ -347,6 +347,21 @@ static inline void rows_params(const uint16_t* param, const int64_t* off, int n,
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     vstore(scale, _mm512_permutex2var_ps(a, even, b));
     vstore(zero, _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b));
+    return;
+  }
+#else
+  const __m256i step = _mm256_setr_epi64x(0, D, 2 * D, 3 * D), o0 = _mm256_add_epi64(_mm256_set1_epi64x(off[0]), step);
+  if (n == 8 && _mm256_movemask_epi8(_mm256_and_si256(
+                    _mm256_cmpeq_epi64(_mm256_loadu_si256((const __m256i*)off), o0),
+                    _mm256_cmpeq_epi64(_mm256_loadu_si256((const __m256i*)(off + 4)),
+                                       _mm256_add_epi64(o0, _mm256_set1_epi64x(4 * D))))) == -1) {
+    const uint16_t* p = param + off[0] / D * 2;  // 8 (scale, zero) pairs: s0 z0 s1 z1 ... s7 z7
+    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+    const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 8)));
+    // per 128-bit lane: [s0 s1 s4 s5 | s2 s3 s6 s7] (and the zeros alike), then the 64-bit pairs in order
+    const __m256 sc = _mm256_shuffle_ps(a, b, 0x88), ze = _mm256_shuffle_ps(a, b, 0xDD);
+    vstore(scale, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sc), 0xD8)));
+    vstore(zero, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ze), 0xD8)));
     return;
   }
 #endif
