@@ -15,12 +15,13 @@ block's rows while they sit in the L2 cache, so the weights are read from memory
 - up to 16 rows (decode): passes of up to 12 rows, each weight row streamed once per pass with its vectors
   converted once and met by every row of the pass (1-4 accumulators along k per row, 16 registers in all).
   Bound by reading the weights: 15.7 GB/s at one row.
-- more rows (prefill, large batches): tiles of 4 activation rows x 3 weight rows (12 accumulators, 3 weight
-  vectors and one activation vector in registers: 7 loads per 12 multiply-adds), the 1-3 rows left over as a
-  pass. ~100-115 GFLOP/s on 2 cores, at or above PyTorch's fp32 GEMM.
-Measured against F.linear with fp32 weights (all 121 matrices of a SmolLM2 step, 2 threads, one process):
-3.2-3.8x faster at 1 row, 2.7-3.4x at 8, 1.5x at 32, 1.2-1.4x at 64 rows. Prefill-sized calls (more than
-MAX_ROWS rows) go to PyTorch's GEMM on the weights cast to fp32 for the call (runtime.cpu_linear.linear).
+- 17 to MAX_ROWS rows (large decode batches): tiles of 4 activation rows x 3 weight rows (12 accumulators, 3
+  weight vectors and one activation vector in registers: 7 loads per 12 multiply-adds), the 1-3 rows left over
+  as a pass; 60-100 GFLOP/s on 2 cores.
+Measured against F.linear with fp32 weights (`python tools/bench_linear.py`: all 121 matrices of a SmolLM2 step,
+2 threads, one process): 3.2-3.8x faster at 1 row, 2.7-3.4x at 8, 1.4-1.5x at 32, 1.2-1.4x at 64 rows.
+Prefill-sized calls (more than MAX_ROWS rows) go to PyTorch's GEMM on the weights cast to fp32 for the call
+(runtime.cpu_linear.linear): there the activations outgrow the L2 cache this kernel re-reads them from.
 """
 
 from __future__ import annotations
