@@ -74,3 +74,10 @@ def load(name: str, source: str, flags: list[str], cpu_flags: tuple[str, ...]) -
         os.replace(tmp, so)  # atomic: concurrent builders race harmlessly
     _loaded[name] = ctypes.CDLL(str(so))
     return _loaded[name]
+
+
+def declare(lib: ctypes.CDLL, signatures: dict[str, tuple]) -> None:
+    """Set the return and argument types of lib's functions from {name: (restype, argtypes)}."""
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes

@@ -264,17 +264,22 @@ def _library() -> ctypes.CDLL | None:
     flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
     lib = cpp_build.load("linear_f16w", with_exp2_poly(KERNEL_SRC), flags, ("avx2", "fma", "f16c"))
     if lib is not None and lib.linear_f16w.argtypes is None:
-        lib.linear_f16w.restype = None
-        lib.linear_f16w.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-        lib.rms_norm_f32.restype = None
-        lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-        lib.add_rms_norm_f32.restype = None
-        lib.add_rms_norm_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-        lib.rope_qk_f32.restype = ctypes.c_int64
-        lib.rope_qk_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
-        lib.linear_swiglu_f16w.restype = None
-        lib.linear_swiglu_f16w.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+        cpp_build.declare(lib, decode_op_signatures("f32", "f16w"))
     return lib
+
+
+def decode_op_signatures(ops: str, linear: str) -> dict[str, tuple]:
+    """ctypes (restype, argtypes) of the decode-step kernels, shared by this library (ops "f32", linear "f16w") and
+    runtime.cpu_linear's bf16 one ("bf16", "bf16"): rms_norm_<ops>, add_rms_norm_<ops>, rope_qk_<ops>,
+    linear_<linear> and linear_swiglu_<linear>."""
+    P, N, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    return {
+        f"linear_{linear}": (None, [P] * 3 + [N] * 3),
+        f"linear_swiglu_{linear}": (None, [P] * 3 + [N] * 3 + [P]),
+        f"rms_norm_{ops}": (None, [P] * 3 + [N] * 2 + [F32]),
+        f"add_rms_norm_{ops}": (None, [P] * 5 + [N] * 2 + [F32]),
+        f"rope_qk_{ops}": (N, [P] * 5 + [N] * 5),
+    }
 
 
 # Rows per call up to which the kernel beats PyTorch's fp32 GEMM on weights cast to fp32 for the call: past ~64

@@ -198,16 +198,7 @@ def _library() -> ctypes.CDLL | None:
         "linear_bf16", cpu_f16w.with_exp2_poly(KERNEL_SRC), flags, ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
     )
     if lib is not None and lib.linear_bf16.argtypes is None:
-        lib.linear_bf16.restype = None
-        lib.linear_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-        lib.rms_norm_bf16.restype = None
-        lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-        lib.linear_swiglu_bf16.restype = None
-        lib.linear_swiglu_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
-        lib.add_rms_norm_bf16.restype = None
-        lib.add_rms_norm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-        lib.rope_qk_bf16.restype = ctypes.c_int64
-        lib.rope_qk_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
+        cpp_build.declare(lib, cpu_f16w.decode_op_signatures("bf16", "bf16"))
     return lib
 
 
