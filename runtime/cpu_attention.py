@@ -232,8 +232,11 @@ def decode_attention_torch(
 # Online kinds (4 int8, 5 e4m3, 6 int4 per token head) read each row's fp16 (scale, zero) (F16C cvtsh_ss) from the
 # parameter pool at row index off / D (the data pool's element offset in the unpacked layout, D a power of two:
 # a shift), and fold them per row: the K pass scores s_t = softmax_scale * (scale_t * (q . code_t) + zero_t *
-# sum(q)); the V pass accumulates (p_t scale_t) code_t and adds sum_t p_t zero_t to every output element of the
-# chunk, so the partial result is already sum_t p_t x^_t and the merge applies no affine map.
+# sum(q)); the V pass converts each row as scale_t * code_t, accumulates p_t times it and adds sum_t p_t zero_t to
+# every output element of the chunk, so the partial result is already sum_t p_t x^_t and the merge applies no
+# affine map. The per-row values stay in registers (rows_params, vlane, store_first): a float read back from a
+# vector just stored stalls on store forwarding (on AMD Zen 3 storing the 8 scores of a group with one vector
+# store instead of 8 scalar copies made the whole kernel 1.2-1.4x faster).
 # Kind 6 keys are per channel within full blocks: the cursor gives each row either kofs = -1 and kpar = its block's
 # (scale row, zero row) (the K pass converts code * scale_c + zero_c, one FMA per element, into the scratch block),
 # or, in the open last block, the byte offset kofs of its int8 row (block or helper, half-block layout) and kpar =
@@ -288,6 +291,16 @@ static inline vec hsumw(const vec* a) {
     z[j] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], 0x88), _mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
 }
+// Lane j of v in every lane (from the register: no store and reload).
+static inline vec vlane(vec v, int j) { return _mm512_permutexvar_ps(_mm512_set1_epi32(j), v); }
+// The first r (1..16) lanes of v into p[0..r) / from p[0..r) (lanes past r read as 0), with no access past p + r.
+static inline void store_first(float* p, vec v, int r) {
+  if (r == 16) _mm512_storeu_ps(p, v);
+  else _mm512_mask_storeu_ps(p, (__mmask16)((1u << r) - 1), v);
+}
+static inline vec load_first(const float* p, int r) {
+  return r == 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps((__mmask16)((1u << r) - 1), p);
+}
 #else
 #define KVQ_W 8
 typedef __m256 vec;
@@ -321,6 +334,13 @@ static inline vec hsumw(const vec* a) {
   const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
+static inline vec vlane(vec v, int j) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j)); }
+static inline __m256i first_mask(int r) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+static inline void store_first(float* p, vec v, int r) {
+  if (r == 8) _mm256_storeu_ps(p, v);
+  else _mm256_maskstore_ps(p, first_mask(r), v);
+}
+static inline vec load_first(const float* p, int r) { return r == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_mask(r)); }
 #endif
 constexpr int W = KVQ_W;
 
@@ -332,11 +352,13 @@ static inline void row_params(const uint16_t* param, int64_t off, float* scale, 
   *zero = _cvtsh_ss(p[1]);
 }
 
-// The (scale, zero) of the n rows at element offsets off[0..n) (n <= 16) into scale[0..n), zero[0..n): one
-// vector load and deinterleave where the W (16 or 8) rows are consecutive in memory, off[j] = off[0] + j D (then
-// their pairs are too: a row's pair is at row index off / D).
+// The (scale, zero) of the n rows at element offsets off[0..n) (1 <= n <= W) as the first n lanes of *scale,
+// *zero (lanes past n: 0), in registers: one vector load and deinterleave where the W (16 or 8) rows are
+// consecutive in memory, off[j] = off[0] + j D (then their pairs are too: a row's pair is at row index off / D).
+// Callers use the vectors as they are or lane by lane (vlane): storing them and reading single floats back would
+// stall on store forwarding (a narrow load from a wide store in flight costs ~10+ cycles on AMD Zen).
 template <int D>
-static inline void rows_params(const uint16_t* param, const int64_t* off, int n, float* scale, float* zero) {
+static inline void rows_params(const uint16_t* param, const int64_t* off, int n, vec* scale, vec* zero) {
 #if KVQ_W == 16
   const __m512i step = _mm512_setr_epi64(0, D, 2 * D, 3 * D, 4 * D, 5 * D, 6 * D, 7 * D);
   const __m512i o0 = _mm512_add_epi64(_mm512_set1_epi64(off[0]), step);
@@ -345,8 +367,8 @@ static inline void rows_params(const uint16_t* param, const int64_t* off, int n,
     const uint16_t* p = param + off[0] / D * 2;
     const vec a = from_h16(_mm256_loadu_si256((const __m256i*)p)), b = from_h16(_mm256_loadu_si256((const __m256i*)(p + 16)));
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    vstore(scale, _mm512_permutex2var_ps(a, even, b));
-    vstore(zero, _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b));
+    *scale = _mm512_permutex2var_ps(a, even, b);
+    *zero = _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b);
     return;
   }
 #else
@@ -360,12 +382,21 @@ static inline void rows_params(const uint16_t* param, const int64_t* off, int n,
     const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 8)));
     // per 128-bit lane: [s0 s1 s4 s5 | s2 s3 s6 s7] (and the zeros alike), then the 64-bit pairs in order
     const __m256 sc = _mm256_shuffle_ps(a, b, 0x88), ze = _mm256_shuffle_ps(a, b, 0xDD);
-    vstore(scale, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sc), 0xD8)));
-    vstore(zero, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ze), 0xD8)));
+    *scale = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sc), 0xD8));
+    *zero = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ze), 0xD8));
     return;
   }
 #endif
-  for (int j = 0; j < n; ++j) row_params<D>(param, off[j], scale + j, zero + j);
+  alignas(64) float s[W] = {0}, z[W] = {0};  // rows not consecutive (a chunk's end)
+  for (int j = 0; j < n; ++j) row_params<D>(param, off[j], s + j, z + j);
+  *scale = vloada(s), *zero = vloada(z);
+}
+// The same into arrays: scale[0..W), zero[0..W) (entries past n: 0).
+template <int D>
+static inline void rows_params(const uint16_t* param, const int64_t* off, int n, float* scale, float* zero) {
+  vec s, z;
+  rows_params<D>(param, off, n, &s, &z);
+  vstore(scale, s), vstore(zero, z);
 }
 
 // Software prefetch of the rows [t0, t1) (clipped to n) of a pool, and of their (scale, zero) pairs (online
@@ -396,8 +427,9 @@ static inline void k_group_f32(const float* qx, int G, const void* kc, const uin
                                float kzero, float* cs, float* cz, int64_t* cpar, float* sc) {
   constexpr bool online = kind >= 4;
   alignas(64) float blk[W * D];
-  alignas(64) float rs[W], rz[W];  // this block of rows' score multipliers (online: per row; static: constant)
+  alignas(64) float rs[W], rz[W];  // kind 6: the rows' score multipliers when some are open rows (see `open`)
   const int r = n - t0 < W ? (int)(n - t0) : W;
+  bool open = false;  // kind 6: some row of this group is an open (per-row int8) one
   for (int j = 0; j < W; ++j) {  // rows past the chunk repeat its last row; their scores are dropped
     const int64_t t = t0 + (j < r ? j : r - 1), o = off[t];
     if (kind == 6) {
@@ -405,6 +437,7 @@ static inline void k_group_f32(const float* qx, int G, const void* kc, const uin
       if (kofs[t] >= 0) {
         for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<4>(kc, kofs[t] + d));
         rs[j] = kscale * _cvtsh_ss(pc[0]), rz[j] = kzero * _cvtsh_ss(pc[1]);
+        open = true;
       } else {
         if (kpar[t] != *cpar) {
           for (int d = 0; d < D; d += W) vstorea(cs + d, loadw<0>(pc, d)), vstorea(cz + d, loadw<0>(pc + D, d));
@@ -417,13 +450,14 @@ static inline void k_group_f32(const float* qx, int G, const void* kc, const uin
       continue;
     }
     for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<kind>(kc, o + d));
-    rs[j] = kscale, rz[j] = kzero;
   }
+  // per row: score = dot * vrs + vrz * sum(q), in registers (kind 6's open rows: through rs / rz)
+  vec vrs = vset1(kscale), vrz = vset1(kind == 6 ? 0.0f : kzero);
+  if (kind == 6 && open) vrs = vloada(rs), vrz = vloada(rz);
   if (online && kind != 6) {
-    rows_params<D>(kp, off + t0, r, rs, rz);
-    for (int j = 0; j < r; ++j) rs[j] *= kscale, rz[j] *= kzero;
+    rows_params<D>(kp, off + t0, r, &vrs, &vrz);
+    vrs = vrs * vset1(kscale), vrz = vrz * vset1(kzero);
   }
-  const vec vrs = vloada(rs), vrz = vloada(rz);
   for (int g = 0; g < G; ++g) {
     const float* qg = qx + g * (D + 1);
     vec a[W];
@@ -432,9 +466,7 @@ static inline void k_group_f32(const float* qx, int G, const void* kc, const uin
       const vec qv = vload(qg + d);
       for (int j = 0; j < W; ++j) a[j] = vfma(qv, vloada(blk + j * D + d), a[j]);
     }
-    alignas(64) float s[W];
-    vstorea(s, vfma(hsumw(a), vrs, vrz * vset1(qg[D])));  // qg[D]: sum(q)
-    for (int j = 0; j < r; ++j) sc[g * n + t0 + j] = s[j];
+    store_first(sc + g * n + t0, vfma(hsumw(a), vrs, vrz * vset1(qg[D])), r);  // qg[D]: sum(q)
   }
 }
 
@@ -461,7 +493,6 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
                          int64_t n, float kscale, float kzero, float vunit, float* sc, float* acc, float* ml) {
   constexpr bool online = kind >= 4;
   alignas(64) float blk[W * D];
-  alignas(64) float rs[W], rz[W];
   alignas(64) float cs[D], cz[D];
   int64_t cpar = -1;
   const uint16_t* kpp = online && kind != 6 ? kp : nullptr;
@@ -473,33 +504,41 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
   prefetch_rows<kind, D>(vc, online ? vp : nullptr, off, 0, PF, n);
   softmax_chunk(sc, G, n, ml);
   for (int i = 0; i < G * D; ++i) acc[i] = 0.0f;
-  float zsum[64] = {0};  // online: sum_t p_t zero_t per query head (G <= 64, checked by the caller)
+  vec zsum[64];  // online: sum_t p_t zero_t per query head, in W partial sums (G <= 64, checked by the caller)
+  for (int g = 0; g < G; ++g) zsum[g] = vzero();
   for (int64_t t0 = 0; t0 < n; t0 += W) {
     const int r = n - t0 < W ? (int)(n - t0) : W;
     prefetch_rows<kind, D>(vc, online ? vp : nullptr, off, t0 + PF, t0 + PF + W, n);
+    vec vs, vz;  // online: the rows' scales (times vunit) and zeros; each row is converted as code * scale
+    if (online) rows_params<D>(vp, off + t0, r, &vs, &vz), vs = vs * vset1(vunit);
     for (int j = 0; j < r; ++j) {
-      for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<kind>(vc, off[t0 + j] + d));
-      rs[j] = vunit, rz[j] = 0.0f;
-    }
-    if (online) {
-      rows_params<D>(vp, off + t0, r, rs, rz);
-      for (int j = 0; j < r; ++j) rs[j] *= vunit;
+      if (online) {
+        const vec sj = vlane(vs, j);
+        for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<kind>(vc, off[t0 + j] + d) * sj);
+      } else {
+        for (int d = 0; d < D; d += W) vstorea(blk + j * D + d, loadw<kind>(vc, off[t0 + j] + d));
+      }
     }
     for (int g = 0; g < G; ++g) {
+      const float* pg = sc + g * n + t0;
       vec o[D / W];
       for (int d = 0; d < D / W; ++d) o[d] = vload(acc + g * D + d * W);
       for (int j = 0; j < r; ++j) {
-        const float pj = sc[g * n + t0 + j];
-        const vec p = vset1(online ? pj * rs[j] : pj);
-        if (online) zsum[g] += pj * rz[j];
+        const vec p = vset1(pg[j]);
         for (int d = 0; d < D / W; ++d) o[d] = vfma(p, vloada(blk + j * D + d * W), o[d]);
       }
       for (int d = 0; d < D / W; ++d) vstore(acc + g * D + d * W, o[d]);
+      if (online) zsum[g] = vfma(load_first(pg, r), vz, zsum[g]);
     }
   }
   if (online)
-    for (int g = 0; g < G; ++g)
-      for (int d = 0; d < D; ++d) acc[g * D + d] += zsum[g];
+    for (int g = 0; g < G; ++g) {
+      alignas(64) float z[W];
+      vstorea(z, zsum[g]);
+      float zs = 0.0f;
+      for (int j = 0; j < W; ++j) zs += z[j];
+      for (int d = 0; d < D; ++d) acc[g * D + d] += zs;
+    }
 }
 
 #if KVQ_W == 16 && defined(__AVX512VNNI__)
