@@ -335,6 +335,11 @@ static inline vec hsumw(const vec* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 static inline vec vlane(vec v, int j) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j)); }
+static inline float hsum8(vec v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
 static inline __m256i first_mask(int r) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
 static inline void store_first(float* p, vec v, int r) {
   if (r == 8) _mm256_storeu_ps(p, v);
@@ -470,6 +475,70 @@ static inline void k_group_f32(const float* qx, int G, const void* kc, const uin
   }
 }
 
+#if KVQ_W == 8
+// AVX2 (16 vector registers): the rows are converted into registers and used there by GB <= 3 query heads at once,
+// with no scratch block (its stores and reloads were the K pass's busiest port). K: 4 rows x GB heads of partial
+// dot products (12 accumulators at GB = 3), each 4 reduced by one hadd tree to 4 scores; the 8 rows of a group
+// (t0 .. t0 + 7, past n repeating the last row) make one vector of scores per head:
+// score = dot * vrs + vrz * sum(q), stored for the first r rows.
+template <int kind, int D, int GB>
+static inline void k_group_regs(const float* qx, int g0, const void* kc, const int64_t* off, int64_t n, int64_t t0,
+                                vec vrs, vec vrz, float* sc) {
+  const int r = n - t0 < 8 ? (int)(n - t0) : 8;
+  __m128 lo[GB];  // per head: the scores of rows 0..3
+  for (int h = 0; h < 2; ++h) {
+    int64_t o[4];
+    for (int j = 0; j < 4; ++j) o[j] = off[t0 + (4 * h + j < r ? 4 * h + j : r - 1)];
+    vec a[GB][4];
+    for (int g = 0; g < GB; ++g)
+      for (int j = 0; j < 4; ++j) a[g][j] = vzero();
+    for (int d = 0; d < D; d += 8) {
+      vec q[GB];
+      for (int g = 0; g < GB; ++g) q[g] = vload(qx + (g0 + g) * (D + 1) + d);
+      for (int j = 0; j < 4; ++j) {
+        const vec x = loadw<kind>(kc, o[j] + d);
+        for (int g = 0; g < GB; ++g) a[g][j] = vfma(q[g], x, a[g][j]);
+      }
+    }
+    for (int g = 0; g < GB; ++g) {
+      // per 128-bit half: [sum of row 0's lanes there, row 1, row 2, row 3]; the halves added give the 4 dots
+      const vec u = _mm256_hadd_ps(_mm256_hadd_ps(a[g][0], a[g][1]), _mm256_hadd_ps(a[g][2], a[g][3]));
+      const __m128 s = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+      if (h == 0) {
+        lo[g] = s;
+        continue;
+      }
+      const float* qg = qx + (g0 + g) * (D + 1);
+      const vec dots = _mm256_insertf128_ps(_mm256_castps128_ps256(lo[g]), s, 1);
+      store_first(sc + (int64_t)(g0 + g) * n + t0, vfma(dots, vrs, vrz * vset1(qg[D])), r);  // qg[D]: sum(q)
+    }
+  }
+}
+
+// V: acc rows g0 .. g0 + GB - 1 (G, D) = sum_t w_t v_t over the n rows, w_t = sc[g, t]; 32 dimensions at a time
+// (GB x 4 accumulators), each row converted once per 32 dimensions.
+// The first pass (g0 = 0, d0 = 0) prefetches PF rows ahead.
+template <int kind, int D, int GB>
+static inline void v_rows_regs(const float* sc, int64_t n, int g0, const void* vc, const int64_t* off, float* acc) {
+  for (int d0 = 0; d0 < D; d0 += 32) {
+    vec o[GB][4];
+    for (int g = 0; g < GB; ++g)
+      for (int k = 0; k < 4; ++k) o[g][k] = vzero();
+    for (int64_t t = 0; t < n; ++t) {
+      if (g0 == 0 && d0 == 0 && t % 8 == 0) prefetch_rows<kind, D>(vc, nullptr, off, t + PF, t + PF + 8, n);
+      vec p[GB];
+      for (int g = 0; g < GB; ++g) p[g] = vset1(sc[(int64_t)(g0 + g) * n + t]);
+      for (int k = 0; k < 4; ++k) {
+        const vec x = loadw<kind>(vc, off[t] + d0 + 8 * k);
+        for (int g = 0; g < GB; ++g) o[g][k] = vfma(p[g], x, o[g][k]);
+      }
+    }
+    for (int g = 0; g < GB; ++g)
+      for (int k = 0; k < 4; ++k) vstore(acc + (g0 + g) * D + d0 + 8 * k, o[g][k]);
+  }
+}
+#endif
+
 // Softmax numerators over the chunk in place (expf vectorized through libmvec); ml (G, 2) = (max, sum).
 static inline void softmax_chunk(float* sc, int G, int64_t n, float* ml) {
   for (int g = 0; g < G; ++g) {
@@ -499,10 +568,53 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
   prefetch_rows<kind, D>(kc, kpp, off, 0, PF, n);
   for (int64_t t0 = 0; t0 < n; t0 += W) {
     prefetch_rows<kind, D>(kc, kpp, off, t0 + PF, t0 + PF + W, n);
+#if KVQ_W == 8
+    if constexpr (kind != 6) {
+      vec vrs = vset1(kscale), vrz = vset1(kzero);
+      if (online) {
+        rows_params<D>(kp, off + t0, n - t0 < W ? (int)(n - t0) : W, &vrs, &vrz);
+        vrs = vrs * vset1(kscale), vrz = vrz * vset1(kzero);
+      }
+      for (int g0 = 0; g0 < G; g0 += 3) {
+        if (G - g0 >= 3) k_group_regs<kind, D, 3>(qx, g0, kc, off, n, t0, vrs, vrz, sc);
+        else if (G - g0 == 2) k_group_regs<kind, D, 2>(qx, g0, kc, off, n, t0, vrs, vrz, sc);
+        else k_group_regs<kind, D, 1>(qx, g0, kc, off, n, t0, vrs, vrz, sc);
+      }
+      continue;
+    }
+#endif
     k_group_f32<kind, D>(qx, G, kc, kp, off, kofs, kpar, n, t0, kscale, kzero, cs, cz, &cpar, sc);
   }
   prefetch_rows<kind, D>(vc, online ? vp : nullptr, off, 0, PF, n);
   softmax_chunk(sc, G, n, ml);
+#if KVQ_W == 8
+  {
+    // online: fold each row's scale into its weights (w_t = p_t scale_t) and sum p_t zero_t per head first
+    float zs[64];  // G <= 64, checked by the caller
+    for (int g = 0; g < G; ++g) zs[g] = 0.0f;
+    if (online)
+      for (int64_t t0 = 0; t0 < n; t0 += W) {
+        const int r = n - t0 < W ? (int)(n - t0) : W;
+        vec vs, vz;
+        rows_params<D>(vp, off + t0, r, &vs, &vz);
+        vs = vs * vset1(vunit);
+        for (int g = 0; g < G; ++g) {
+          const vec pg = load_first(sc + g * n + t0, r);
+          zs[g] += hsum8(pg * vz);
+          store_first(sc + g * n + t0, pg * vs, r);
+        }
+      }
+    for (int g0 = 0; g0 < G; g0 += 3) {
+      if (G - g0 >= 3) v_rows_regs<kind, D, 3>(sc, n, g0, vc, off, acc);
+      else if (G - g0 == 2) v_rows_regs<kind, D, 2>(sc, n, g0, vc, off, acc);
+      else v_rows_regs<kind, D, 1>(sc, n, g0, vc, off, acc);
+    }
+    if (online)
+      for (int g = 0; g < G; ++g)
+        for (int d = 0; d < D; ++d) acc[g * D + d] += zs[g];
+    return;
+  }
+#endif
   for (int i = 0; i < G * D; ++i) acc[i] = 0.0f;
   vec zsum[64];  // online: sum_t p_t zero_t per query head, in W partial sums (G <= 64, checked by the caller)
   for (int g = 0; g < G; ++g) zsum[g] = vzero();
