@@ -124,7 +124,8 @@ def run_one(args) -> dict:
 
 
 def install_timers() -> dict[str, float]:
-    """Wrap the model's linear layers, decode attention and cache writes with wall-clock accumulators."""
+    """Wrap the model's linear layers (the down projection too: it is fused with SwiGLU), decode attention and
+    cache writes with wall-clock accumulators."""
     import functools
 
     from runtime import kv_cache, model
@@ -143,6 +144,7 @@ def install_timers() -> dict[str, float]:
         return wrapper
 
     model.linear = timed(model.linear, "linear")
+    model.swiglu_linear = timed(model.swiglu_linear, "linear")  # SwiGLU fused with the down projection (w2)
     kv_cache.KVCache.decode_attention = timed(kv_cache.KVCache.decode_attention, "attention")
     kv_cache.KVCache.write = timed(kv_cache.KVCache.write, "cache write")
     return timers
