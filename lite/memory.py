@@ -16,11 +16,10 @@ Formulas (docs/formats.md §1; bytes/elem from `runtime.quant.BYTES_PER_ELEM`: f
     total(batch)          = weight bytes + batch * per session + scale overhead
     sessions in a budget  = floor((budget - weights - scale overhead) / per session)
 
-"Measured" allocates `runtime.kv_cache.KVCache` for (batch, session_len) and sums the
-`untyped_storage().nbytes()` of the K/V tensors it holds (online modes: and their parameter pools) plus its
-quantizer's parameters. The cache
-fills its tensors with zeros, which commits the memory, so shapes above MEASURE_ON_CPU_LIMIT bytes are
-allocated on torch's "meta" device instead: the same class, shapes, dtypes and storage sizes, no memory.
+"Measured" allocates `runtime.kv_cache.KVCache` for (batch, session_len) and sums the bytes of the K/V
+tensors it holds (online modes: and their parameter pools; on the CPU they are views into one arena of that
+size, runtime.hugepages) plus its quantizer's parameters. Shapes above MEASURE_ON_CPU_LIMIT bytes are allocated
+on torch's "meta" device instead: the same class, shapes, dtypes and sizes, no memory.
 
 Published check (LMDeploy 2023, internlm-chat-7b, fp16 -> INT8): -4096 / -8224 / -16448 / -24672 MiB at
 batch 8 / 16 / 32 / 48. The saving per session is 2*32*32*128*S*(2-1) B = S/4 MiB: 514 MiB at the model's
@@ -165,7 +164,7 @@ def measure_cache(cfg: WorkspaceConfig, kv_dtype: str, batch: int, session_len: 
         blocks = batch * (session_tokens(cfg, kv_dtype, session_len) // block)
     cache = KVCache(cfg.num_layer, blocks, cfg.kv_head_num, block, cfg.size_per_head, quantizer, device=device)
     pools = cache.k + cache.v + cache.k_param + cache.v_param  # each (batch, H_kv, session_len, D | D/2 | 2)
-    data = sum(t.untyped_storage().nbytes() for t in pools)
+    data = sum(t.nbytes for t in pools)
     params = cache.nbytes() - sum(t.numel() * t.element_size() for t in pools)
     del cache
     return data, params, device

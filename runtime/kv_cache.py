@@ -35,11 +35,12 @@ by @ R.T; the prefill read-back un-rotates K and V.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Protocol
 
 import torch
 
-from runtime import cpu_write, quant
+from runtime import cpu_write, hugepages, quant
 
 
 class KVQuantizer(Protocol):
@@ -291,9 +292,6 @@ class KVCache:
         self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
         self.shape = (num_blocks, kv_heads, block_size, quant.row_width(quantizer.kv_dtype, head_dim))
         dt = quantizer.storage_dtype
-        # zeros, not empty: a never-written row must be finite in case a reader's mask lets 0 * x through
-        self.k = [torch.zeros(self.shape, dtype=dt, device=device) for _ in range(num_layer)]
-        self.v = [torch.zeros(self.shape, dtype=dt, device=device) for _ in range(num_layer)]
         pshape = (num_blocks, kv_heads, block_size, 2)  # (scale, zero) per row
         self.channel_keys = quant.channel_keys(quantizer.kv_dtype)
         kshape = (num_blocks, kv_heads, 2, head_dim) if self.channel_keys else pshape  # (scale, zero) per channel
@@ -302,9 +300,20 @@ class KVCache:
                 f"{quantizer.kv_dtype} needs an even block_size of at most 2 * size_per_head = {2 * head_dim} "
                 f"(its open key rows use half a block each); got block_size {block_size}"
             )
-        pools = range(num_layer) if quantizer.online else ()
-        self.k_param = [torch.zeros(kshape, dtype=quant.PARAM_DTYPE, device=device) for _ in pools]
-        self.v_param = [torch.zeros(pshape, dtype=quant.PARAM_DTYPE, device=device) for _ in pools]
+        layers, params = range(num_layer), range(num_layer) if quantizer.online else ()
+        # zeros, not empty: a never-written row must be finite in case a reader's mask lets 0 * x through. On the
+        # CPU all pools share one arena on huge pages (runtime.hugepages: zero-filled, resident where written).
+        zeros = functools.partial(torch.zeros, device=device)
+        if torch.device(device).type == "cpu":
+            pools = 2 * len(layers) * hugepages.nbytes(self.shape, dt)
+            pools += len(params) * (
+                hugepages.nbytes(kshape, quant.PARAM_DTYPE) + hugepages.nbytes(pshape, quant.PARAM_DTYPE)
+            )
+            zeros = hugepages.Arena(pools).take
+        self.k = [zeros(self.shape, dtype=dt) for _ in layers]
+        self.v = [zeros(self.shape, dtype=dt) for _ in layers]
+        self.k_param = [zeros(kshape, dtype=quant.PARAM_DTYPE) for _ in params]
+        self.v_param = [zeros(pshape, dtype=quant.PARAM_DTYPE) for _ in params]
 
     @property
     def num_tokens(self) -> int:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime import cpu_f16w
+from runtime import cpu_f16w, hugepages
 from runtime.cpu_linear import add_rms_norm, linear, rms_norm, rope_qk, swiglu_linear
 from runtime.kv_cache import KeyPlan, KVCache, key_plan
 from runtime.workspace import WorkspaceConfig, hidden_size
@@ -183,6 +183,13 @@ class Transformer:
                     "bo": t(p + "attention.wo.bias") if cfg.attn_bias else None,
                 }
             )
+        if torch.device(device).type == "cpu":  # the matrices a decode step streams through, on huge pages
+            mats = [self.output] + [L[k] for L in self.layers for k in ("wqkv", "wo", "w13", "w2")]
+            arena = hugepages.Arena(sum(hugepages.nbytes(w.shape, w.dtype) for w in mats))
+            self.output = arena.hold(self.output)
+            for L in self.layers:
+                for k in ("wqkv", "wo", "w13", "w2"):
+                    L[k] = arena.hold(L[k])
         max_len = max_len or cfg.session_len
         inv_freq = cfg.rope_theta ** (-torch.arange(0, self.D, 2, dtype=torch.float64) / self.D)  # (D/2,)
         angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None]  # (S, D/2)

@@ -102,7 +102,7 @@ def test_workspace_measured_cache_equals_formula(workspace):
 
     cache = KVCache(L, 3, H, 40, D, StaticQuantizer.identity("int8", L, H))
     assert cache.k[0].dtype == torch.int8 and cache.k[0].shape == (3, H, 40, D)
-    assert memory.measure_cache(cfg, "int8", 3, 40)[0] == sum(t.untyped_storage().nbytes() for t in cache.k + cache.v)
+    assert memory.measure_cache(cfg, "int8", 3, 40)[0] == sum(t.nbytes for t in cache.k + cache.v)
 
 
 def test_cli_shape_writes_json_and_png(tmp_path, capsys):
