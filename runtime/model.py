@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from runtime import cpu_f16w, hugepages
 from runtime.cpu_linear import add_rms_norm, linear, rms_norm, rope_qk, swiglu_linear
+from runtime.cpu_step import DecodeGraph
 from runtime.kv_cache import KeyPlan, KVCache, key_plan
 from runtime.workspace import WorkspaceConfig, hidden_size
 
@@ -195,6 +196,8 @@ class Transformer:
         angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None]  # (S, D/2)
         # e^(i angle) per (position, pair): an interleaved pair (x0, x1) read as x0 + i x1 rotates by one product
         self.rotations = torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(device)  # (S, D/2)
+        self.use_decode_graph = True  # False: every decode step through the Python layer loop below (tests)
+        self._graph: tuple | None = None  # (cache, DecodeGraph or None), made at the first decode step
 
     def nbytes(self) -> int:
         """Bytes of the weights this process holds (the RoPE tables are not counted)."""
@@ -242,6 +245,8 @@ class Transformer:
         N = sum(counts) tokens for every per-token operation (projections, norms, RoPE, FFN), so right-padding
         costs nothing; attention then runs per sequence over its own slice (`attention`)."""
         B, T = tokens.shape
+        if T == 1 and not all_logits and (graph := self.decode_graph(cache, B)) is not None:
+            return graph(tokens[:, 0], batch)  # the same kernels as below, in one C++ call
         counts = torch.tensor(batch.counts)
         if T == 1:
             flat, pos = tokens[:, 0], batch.starts
@@ -296,6 +301,16 @@ class Transformer:
         out = logits.new_zeros(B, T, logits.shape[-1])  # padding positions: zeros
         out[valid.to(out.device)] = logits[0]
         return out
+
+    def decode_graph(self, cache: KVCache, B: int) -> DecodeGraph | None:
+        """runtime.cpu_step's one-call decode step on this cache for B sequences, or None where it does not apply."""
+        if not self.use_decode_graph or DecodeGraph.pending(cache):
+            return None
+        held = self._graph
+        if held is None or held[0] is not cache or (held[1] is not None and not held[1].bound_to(cache)):
+            self._graph = (cache, DecodeGraph.build(self, cache))
+        graph = self._graph[1]
+        return graph if graph is not None and B <= graph.max_batch else None
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> (B, T, hidden) in the compute dtype."""
