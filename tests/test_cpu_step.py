@@ -24,7 +24,9 @@ def ws(tiny_hf, tmp_path_factory):
     return make_workspace(hf, tmp_path_factory.mktemp("ws_step"), session_len=300)
 
 
-def engine_for(ws, kv: str, dtype: str) -> Engine:
+def engine_for(ws, kv: str, dtype: str, rotation: str = "auto") -> Engine:
+    if kv.endswith("_per_token_head"):
+        return Engine(ws, kv_cache_dtype=kv, dtype=dtype, max_batch_size=8, kv_rotation=rotation)
     params = None
     if kv != "fp16":  # per-head scales that differ between heads and layers (zero points too for INT8)
         g = torch.Generator().manual_seed(1)
@@ -38,38 +40,67 @@ def dtypes() -> list[str]:
     return ["float32", "bfloat16"] if cpu_linear.available() else ["float32"]
 
 
-@pytest.mark.parametrize("dtype", dtypes())
-@pytest.mark.parametrize("kv", ["fp16", "int8", "fp8_e4m3", "fp8_e5m2"])
-def test_graph_step_equals_python_step(ws, kv, dtype):
-    """Three sequences of different lengths (two of them across a block boundary) decode 6 steps; each step runs
-    through both paths from the same cache state and must give the same logits and the same cache bytes."""
-    engine = engine_for(ws, kv, dtype)
+def pools(cache) -> list[torch.Tensor]:
+    return cache.k + cache.v + cache.k_param + cache.v_param
+
+
+def step_both_ways(engine: Engine, steps: int = 6):
+    """Three sequences of different lengths (two of them across a block boundary during the steps) decode `steps`
+    tokens; each step runs through the Python step and then, from the same cache state, through the graph.
+    Yields (python logits, graph logits, python pools, graph pools) per step."""
     model, cache = engine.model, engine.cache
     g = torch.Generator().manual_seed(2)
     seqs = []
-    for n in (5, 63, 130):
+    for n in (5, 61, 126):
         s = Sequence(f"s{n}", torch.randint(3, 1000, (n,), generator=g).tolist(), n, None)
-        s.block_ids = engine.scheduler.allocator.allocate(engine.scheduler.blocks_for(n + 8))
+        s.block_ids = engine.scheduler.allocator.allocate(engine.scheduler.blocks_for(n + steps + 2))
         seqs.append(s)
     with torch.inference_mode():
         engine._forward([Chunk(s, 0, len(s.token_ids)) for s in seqs])
-        for _ in range(6):
+        for _ in range(steps):
             for s in seqs:
                 s.token_ids.append(int(torch.randint(3, 1000, (1,), generator=g)))
             chunks = [Chunk(s, len(s.token_ids) - 1, 1) for s in seqs]
-            before = [p.clone() for p in cache.k + cache.v]
+            before = [p.clone() for p in pools(cache)]
             model.use_decode_graph = False
             ref = engine._forward(chunks)
-            after_ref = [p.clone() for p in cache.k + cache.v]
-            for p, b in zip(cache.k + cache.v, before, strict=True):
+            after_ref = [p.clone() for p in pools(cache)]
+            for p, b in zip(pools(cache), before, strict=True):
                 p.copy_(b)
             model.use_decode_graph = True
             out = engine._forward(chunks)
             assert model._graph[1] is not None, "the graph did not apply"
-            assert torch.equal(out, ref)
-            for p, r in zip(cache.k + cache.v, after_ref, strict=True):
-                assert torch.equal(p.view(torch.uint8), r.view(torch.uint8))
+            yield ref, out, after_ref, [p.clone() for p in pools(cache)]
     assert ref.shape == (3, model.output.shape[0]) and ref.dtype == torch.float32 and bool(ref.isfinite().all())
+
+
+@pytest.mark.parametrize("dtype", dtypes())
+@pytest.mark.parametrize(
+    "kv, rotation",
+    [(kv, "auto") for kv in ("fp16", "int8", "fp8_e4m3", "fp8_e5m2")]
+    + [(kv, "off") for kv in ("int8_per_token_head", "int4_per_token_head")],
+)
+def test_graph_step_equals_python_step(ws, kv, rotation, dtype):
+    """Same kernels, same order: the same logits and the same cache bytes (the online modes' parameters too)."""
+    for ref, out, ref_pools, out_pools in step_both_ways(engine_for(ws, kv, dtype, rotation)):
+        assert torch.equal(out, ref)
+        for a, b in zip(out_pools, ref_pools, strict=True):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", dtypes())
+@pytest.mark.parametrize("kv", ["int8_per_token_head", "int4_per_token_head"])
+def test_graph_step_rotated_online_modes(ws, kv, dtype):
+    """With the Hadamard rotation the graph rotates in its own fp32 loop (PyTorch's matmul sums in another order):
+    logits within 1e-4 of the logit range (bf16: 1e-2), and the cache codes equal but for rare rounding ties."""
+    engine = engine_for(ws, kv, dtype, "on")
+    assert engine.cache.quantizer.rotation is not None
+    tol = 1e-2 if dtype == "bfloat16" else 1e-4
+    for ref, out, ref_pools, out_pools in step_both_ways(engine):
+        assert (out - ref).abs().max() <= tol * float(ref.max() - ref.min())
+        data = 2 * len(engine.cache.k)  # the K and V code pools come first, then the (scale, zero) pools
+        codes = [(a != b).float().mean() for a, b in zip(out_pools[:data], ref_pools[:data], strict=True)]
+        assert max(codes) < 0.01, codes
 
 
 def test_generation_with_the_graph_equals_without(ws):
@@ -100,8 +131,8 @@ def test_where_the_graph_does_not_apply(ws, tiny_hf, tmp_path):
     model, cache = engine.model, engine.cache
     assert model.decode_graph(cache, 1) is not None
     assert model.decode_graph(cache, cpu_f16w.MAX_ROWS + 1) is None  # past the linear kernel's rows: PyTorch
-    online = Engine(ws, kv_cache_dtype="int8_per_token_head", max_batch_size=2)
-    assert online.model.decode_graph(online.cache, 1) is None  # rotations through PyTorch
+    online = Engine(ws, kv_cache_dtype="fp8_per_token_head", max_batch_size=2)
+    assert online.model.decode_graph(online.cache, 1) is None  # its write is PyTorch's
     dynamic = Engine(ws, kv_cache_dtype="fp8_e4m3", calculate_kv_scales=True, max_batch_size=2)
     assert dynamic.model.decode_graph(dynamic.cache, 1) is None  # scales still to be set by the first prompt
     dynamic.generate([[5, 6, 7]], [SamplingParams(temperature=0, max_tokens=1)])
