@@ -126,13 +126,13 @@ extern "C" int decode_step(const Kernels* fn, const Layer* layers, int64_t num_l
       for (int64_t b = 0; b < B; ++b) {
         const char* vb = v_rows + b * width * es;
         if (buf->rotation) times_matrix(vb, s->bf16, Hkv, D, buf->rotation, (float*)buf->vf + b * Hkv * D, 0);
-        else for (int64_t i = 0; i < Hkv * D; ++i) ((float*)buf->vf)[b * Hkv * D + i] = load_x(vb, i, s->bf16);
+        else for (int64_t e = 0; e < Hkv * D; ++e) ((float*)buf->vf)[b * Hkv * D + e] = load_x(vb, e, s->bf16);
       }
       if (buf->rotation) {
         times_matrix(buf->k, s->bf16, B * Hkv, D, buf->rotation, buf->kf, 0);
         times_matrix(buf->q, s->bf16, B * H, D, buf->rotation, buf->q, s->bf16);
       } else {
-        for (int64_t i = 0; i < B * Hkv * D; ++i) ((float*)buf->kf)[i] = load_x(buf->k, i, s->bf16);
+        for (int64_t e = 0; e < B * Hkv * D; ++e) ((float*)buf->kf)[e] = load_x(buf->k, e, s->bf16);
       }
       TIMED(2, fn->online_write((const float*)buf->kf, (const float*)buf->vf, B, Hkv, D, s->block_size,
                                 s->num_blocks, (int)s->online_bits, L.k_pool, L.v_pool, L.k_param, L.v_param, slots,
