@@ -15,12 +15,12 @@ Per layer, buffers (B rows of the compute dtype: fp32 against fp16 weights, or b
     cache.write(k, v at slots); o = paged attention(q)               (B, H, D)
     x', h = x + o @ wo.T, rms_norm(x') * ffn_norm
     x, h = x' + swiglu(h @ w13.T) @ w2.T, rms_norm(...) * next layer's attention_norm (the last: the final norm)
-then logits = h @ output.T (B, vocab). The online integer modes (int8 / int4_per_token_head) write fp32 rows, and
+then logits = h @ output.T (B, vocab). The online modes (int8 / fp8 / int4_per_token_head) write fp32 rows, and
 with their Hadamard rotation R the step rotates k, v and q (x @ R) and the attention output back (o @ R.T) as
 runtime.kv_cache's OnlineQuantizer does, in fp32 here (PyTorch's matmul sums in another order: the logits agree to
 fp32 rounding, not bit for bit). Taken: no tensor parallelism, no biases, a static KV mode (fp16 / INT8 / FP8 with
-its scales set) or an online integer one, at most the linear kernel's MAX_ROWS sequences; `DecodeGraph.build` says
-None otherwise and the model runs its Python step (fp8_per_token_head writes through PyTorch there).
+its scales set) or an online one, at most the linear kernel's MAX_ROWS sequences; `DecodeGraph.build` says None
+otherwise and the model runs its Python step.
 """
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ struct Kernels { linear_fn linear; swiglu_fn swiglu; rms_fn rms; add_rms_fn add_
 // static modes: ks..vz per-head parameters; online modes: k_param, v_param the per-row parameter pools
 struct Layer { const void *wqkv, *wo, *w13, *w2, *ffn_norm, *next_norm; void *k_pool, *v_pool;
                const float *ks, *kz, *vs, *vz; void *k_param, *v_param; };
-// write_kind: static 0..3 (runtime.cpu_write.STATIC_KINDS), or online_bits 8 / 4 for the online integer modes
+// write_kind: a static mode's kind 0..3 (runtime.cpu_write.STATIC_KINDS); online_mode: an online mode's
+// (cpu_write.ONLINE_MODES), -1 for the static ones
 struct Shape { int64_t hidden, H, Hkv, D, ffn, vocab, num_blocks, block_size, positions, attn_kind, write_kind,
-               online_bits, bf16, chunk, parallel_min; float eps, softmax_scale; };
+               online_mode, bf16, chunk, parallel_min; float eps, softmax_scale; };
 // x and x2: the residual stream (ping-pong); h: its norm; f: gate | up; act: the SwiGLU scratch; kf, vf: the online
 // modes' fp32 rows to write; rotation, unrotation: R and R.T (D, D) fp32 of a rotated online mode, else null
 struct Buffers { void *x, *x2, *h, *qkv, *q, *k, *v, *o, *y, *f, *act, *logits, *kf, *vf; const void *rot,
@@ -122,7 +123,7 @@ extern "C" int decode_step(const Kernels* fn, const Layer* layers, int64_t num_l
     const int64_t bad = fn->rope(buf->qkv, buf->rot, pos, buf->q, buf->k, B, H, Hkv, D, s->positions);
     if (bad >= 0) { err[0] = bad; return 3; }
     const char* v_rows = (const char*)buf->qkv + (H + Hkv) * D * es;  // row b at b * width elements
-    if (s->online_bits) {  // fp32 rows, rotated where the mode rotates (q too: the attention reads rotated keys)
+    if (s->online_mode >= 0) {  // fp32 rows, rotated where the mode rotates (q too: the attention reads rotated keys)
       for (int64_t b = 0; b < B; ++b) {
         const char* vb = v_rows + b * width * es;
         if (buf->rotation) times_matrix(vb, s->bf16, Hkv, D, buf->rotation, (float*)buf->vf + b * Hkv * D, 0);
@@ -135,7 +136,7 @@ extern "C" int decode_step(const Kernels* fn, const Layer* layers, int64_t num_l
         for (int64_t e = 0; e < B * Hkv * D; ++e) ((float*)buf->kf)[e] = load_x(buf->k, e, s->bf16);
       }
       TIMED(2, fn->online_write((const float*)buf->kf, (const float*)buf->vf, B, Hkv, D, s->block_size,
-                                s->num_blocks, (int)s->online_bits, L.k_pool, L.v_pool, L.k_param, L.v_param, slots,
+                                s->num_blocks, (int)s->online_mode, L.k_pool, L.v_pool, L.k_param, L.v_param, slots,
                                 helper, complete, num_complete));
     } else {
       for (int64_t b = 0; b < B; ++b)
@@ -181,7 +182,7 @@ class Layer(ctypes.Structure):
 class Shape(ctypes.Structure):
     _fields_ = [
         (name, I64)
-        for name in "hidden H Hkv D ffn vocab num_blocks block_size positions attn_kind write_kind online_bits bf16 "
+        for name in "hidden H Hkv D ffn vocab num_blocks block_size positions attn_kind write_kind online_mode bf16 "
         "chunk parallel_min".split()
     ] + [("eps", F32), ("softmax_scale", F32)]
 
@@ -250,7 +251,7 @@ class DecodeGraph:
             self.rot.shape[0],
             cpu_attention.kernel_kind(qz.kv_dtype, cache.k[0].dtype),
             cpu_write.STATIC_KINDS.get(qz.kv_dtype, 0),
-            cpu_write.BITS.get(qz.kv_dtype, 0),
+            cpu_write.ONLINE_MODES.get(qz.kv_dtype, -1),
             int(dt == torch.bfloat16),
             0,  # chunk: the attention kernel's choice
             cpu_attention.PARALLEL_MIN,
@@ -277,8 +278,10 @@ class DecodeGraph:
             return None
         if any(L["bqkv"] is not None or L["bo"] is not None for L in model.layers) or model.D not in (64, 128):
             return None
-        if qz.kv_dtype not in cpu_write.STATIC_KINDS and qz.kv_dtype not in cpu_write.BITS or not cache.fast_write:
-            return None  # fp8_per_token_head: its write is PyTorch's
+        if qz.kv_dtype not in cpu_write.STATIC_KINDS and qz.kv_dtype not in cpu_write.ONLINE_MODES:
+            return None
+        if not cache.fast_write:  # the PyTorch write asked for
+            return None
         if dt == torch.float32:
             ops, linear, max_rows, weight_dtype = cpu_f16w._library(), "f16w", cpu_f16w.MAX_ROWS, torch.float16
             suffix = "f32"
@@ -316,8 +319,8 @@ class DecodeGraph:
         return cls(model, cache, max_rows, kernels)
 
     def bound_to(self, cache) -> bool:
-        """This graph runs on this cache (its pools unchanged since it was built)."""
-        if cache is not self.cache:
+        """This graph runs on this cache (its pools unchanged since it was built, its fast writes still on)."""
+        if cache is not self.cache or not cache.fast_write:
             return False
         pools = cache.k + cache.v + cache.k_param + cache.v_param
         return len(pools) == len(self.pools) and all(a is b for a, b in zip(self.pools, pools, strict=True))

@@ -1,5 +1,5 @@
-"""The CPU cache writes in C++: the integer online modes (int8_per_token_head, int4_per_token_head) and the
-static ones (fp16, int8, fp8_e4m3, fp8_e5m2 with per-head parameters).
+"""The CPU cache writes in C++: the online modes (int8_per_token_head, int4_per_token_head, fp8_per_token_head) and
+the static ones (fp16, int8, fp8_e4m3, fp8_e5m2 with per-head parameters).
 
 The PyTorch write (`runtime.kv_cache.KVCache.write`, formulas in `runtime.quant`) is some 40 small tensor
 operations per layer (row min / max, fp16 rounding, division, rounding, packing, scatter; INT4 keys also the
@@ -62,6 +62,48 @@ static inline void quantize_row(const float* x, int64_t n, int64_t step, int top
   }
 }
 
+// fp32 -> fp8 (M mantissa bits, exponent bias B) rounded to nearest even, |f| <= the format's max (the caller
+// clamps): c10's fp8e4m3fn / fp8e5m2 conversion. Below the smallest normal, adding 2^(E) with E = (127 - B) +
+// (23 - M) + 1 lets the FPU round the value into the low bits; above it, the exponent is rebiased and the mantissa
+// rounded by adding 2^(22 - M) - 1 plus its lowest kept bit.
+template <int M, int B>
+static inline uint8_t to_fp8(float f) {
+  uint32_t bits;
+  memcpy(&bits, &f, 4);
+  const uint32_t sign = bits & 0x80000000u;
+  bits ^= sign;
+  uint8_t out;
+  if (bits < (uint32_t)(127 - B + 1) << 23) {
+    const uint32_t magic = (uint32_t)((127 - B) + (23 - M) + 1) << 23;
+    float m, y;
+    memcpy(&m, &magic, 4);
+    memcpy(&y, &bits, 4);
+    y += m;
+    memcpy(&bits, &y, 4);
+    out = (uint8_t)(bits - magic);
+  } else {
+    const uint32_t odd = (bits >> (23 - M)) & 1u;
+    bits += ((uint32_t)(B - 127) << 23) + ((1u << (22 - M)) - 1u) + odd;
+    out = (uint8_t)(bits >> (23 - M));
+  }
+  return out | (uint8_t)(sign >> 24);
+}
+
+// fp8_per_token_head, one row: quant.online_params and quant.quantize_online: scale = fp16(absmax / 448), zero 0,
+// f = e4m3(clamp(x / scale, -448, 448)), 0 where scale is 0.
+static inline void quantize_row_fp8(const float* x, int64_t n, uint8_t* q, uint16_t* pair) {
+  float a = 0.0f;
+  for (int64_t i = 0; i < n; ++i) a = fabsf(x[i]) > a ? fabsf(x[i]) : a;
+  pair[0] = _cvtss_sh(a / 448.0f, 0);
+  pair[1] = 0;  // fp16 +0
+  const float s = _cvtsh_ss(pair[0]);
+  for (int64_t i = 0; i < n; ++i) {
+    float y = s > 0.0f ? x[i] / s : 0.0f;
+    y = y < -448.0f ? -448.0f : (y > 448.0f ? 448.0f : y);
+    q[i] = to_fp8<3, 7>(y);
+  }
+}
+
 static inline void pack4(const uint8_t* q, int64_t n, uint8_t* out) {
   for (int64_t i = 0; i < n / 2; ++i) out[i] = (uint8_t)(q[2 * i] | (q[2 * i + 1] << 4));
 }
@@ -72,17 +114,18 @@ static inline float read8(const uint8_t* q, const uint16_t* pair, int64_t i) {
   return p + z;
 }
 
-// bits 8: int8_per_token_head, K and V per row at their slots. bits 4: int4_per_token_head: V per row (packed),
+// mode (ONLINE_MODES) 8: int8_per_token_head, K and V per row at their slots; 0: fp8_per_token_head, the same with
+// e4m3 values. 4: int4_per_token_head: V per row (packed),
 // K per channel within blocks (runtime.kv_cache.KVCache._write_channel_keys): the blocks complete (M, 4) =
 // (block, helper, r0, i0) are quantized per channel from the int8 read-back of their rows (earlier open rows,
 // then this step's rows i0 ...), all read before any is stored; then rows with helper[n] >= 0 become int8 open
 // rows in the half-block layout (rows < bs / 2 in their block, others in helper[n]).
 extern "C" void online_write(const float* k, const float* v, int64_t N, int64_t H, int64_t D, int64_t bs,
-                             int64_t num_blocks, int bits, uint8_t* kpool, uint8_t* vpool, uint16_t* kparam,
+                             int64_t num_blocks, int mode, uint8_t* kpool, uint8_t* vpool, uint16_t* kparam,
                              uint16_t* vparam, const int64_t* slots, const int64_t* helper, const int64_t* complete,
                              int64_t M) {
-  const int64_t width = bits == 4 ? D / 2 : D;  // stored bytes per row
-  const int top = bits == 4 ? 15 : 255;
+  const int64_t width = mode == 4 ? D / 2 : D;  // stored bytes per row
+  const int top = mode == 4 ? 15 : 255;
   std::vector<uint8_t> q(D);
   for (int64_t n = 0; n < N; ++n) {  // per-row rows: V always, K too for int8
     const int64_t slot = slots[n];
@@ -90,17 +133,18 @@ extern "C" void online_write(const float* k, const float* v, int64_t N, int64_t 
     const int64_t blk = slot / bs, row = slot % bs;
     for (int64_t h = 0; h < H; ++h) {
       const int64_t r = (blk * H + h) * bs + row;  // row index in (num_blocks, H, bs)
-      for (int which = bits == 4 ? 1 : 0; which < 2; ++which) {
+      for (int which = mode == 4 ? 1 : 0; which < 2; ++which) {
         const float* x = (which ? v : k) + (n * H + h) * D;
         uint8_t* pool = which ? vpool : kpool;
         uint16_t* param = which ? vparam : kparam;
-        quantize_row(x, D, 1, top, q.data(), param + 2 * r);
-        if (bits == 4) pack4(q.data(), D, pool + r * width);
+        if (mode == 0) quantize_row_fp8(x, D, q.data(), param + 2 * r);
+        else quantize_row(x, D, 1, top, q.data(), param + 2 * r);
+        if (mode == 4) pack4(q.data(), D, pool + r * width);
         else memcpy(pool + r * width, q.data(), D);
       }
     }
   }
-  if (bits != 4) return;
+  if (mode != 4) return;
   // INT4 keys: this step's rows as int8 rows (codes + pair), as the open layout and the completions read them
   std::vector<uint8_t> c8((size_t)N * H * D);
   std::vector<uint16_t> p8((size_t)N * H * 2);
@@ -154,32 +198,6 @@ extern "C" void online_write(const float* k, const float* v, int64_t N, int64_t 
   }
 }
 
-// fp32 -> fp8 (M mantissa bits, exponent bias B) rounded to nearest even, |f| <= the format's max (the caller
-// clamps): c10's fp8e4m3fn / fp8e5m2 conversion. Below the smallest normal, adding 2^(E) with E = (127 - B) +
-// (23 - M) + 1 lets the FPU round the value into the low bits; above it, the exponent is rebiased and the mantissa
-// rounded by adding 2^(22 - M) - 1 plus its lowest kept bit.
-template <int M, int B>
-static inline uint8_t to_fp8(float f) {
-  uint32_t bits;
-  memcpy(&bits, &f, 4);
-  const uint32_t sign = bits & 0x80000000u;
-  bits ^= sign;
-  uint8_t out;
-  if (bits < (uint32_t)(127 - B + 1) << 23) {
-    const uint32_t magic = (uint32_t)((127 - B) + (23 - M) + 1) << 23;
-    float m, y;
-    memcpy(&m, &magic, 4);
-    memcpy(&y, &bits, 4);
-    y += m;
-    memcpy(&bits, &y, 4);
-    out = (uint8_t)(bits - magic);
-  } else {
-    const uint32_t odd = (bits >> (23 - M)) & 1u;
-    bits += ((uint32_t)(B - 127) << 23) + ((1u << (22 - M)) - 1u) + odd;
-    out = (uint8_t)(bits >> (23 - M));
-  }
-  return out | (uint8_t)(sign >> 24);
-}
 
 // kind 0 fp16, 1 int8, 2 fp8 e4m3, 3 fp8 e5m2 (runtime.cpu_attention's numbering); x rows fp32, or bf16 when
 // bf16 is set; ks..vz (H,) fp32 per-head parameters (unused for fp16).
@@ -225,7 +243,7 @@ extern "C" void static_write(const void* k, const void* v, int bf16, int64_t N, 
 }
 """
 
-BITS = {"int8_per_token_head": 8, "int4_per_token_head": 4}
+ONLINE_MODES = {"int8_per_token_head": 8, "int4_per_token_head": 4, "fp8_per_token_head": 0}  # online_write's mode
 STATIC_KINDS = {"fp16": 0, "int8": 1, "fp8_e4m3": 2, "fp8_e5m2": 3}
 
 
@@ -256,8 +274,8 @@ def _check_contiguous(fn: str, **pools: torch.Tensor) -> None:
 
 
 def takes(kv_dtype: str, k: torch.Tensor) -> bool:
-    """Whether the kernel writes this mode's rows (integer online modes, CPU) and builds here."""
-    return kv_dtype in BITS and k.device.type == "cpu" and _library() is not None
+    """Whether the kernel writes this mode's rows (online modes, CPU) and builds here."""
+    return kv_dtype in ONLINE_MODES and k.device.type == "cpu" and _library() is not None
 
 
 def online_write(
@@ -293,7 +311,7 @@ def online_write(
         D,
         bs,
         num_blocks,
-        BITS[kv_dtype],
+        ONLINE_MODES[kv_dtype],
         k_pool.data_ptr(),
         v_pool.data_ptr(),
         k_param.data_ptr(),

@@ -79,7 +79,7 @@ def step_both_ways(engine: Engine, steps: int = 6):
 @pytest.mark.parametrize(
     "kv, rotation",
     [(kv, "auto") for kv in ("fp16", "int8", "fp8_e4m3", "fp8_e5m2")]
-    + [(kv, "off") for kv in ("int8_per_token_head", "int4_per_token_head")],
+    + [(kv, "off") for kv in ("int8_per_token_head", "fp8_per_token_head", "int4_per_token_head")],
 )
 def test_graph_step_equals_python_step(ws, kv, rotation, dtype):
     """Same kernels, same order: the same logits and the same cache bytes (the online modes' parameters too)."""
@@ -90,7 +90,7 @@ def test_graph_step_equals_python_step(ws, kv, rotation, dtype):
 
 
 @pytest.mark.parametrize("dtype", dtypes())
-@pytest.mark.parametrize("kv", ["int8_per_token_head", "int4_per_token_head"])
+@pytest.mark.parametrize("kv", ["int8_per_token_head", "fp8_per_token_head", "int4_per_token_head"])
 def test_graph_step_rotated_online_modes(ws, kv, dtype):
     """With the Hadamard rotation the graph rotates in its own fp32 loop (PyTorch's matmul sums in another order):
     logits within 1e-4 of the logit range (bf16: 1e-2), and the cache codes equal but for rare rounding ties."""
@@ -132,8 +132,9 @@ def test_where_the_graph_does_not_apply(ws, tiny_hf, tmp_path):
     model, cache = engine.model, engine.cache
     assert model.decode_graph(cache, 1) is not None
     assert model.decode_graph(cache, cpu_f16w.MAX_ROWS + 1) is None  # past the linear kernel's rows: PyTorch
-    online = Engine(ws, kv_cache_dtype="fp8_per_token_head", max_batch_size=2)
-    assert online.model.decode_graph(online.cache, 1) is None  # its write is PyTorch's
+    forced = engine_for(ws, "int8_per_token_head", "float32")
+    forced.cache.fast_write = False  # the PyTorch write asked for: the Python step
+    assert forced.model.decode_graph(forced.cache, 1) is None
     dynamic = Engine(ws, kv_cache_dtype="fp8_e4m3", calculate_kv_scales=True, max_batch_size=2)
     assert dynamic.model.decode_graph(dynamic.cache, 1) is None  # scales still to be set by the first prompt
     dynamic.generate([[5, 6, 7]], [SamplingParams(temperature=0, max_tokens=1)])

@@ -507,7 +507,7 @@ needs_write_kernel = pytest.mark.skipif(
 
 
 @needs_write_kernel
-@pytest.mark.parametrize("kv", ["int8_per_token_head", "int4_per_token_head"])
+@pytest.mark.parametrize("kv", ["int8_per_token_head", "int4_per_token_head", "fp8_per_token_head"])
 @pytest.mark.parametrize("rotate", [False, True])
 def test_cpp_write_kernel_stores_the_bytes_of_the_pytorch_write(kv, rotate):
     """runtime.cpu_write against KVCache's PyTorch write, byte for byte, over steps of three sequences (blocks of
