@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import weakref
 
 import torch
 
@@ -212,7 +213,8 @@ class DecodeGraph:
 
     def __init__(self, model, cache, max_batch: int, kernels: Kernels) -> None:
         cfg, dt = model.cfg, model.dtype
-        self.model, self.cache, self.max_batch, self.kernels = model, cache, max_batch, kernels
+        self.model, self.max_batch, self.kernels = model, max_batch, kernels
+        self.cache = weakref.ref(cache)  # not a strong reference: the model keeps its graphs per live cache
         self.pools = cache.k + cache.v + cache.k_param + cache.v_param  # their addresses are held: rebuilt on change
         H, Hkv, D, hidden = model.H, model.Hkv, model.D, model.hidden
         ffn = model.layers[0]["w2"].shape[1]
@@ -320,7 +322,7 @@ class DecodeGraph:
 
     def bound_to(self, cache) -> bool:
         """This graph runs on this cache (its pools unchanged since it was built, its fast writes still on)."""
-        if cache is not self.cache or not cache.fast_write:
+        if cache is not self.cache() or not cache.fast_write:
             return False
         pools = cache.k + cache.v + cache.k_param + cache.v_param
         return len(pools) == len(self.pools) and all(a is b for a, b in zip(self.pools, pools, strict=True))
@@ -361,9 +363,9 @@ class DecodeGraph:
             ctypes.memset(self.timing, 0, ctypes.sizeof(self.timing))
         b, x, page = self.err
         if rc == 1:
-            raise ValueError(f"lengths[{b}] = {x} is outside [0, {tables.shape[1] * self.cache.block_size}]")
+            raise ValueError(f"lengths[{b}] = {x} is outside [0, {tables.shape[1] * self.shape.block_size}]")
         if rc == 2:
-            raise ValueError(f"block_tables[{b}, {x}] = {page} is outside the pool [0, {self.cache.num_blocks})")
+            raise ValueError(f"block_tables[{b}, {x}] = {page} is outside the pool [0, {self.shape.num_blocks})")
         if rc == 3:
             raise ValueError(
                 f"positions outside [0, {self.rot.shape[0]}) (the rotation table): pos[{b}] = {int(pos[b])}"

@@ -33,6 +33,7 @@ the logits of its vocabulary slice; rank 0 gathers them and the other ranks' for
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -197,7 +198,9 @@ class Transformer:
         # e^(i angle) per (position, pair): an interleaved pair (x0, x1) read as x0 + i x1 rotates by one product
         self.rotations = torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(device)  # (S, D/2)
         self.use_decode_graph = True  # False: every decode step through the Python layer loop below (tests)
-        self._graph: tuple | None = None  # (cache, DecodeGraph or None), made at the first decode step
+        # per KV cache (engines may share these weights): (its fast_write, DecodeGraph or None), made at its first
+        # decode step, dropped with the cache
+        self._graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def nbytes(self) -> int:
         """Bytes of the weights this process holds (the RoPE tables are not counted)."""
@@ -306,10 +309,10 @@ class Transformer:
         """runtime.cpu_step's one-call decode step on this cache for B sequences, or None where it does not apply."""
         if not self.use_decode_graph or DecodeGraph.pending(cache):
             return None
-        held = self._graph
-        if held is None or held[0] is not cache or (held[1] is not None and not held[1].bound_to(cache)):
-            self._graph = (cache, DecodeGraph.build(self, cache))
-        graph = self._graph[1]
+        held = self._graphs.get(cache)
+        if held is None or held[0] != cache.fast_write or (held[1] is not None and not held[1].bound_to(cache)):
+            held = self._graphs[cache] = (cache.fast_write, DecodeGraph.build(self, cache))
+        graph = held[1]
         return graph if graph is not None and B <= graph.max_batch else None
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ def step_both_ways(engine: Engine, steps: int = 6):
                 p.copy_(b)
             model.use_decode_graph = True
             out = engine._forward(chunks)
-            assert model._graph[1] is not None, "the graph did not apply"
+            assert model._graphs[cache][1] is not None, "the graph did not apply"
             yield ref, out, after_ref, [p.clone() for p in pools(cache)]
     assert ref.shape == (3, model.output.shape[0]) and ref.dtype == torch.float32 and bool(ref.isfinite().all())
 
@@ -113,9 +113,37 @@ def test_generation_with_the_graph_equals_without(ws):
         engine = engine_for(ws, "int8", "float32")
         engine.model.use_decode_graph = use
         runs.append(engine.generate(prompts, params))
-        assert (engine.model._graph is not None and engine.model._graph[1] is not None) == use
+        assert (engine.model._graphs.get(engine.cache, (None, None))[1] is not None) == use
     assert runs[0] == runs[1]
     assert [len(r) for r in runs[1]] == [12, 5, 20]
+
+
+def test_engines_sharing_weights_each_keep_their_graph(ws):
+    """Engines on one model (as tools/bench_serve.py runs them, step by step in turns) each decode through a graph
+    of their own cache, built once, and generate what they generate alone; a dropped engine's graph goes with it."""
+    import gc
+
+    prompts, params = [[5, 6, 7, 8], [9, 10, 11]], [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)] * 2
+    alone = {kv: engine_for(ws, kv, "float32").generate(prompts, params) for kv in ("int8", "fp16")}
+    first = engine_for(ws, "int8", "float32")
+    second = Engine(ws, kv_cache_dtype="fp16", max_batch_size=8, model=first.model)
+    out = {}
+    for e in (first, second):
+        for p, sp in zip(prompts, params, strict=True):
+            e.add_request(p, sp)
+    while first.has_unfinished_requests() or second.has_unfinished_requests():
+        for name, e in (("int8", first), ("fp16", second)):
+            if e.has_unfinished_requests():
+                for o in e.step():
+                    out.setdefault(name, {}).setdefault(o.request_id, []).extend(o.new_token_ids)
+    for name, alone_tokens in alone.items():
+        assert sorted(out[name].values()) == sorted(alone_tokens)
+    graphs = first.model._graphs
+    assert {id(c) for c in graphs} == {id(first.cache), id(second.cache)}
+    assert all(g is not None for _, g in graphs.values())
+    del second, e
+    gc.collect()
+    assert len(graphs) == 1
 
 
 def test_timing_accumulates_the_kernels_seconds(ws, monkeypatch):
@@ -167,4 +195,4 @@ def test_errors_name_the_bad_value(ws):
         bad.block_tables[0, 0] = cache.num_blocks
         with pytest.raises(ValueError, match=rf"block_tables\[0, 0\] = {cache.num_blocks} is outside"):
             model.forward(tokens, cache, bad)
-    assert model._graph[1] is not None  # the graph raised these, not the Python step
+    assert model._graphs[cache][1] is not None  # the graph raised these, not the Python step
