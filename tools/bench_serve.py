@@ -1,6 +1,6 @@
 """Offline serving throughput at a fixed KV budget: fp16 vs INT8 vs FP8 (vs online per-token-head) caches.
 
-    python tools/bench_serve.py [--requests 64] [--budgets-mib 32,64,128] [--kv fp16,int8,fp8] [--dtype bfloat16]
+    python tools/bench_serve.py [--requests 64] [--budgets-mib 32,64,128] [--kv fp16,int8,fp8] [--dtype auto]
         (--kv also takes int8_per_token_head, fp8_per_token_head, int4_per_token_head: no scale files needed)
 
 N requests are submitted at once to the paged engine (`runtime.engine.Engine`, as a server drives it:
@@ -173,7 +173,12 @@ def main() -> None:
         help="KV dtypes: fp16 | int8 | fp8 | fp8_e4m3 | fp8_e5m2 | int8_per_token_head | fp8_per_token_head | "
         "int4_per_token_head (default fp16,int8,fp8)",
     )
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="compute dtype (auto: bf16 where the CPU has native bf16, else fp32; bf16 elsewhere is emulated, slow)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--prompt-paragraphs", type=int, default=8, help="paragraphs per prompt (default 8)")
     ap.add_argument("--output-paragraphs", type=int, default=4, help="paragraphs an output is as long as (default 4)")
