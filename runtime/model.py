@@ -21,7 +21,9 @@ folded into the attention arithmetic).
 
 The weight matrices are held transposed, (out, in) as nn.Linear, and applied by `runtime.cpu_linear.linear`:
 a bandwidth-bound bf16 kernel for the few rows of a CPU decode step, PyTorch's GEMM otherwise. With fp32 compute
-on a CPU (no native bf16) they stay in the workspace's fp16 and `runtime.cpu_f16w` multiplies them in fp32.
+on a CPU (no native bf16) they stay in the workspace's fp16 and `runtime.cpu_f16w` multiplies them in fp32. On
+the CPU they live on huge pages (`runtime.hugepages`), and a decode step those kernels take runs as one C++ call
+(`runtime.cpu_step.DecodeGraph`, one per KV cache: the layer loop of `forward` over the same kernels).
 
 Tensor parallelism (`tp`, a `runtime.distributed.TPGroup`; None in one process): the weights are one rank's
 (`workspace.read_rank`): H / N query heads, H_kv / N KV heads, 1/N of the FFN columns and of the vocabulary
