@@ -163,7 +163,7 @@ def measure_cache(cfg: WorkspaceConfig, kv_dtype: str, batch: int, session_len: 
     else:
         blocks = batch * (session_tokens(cfg, kv_dtype, session_len) // block)
     cache = KVCache(cfg.num_layer, blocks, cfg.kv_head_num, block, cfg.size_per_head, quantizer, device=device)
-    pools = cache.k + cache.v + cache.k_param + cache.v_param  # each (batch, H_kv, session_len, D | D/2 | 2)
+    pools = cache.pools()  # each (batch, H_kv, session_len, D | D/2 | 2)
     data = sum(t.nbytes for t in pools)
     params = cache.nbytes() - sum(t.numel() * t.element_size() for t in pools)
     del cache

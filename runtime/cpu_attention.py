@@ -1214,14 +1214,17 @@ class DecodePlan:
             out.data_ptr(),
             ctypes.addressof(err),
         )
-        b, x, page = err
-        if rc == 1:
-            raise ValueError(
-                f"lengths[{b}] = {x} is outside [0, {tables.shape[1] * self.block_size}] (max_blocks * block_size)"
-            )
-        if rc == 2:
-            raise ValueError(f"block_tables[{b}, {x}] = {page} is outside the pool [0, {self.num_blocks})")
+        raise_for(rc, err, tables.shape[1], self.block_size, self.num_blocks)
         return out if io_bf16 or q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def raise_for(rc: int, err, max_blocks: int, block_size: int, num_blocks: int) -> None:
+    """The ValueError for decode_attn's return code rc (0: none) and its err = (b, length or column, block id)."""
+    b, x, page = err
+    if rc == 1:
+        raise ValueError(f"lengths[{b}] = {x} is outside [0, {max_blocks * block_size}] (max_blocks * block_size)")
+    if rc == 2:
+        raise ValueError(f"block_tables[{b}, {x}] = {page} is outside the pool [0, {num_blocks})")
 
 
 def _kernel_takes(q: torch.Tensor, k_pool: torch.Tensor, kv_dtype: str | None) -> bool:

@@ -215,7 +215,7 @@ class DecodeGraph:
         cfg, dt = model.cfg, model.dtype
         self.model, self.max_batch, self.kernels = model, max_batch, kernels
         self.cache = weakref.ref(cache)  # not a strong reference: the model keeps its graphs per live cache
-        self.pools = cache.k + cache.v + cache.k_param + cache.v_param  # their addresses are held: rebuilt on change
+        self.pools = cache.pools()  # their addresses are held: rebuilt when they change
         H, Hkv, D, hidden = model.H, model.Hkv, model.D, model.hidden
         ffn = model.layers[0]["w2"].shape[1]
         vocab = model.output.shape[0]
@@ -300,8 +300,7 @@ class DecodeGraph:
             return None
         if cpu_attention.kernel_kind(qz.kv_dtype, cache.k[0].dtype) is None:
             return None
-        pools = cache.k + cache.v + cache.k_param + cache.v_param
-        if not all(p.is_contiguous() for p in pools) or model.H // model.Hkv > cpu_attention.MAX_GROUP:
+        if not all(p.is_contiguous() for p in cache.pools()) or model.H // model.Hkv > cpu_attention.MAX_GROUP:
             return None
         kernels = Kernels(
             *(
@@ -324,7 +323,7 @@ class DecodeGraph:
         """This graph runs on this cache (its pools unchanged since it was built, its fast writes still on)."""
         if cache is not self.cache() or not cache.fast_write:
             return False
-        pools = cache.k + cache.v + cache.k_param + cache.v_param
+        pools = cache.pools()
         return len(pools) == len(self.pools) and all(a is b for a, b in zip(self.pools, pools, strict=True))
 
     def __call__(self, tokens: torch.Tensor, batch) -> torch.Tensor:
@@ -361,13 +360,10 @@ class DecodeGraph:
             for key, seconds in zip(("linear", "attention", "cache write"), self.timing, strict=True):
                 TIMING[key] = TIMING.get(key, 0.0) + seconds
             ctypes.memset(self.timing, 0, ctypes.sizeof(self.timing))
-        b, x, page = self.err
-        if rc == 1:
-            raise ValueError(f"lengths[{b}] = {x} is outside [0, {tables.shape[1] * self.shape.block_size}]")
-        if rc == 2:
-            raise ValueError(f"block_tables[{b}, {x}] = {page} is outside the pool [0, {self.shape.num_blocks})")
         if rc == 3:
             raise ValueError(
-                f"positions outside [0, {self.rot.shape[0]}) (the rotation table): pos[{b}] = {int(pos[b])}"
+                f"positions outside [0, {self.rot.shape[0]}) (the rotation table): pos[{self.err[0]}] = "
+                f"{int(pos[self.err[0]])}"
             )
+        cpu_attention.raise_for(rc, self.err, tables.shape[1], self.shape.block_size, self.shape.num_blocks)
         return self.logits[:B].to(torch.float32, copy=True)  # a copy: the next step overwrites the buffer

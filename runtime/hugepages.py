@@ -41,11 +41,9 @@ class Arena:
         # private: shared anonymous memory is shmem, which THP leaves alone by default; slack to start on 2 MiB
         flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
         self._map = mmap.mmap(-1, self.size + HUGE_PAGE, flags=flags) if flags else mmap.mmap(-1, self.size + HUGE_PAGE)
-        self.advised = False
         if hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 self._map.madvise(mmap.MADV_HUGEPAGE)
-                self.advised = True
             except OSError:  # THP compiled out: ordinary pages
                 pass
         whole = torch.frombuffer(self._map, dtype=torch.uint8)

@@ -319,9 +319,12 @@ class KVCache:
     def num_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
+    def pools(self) -> list[torch.Tensor]:
+        """Every tensor of the pool: K and V per layer, then the online modes' K and V parameter pools per layer."""
+        return self.k + self.v + self.k_param + self.v_param
+
     def nbytes(self) -> int:
-        pools = self.k + self.v + self.k_param + self.v_param
-        return sum(t.numel() * t.element_size() for t in pools) + self.quantizer.param_bytes()
+        return sum(t.numel() * t.element_size() for t in self.pools()) + self.quantizer.param_bytes()
 
     def _params(self, layer: int) -> dict:
         """Keyword arguments naming this layer's parameter pools (online modes; empty otherwise)."""

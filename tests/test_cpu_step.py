@@ -41,10 +41,6 @@ def dtypes() -> list:
     return ["float32", pytest.param("bfloat16", marks=no_bf16)]
 
 
-def pools(cache) -> list[torch.Tensor]:
-    return cache.k + cache.v + cache.k_param + cache.v_param
-
-
 def step_both_ways(engine: Engine, steps: int = 6):
     """Three sequences of different lengths (two of them across a block boundary during the steps) decode `steps`
     tokens; each step runs through the Python step and then, from the same cache state, through the graph.
@@ -62,16 +58,16 @@ def step_both_ways(engine: Engine, steps: int = 6):
             for s in seqs:
                 s.token_ids.append(int(torch.randint(3, 1000, (1,), generator=g)))
             chunks = [Chunk(s, len(s.token_ids) - 1, 1) for s in seqs]
-            before = [p.clone() for p in pools(cache)]
+            before = [p.clone() for p in cache.pools()]
             model.use_decode_graph = False
             ref = engine._forward(chunks)
-            after_ref = [p.clone() for p in pools(cache)]
-            for p, b in zip(pools(cache), before, strict=True):
+            after_ref = [p.clone() for p in cache.pools()]
+            for p, b in zip(cache.pools(), before, strict=True):
                 p.copy_(b)
             model.use_decode_graph = True
             out = engine._forward(chunks)
             assert model._graphs[cache][1] is not None, "the graph did not apply"
-            yield ref, out, after_ref, [p.clone() for p in pools(cache)]
+            yield ref, out, after_ref, [p.clone() for p in cache.pools()]
     assert ref.shape == (3, model.output.shape[0]) and ref.dtype == torch.float32 and bool(ref.isfinite().all())
 
 
