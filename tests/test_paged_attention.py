@@ -300,3 +300,30 @@ def test_cpp_kernel_as_exact_as_fp32_on_sharp_attention(kv_dtype, cpu_kernel_bui
     want = dense_attention(case)
     got = decode_attention_cpp(*case.args())
     assert_close(got, want, 1e-5, "sharp", atol=1e-5)
+
+
+@needs_cpp
+def test_attention_benchmark_tool_reports_its_own_arithmetic(tmp_path):
+    """tools/bench_decode.py --attention-only, run as a user runs it, for a static, an online and the INT4 cache:
+    one line per KV dtype, and each line's GB/s is the cache bytes of the shape (data plus the online modes'
+    per-row parameters, quant.kv_row_bytes) over its printed time, a fraction of the printed read bandwidth."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    kvs = ["fp16", "int8", "int4_per_token_head"]
+    cmd = [sys.executable, str(root / "tools" / "bench_decode.py"), "--attention-only", "--shapes", "2x128"]
+    out = subprocess.run([*cmd, "--impls", ",".join(kvs)], capture_output=True, text=True, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr
+    pat = r"(\S+) b2 x 128 +([\d.]+) ms/layer +([\d.]+) GB/s = +(\d+)% of the measured read bandwidth \(([\d.]+) GB/s\)"
+    rows = {m[1]: m for m in re.finditer(pat, out.stdout)}
+    assert list(rows) == kvs, out.stdout
+    for kv, m in rows.items():
+        ms, gbs, pct, bw = float(m[2]), float(m[3]), int(m[4]), float(m[5])
+        read = 2 * 2 * 128 * 3 * quant.kv_row_bytes(kv, 64)  # K and V rows of 2 sequences x 128 tokens x 3 heads
+        assert ms > 0.0005 and bw > 0
+        # printed to 0.001 ms and 0.1 GB/s: the bytes over the time's rounding interval, give or take 0.05 GB/s
+        assert read / (ms + 5e-4) / 1e6 - 0.05 <= gbs <= read / (ms - 5e-4) / 1e6 + 0.05, (kv, m[0])
+        assert abs(pct - 100 * gbs / bw) <= 1, m[0]

@@ -168,13 +168,14 @@ def read_bandwidth_gbs(threads: int) -> float:
 def attention_bandwidth(shapes, kv_dtypes, threads: int, repeats: int = 7, layers: int = 30) -> list[dict]:
     """Decode attention alone (the engine's CPU kernel, SmolLM2's 9 query / 3 KV heads, D 64) on random pools of
     each KV dtype: GB/s of cache bytes read, next to the read bandwidth measured just before each shape. Each
-    timed pass runs `layers` calls on as many copies of the pools (the model's 30 layers), as a decode step does,
-    so the cache is read from memory: one layer's pools alone (6-25 MB here) would stay in the CPU's caches
-    between calls and overstate the bandwidth."""
+    timed pass runs `layers` calls on as many copies of the pools (the model's 30 layers, on huge pages like the
+    engine's cache, each bound to the kernel once as the engine binds it), as a decode step does, so the cache is
+    read from memory: one layer's pools alone (6-25 MB here) would stay in the CPU's caches between calls and
+    overstate the bandwidth."""
     import torch
 
-    from runtime import quant
-    from runtime.cpu_attention import decode_attention
+    from runtime import hugepages, quant
+    from runtime.cpu_attention import DecodePlan
 
     torch.set_num_threads(threads)
     Hkv, G, D, bs = 3, 3, 64, 64
@@ -190,34 +191,33 @@ def attention_bandwidth(shapes, kv_dtypes, threads: int, repeats: int = 7, layer
         q = torch.randn(batch, Hkv * G, D, generator=g)
         for kv in kv_dtypes:
             x = torch.randn(2, nb, Hkv, bs, D, generator=g)
+            params, kp, vp = (None,) * 4, None, None
             if quant.is_online(kv):  # codes and each row's (scale, zero), as the cache stores them
                 (k, kp), (v, vp) = (quant.quantize_online(t, kv) for t in x)
                 if quant.channel_keys(kv):  # full blocks' keys: per channel (shapes are whole blocks)
                     k, kp = quant.quantize_channels(x[0])
-                args, kw = (q, k, v, tables, lengths, None, None, None, None, D**-0.5), dict(k_param=kp, v_param=vp)
             else:
                 scale, zp = torch.full((Hkv,), 4 / 127), torch.zeros(Hkv)
                 k, v = quant.quantize(x, kv, scale, zp)  # values of a realistic range (no overflow, no denormals)
-                args, kw = (q, k, v, tables, lengths, scale, zp, scale, zp, D**-0.5), {}
-            pools = [tuple(t.clone() for t in (k, v, kw.get("k_param"), kw.get("v_param")) if t is not None)]
-            pools += [tuple(t.clone() for t in pools[0]) for _ in range(layers - 1)]
-            calls = []
-            for pk in pools:  # this layer's copies in the pool arguments' places
-                a, kwl = list(args), dict(kw)
-                a[1], a[2] = pk[0], pk[1]
-                if len(pk) == 4:
-                    kwl["k_param"], kwl["v_param"] = pk[2], pk[3]
-                calls.append((a, kwl))
-            for a, kwl in calls:
-                decode_attention(*a, kv_dtype=kv, **kwl)
+                params = (scale, zp, scale, zp)
+            # each layer's copies on huge pages, as the engine's KV cache keeps its pools (runtime.hugepages), bound
+            # to the kernel once per layer as the engine binds them (DecodePlan: no per-call argument checks)
+            layer = [t for t in (k, v, kp, vp) if t is not None]
+            arena = hugepages.Arena(layers * sum(hugepages.nbytes(t.shape, t.dtype) for t in layer))
+            plans = []
+            for _ in range(layers):
+                pk, pv, *rows = (arena.hold(t) for t in layer)
+                plans.append(DecodePlan(pk, pv, params, kv, *rows, heads=Hkv * G, head_dim=D))
+            for plan in plans:
+                plan(q, tables, lengths, D**-0.5)
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
-                for a, kwl in calls:
-                    decode_attention(*a, kv_dtype=kv, **kwl)
+                for plan in plans:
+                    plan(q, tables, lengths, D**-0.5)
                 times.append((time.perf_counter() - t) / layers)
             sec = statistics.median(times)
-            del pools, calls
+            del plans, arena
             read = 2 * batch * ctx * Hkv * quant.kv_row_bytes(kv, D)  # data (+ online params) of every row
             out.append(dict(batch=batch, context=ctx, kv=kv, ms=sec * 1e3, gbs=read / sec / 1e9, read_bw_gbs=bw))
     return out
@@ -374,7 +374,7 @@ def print_attention(shapes, kvs: list[str], threads: int) -> None:
     for r in attention_bandwidth(shapes, kvs, threads):
         name = f"{r['kv']} b{r['batch']} x {r['context']}"
         print(
-            f"{name:>28} {r['ms']:7.3f} ms/layer {r['gbs']:6.1f} GB/s = "
+            f"{name:>32} {r['ms']:7.3f} ms/layer {r['gbs']:6.1f} GB/s = "
             f"{r['gbs'] / r['read_bw_gbs']:4.0%} of the measured read bandwidth ({r['read_bw_gbs']:.1f} GB/s)"
         )
 
