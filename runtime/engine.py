@@ -392,7 +392,10 @@ class Engine:
             how += f" / {share} ranks" if share > 1 else ""
         per_block = self.block_bytes()
         num_blocks = int((budget - self.quantizer.param_bytes()) // per_block)
-        useful = self.max_batch_size * -(-self.session_len // self.block_size)
+        # per sequence: its blocks at session_len, plus the helper block INT4's per-channel keys hold while the
+        # last block is partly filled (scheduler.blocks_for)
+        helper = quant.channel_keys(self.kv_dtype)
+        useful = self.max_batch_size * (-(-self.session_len // self.block_size) + helper)
         if num_blocks > useful:
             num_blocks, how = useful, f"{how}, capped at max_batch_size {self.max_batch_size} x session_len"
         if num_blocks < 1:

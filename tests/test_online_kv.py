@@ -540,3 +540,23 @@ def test_cpp_write_kernel_stores_the_bytes_of_the_pytorch_write(kv, rotate):
         ):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), counts
     assert not (fast.k[0].any() or fast.k_param[0].any())  # the other layer untouched
+
+
+def test_int4_pool_holds_max_batch_size_full_sessions_with_their_helper_blocks(tiny_hf, tmp_path):
+    """The pool's cap (max_batch_size sequences at session_len) counts the helper block INT4's per-channel keys
+    hold while a last block is partly filled: max_batch_size sequences one token short of session_len all fit at
+    once, with no preemption, and the pool has no block beyond that (a budget far larger than needed)."""
+    from rt_workspace import make_workspace
+
+    from runtime.engine import Engine
+
+    S = 200  # not a multiple of the block size: the last block stays open
+    ws = make_workspace(tiny_hf("llama"), tmp_path / "ws", session_len=S)
+    engine = Engine(ws, kv_cache_dtype="int4_per_token_head", max_batch_size=3, session_len=S, kv_cache_gib=0.5)
+    sch, bs = engine.scheduler, engine.block_size
+    assert S % bs and sch.blocks_for(S - 1) == -(-S // bs) + 1
+    assert engine.num_kv_blocks == 3 * sch.blocks_for(S - 1)
+    held = [sch.allocator.allocate(sch.blocks_for(S - 1)) for _ in range(3)]
+    assert len({b for blocks in held for b in blocks}) == engine.num_kv_blocks
+    fp16 = Engine(ws, kv_cache_dtype="fp16", max_batch_size=3, session_len=S, kv_cache_gib=0.5)
+    assert fp16.num_kv_blocks == 3 * -(-S // fp16.block_size)  # no helper blocks without per-channel keys
