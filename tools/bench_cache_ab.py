@@ -1,13 +1,15 @@
-"""Decode-step time of the fp16, INT8 and FP8 caches side by side, in one process, interleaved.
+"""Decode-step time of KV caches side by side (fp16, INT8 and FP8 by default), in one process, interleaved.
 
 Cross-process benchmarks (tools/bench_decode.py) drift with the load of a shared machine; here the
-three engines take turns step by step on the same filled cache length, so drift hits all alike:
+engines take turns step by step on the same filled cache length, so drift hits all alike:
 
     python tools/bench_cache_ab.py --batch 8 --context 2048 [--steps 12] [--threads 2]
+        [--kv fp16,int8,fp8_e4m3,int8_per_token_head,int4_per_token_head]
 
 Each engine's cache is filled with random K/V (quantized by the engine's own quantizer) up to
 `--context` tokens; every step decodes one token per sequence and resets the length, so the context
-stays fixed (the token's K/V overwrite the same slot each step). Reports the median ms/step (first two steps dropped) and the ratio to fp16.
+stays fixed (the token's K/V overwrite the same slot each step). Reports the median ms/step (first two steps
+dropped) and the ratio to the first cache of --kv.
 """
 
 from __future__ import annotations
@@ -48,8 +50,19 @@ def filled_engine(ws: Path, kv: str, batch: int, context: int):
         s.block_ids, s.num_cached = sch.allocator.allocate(sch.blocks_for(context + 1)), context
         seqs.append(s)
     g = torch.Generator().manual_seed(0)
+    cache, D = engine.cache, engine.cache.head_dim
     for i in range(engine.config.num_layer):
-        for which, pool in (("k", engine.cache.k[i]), ("v", engine.cache.v[i])):  # (blocks, H_kv, bs, D)
+        if engine.quantizer.online:  # codes and their per-row (INT4 keys: per-channel) parameters
+            from runtime import quant
+
+            shape = (*cache.k[i].shape[:-1], D)
+            (k, kp), (v, vp) = (quant.quantize_online(torch.randn(shape, generator=g), kv) for _ in "kv")
+            if cache.channel_keys:
+                k, kp = quant.quantize_channels(torch.randn(shape, generator=g))
+            for pool, t in ((cache.k[i], k), (cache.k_param[i], kp), (cache.v[i], v), (cache.v_param[i], vp)):
+                pool.copy_(t)
+            continue
+        for which, pool in (("k", cache.k[i]), ("v", cache.v[i])):  # (blocks, H_kv, bs, D)
             pool.copy_(engine.quantizer.quantize(torch.randn(pool.shape, generator=g), i, which))
     return engine, seqs
 
@@ -68,11 +81,12 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv", default="fp16,int8,fp8_e4m3", help="comma list of KV cache dtypes (first: the reference)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         ws = workspace_for(ensure_demo_model(), Path(tmp) / "ws", session_len=args.context + 8)
-        engines = {kv: filled_engine(ws, kv, args.batch, args.context) for kv in ("fp16", "int8", "fp8_e4m3")}
+        engines = {kv: filled_engine(ws, kv, args.batch, args.context) for kv in args.kv.split(",")}
         times: dict[str, list[float]] = {kv: [] for kv in engines}
         for _ in range(args.steps):
             for kv, (engine, seqs) in engines.items():
@@ -80,10 +94,11 @@ def main() -> None:
                 decode_step(engine, seqs)
                 times[kv].append(time.perf_counter() - t)
     med = {kv: statistics.median(v[2:]) for kv, v in times.items()}
+    ref = next(iter(engines))
     for kv in engines:
         print(
-            f"{kv:>9} batch {args.batch} x {args.context}: {med[kv] * 1000:7.1f} ms/step "
-            f"{args.batch / med[kv]:6.1f} tok/s   {med['fp16'] / med[kv]:.2f}x fp16"
+            f"{kv:>19} batch {args.batch} x {args.context}: {med[kv] * 1000:7.1f} ms/step "
+            f"{args.batch / med[kv]:6.1f} tok/s   {med[ref] / med[kv]:.2f}x {ref}"
         )
 
 
