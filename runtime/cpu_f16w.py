@@ -14,7 +14,9 @@ Work split: threads take blocks of 48 weight rows; within a block every pass of 
 block's rows while they sit in the L2 cache, so the weights are read from memory once per call.
 - up to 16 rows (decode): passes of up to 12 rows, each weight row streamed once per pass with its vectors
   converted once and met by every row of the pass (1-4 accumulators along k per row, 16 registers in all).
-  Bound by reading the weights: 15.7 GB/s at one row.
+  Bound by reading the weights: 15.7 GB/s at one row. A pass's activations stay within 24 KiB (L1): at K 1536
+  (the down projection) 8 rows are two passes of 4 (from L2, 8 rows' loads ran at half the rate: 1.15-1.2x
+  for that matrix, 1.05-1.1x for a whole step's at 8-16 rows).
 - 17 to MAX_ROWS rows (large decode batches): tiles of 4 activation rows x 3 weight rows (12 accumulators, 3
   weight vectors and one activation vector in registers: 7 loads per 12 multiply-adds), the 1-3 rows left over
   as a pass; 60-100 GFLOP/s on 2 cores.
@@ -241,6 +243,8 @@ extern "C" void linear_swiglu_f16w(const float* h, const uint16_t* w, float* y, 
   linear_f16w(a, w, y, B, K, N);
 }
 
+constexpr int64_t L1_ROWS_BYTES = 24576;  // activation bytes a pass keeps in L1
+
 extern "C" void linear_f16w(const float* x, const uint16_t* w, float* y, int64_t B, int64_t K, int64_t N) {
   const int64_t nb = 48, blocks = (N + nb - 1) / nb;
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
@@ -249,8 +253,12 @@ extern "C" void linear_f16w(const float* x, const uint16_t* w, float* y, int64_t
     int64_t b0 = 0;
     if (B > 16)
       for (; b0 + 4 <= B; b0 += 4) tiles<4, 3>(x + b0 * K, w, y + b0 * N, K, n0, n1, N);
-    while (b0 < B) {  // up to 16 rows: passes of 12 (13-16 as two halves); after the tiles, 1-3 rows
-      const int64_t left = B - b0, r = left <= 12 ? left : (left + 1) / 2;
+    // up to 16 rows: equal passes of at most 12 rows whose activations (r x K fp32) fit in 24 KiB of the 32 KiB
+    // L1 cache, which each pass re-reads for every weight row (K 1536, the down projection: passes of 4 rows;
+    // 8 rows' 48 KiB came from L2 at half the rate); after the tiles, 1-3 rows
+    const int64_t most = 4 * K * 12 <= L1_ROWS_BYTES ? 12 : L1_ROWS_BYTES / (4 * K) > 1 ? L1_ROWS_BYTES / (4 * K) : 1;
+    while (b0 < B) {
+      const int64_t left = B - b0, passes = (left + most - 1) / most, r = (left + passes - 1) / passes;
       pass(x + b0 * K, w, y + b0 * N, r, K, n0, n1, N);
       b0 += r;
     }
