@@ -247,17 +247,17 @@ constexpr int64_t L1_ROWS_BYTES = 24576;  // activation bytes a pass keeps in L1
 
 extern "C" void linear_f16w(const float* x, const uint16_t* w, float* y, int64_t B, int64_t K, int64_t N) {
   const int64_t nb = 48, blocks = (N + nb - 1) / nb;
+  // up to 16 rows: equal passes of at most 12 rows whose activations (r x K fp32) fit in 24 KiB of the 32 KiB L1
+  // cache, which each pass re-reads for every weight row (K 1536, the down projection: passes of 4 rows; 8 rows'
+  // 48 KiB came from L2 at half the rate)
+  const int64_t most = 4 * K * 12 <= L1_ROWS_BYTES ? 12 : L1_ROWS_BYTES / (4 * K) > 1 ? L1_ROWS_BYTES / (4 * K) : 1;
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
   for (int64_t i = 0; i < blocks; ++i) {
     const int64_t n0 = i * nb, n1 = n0 + nb < N ? n0 + nb : N;
     int64_t b0 = 0;
     if (B > 16)
       for (; b0 + 4 <= B; b0 += 4) tiles<4, 3>(x + b0 * K, w, y + b0 * N, K, n0, n1, N);
-    // up to 16 rows: equal passes of at most 12 rows whose activations (r x K fp32) fit in 24 KiB of the 32 KiB
-    // L1 cache, which each pass re-reads for every weight row (K 1536, the down projection: passes of 4 rows;
-    // 8 rows' 48 KiB came from L2 at half the rate); after the tiles, 1-3 rows
-    const int64_t most = 4 * K * 12 <= L1_ROWS_BYTES ? 12 : L1_ROWS_BYTES / (4 * K) > 1 ? L1_ROWS_BYTES / (4 * K) : 1;
-    while (b0 < B) {
+    while (b0 < B) {  // passes of up to `most` rows; after the tiles, 1-3 rows
       const int64_t left = B - b0, passes = (left + most - 1) / most, r = (left + passes - 1) / passes;
       pass(x + b0 * K, w, y + b0 * N, r, K, n0, n1, N);
       b0 += r;

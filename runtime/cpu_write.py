@@ -198,7 +198,6 @@ extern "C" void online_write(const float* k, const float* v, int64_t N, int64_t 
   }
 }
 
-
 // kind 0 fp16, 1 int8, 2 fp8 e4m3, 3 fp8 e5m2 (runtime.cpu_attention's numbering); x rows fp32, or bf16 when
 // bf16 is set; ks..vz (H,) fp32 per-head parameters (unused for fp16).
 extern "C" void static_write(const void* k, const void* v, int bf16, int64_t N, int64_t H, int64_t D, int64_t bs,

@@ -46,7 +46,7 @@ from runtime.kv_cache import (
     rotation_for,
 )
 from runtime.model import Batch, Transformer
-from runtime.scheduler import RequestError, Scheduler, Sequence, Status
+from runtime.scheduler import RequestError, Scheduler, Sequence, Status, peak_blocks
 from runtime.workspace import (
     KV_GRANULARITIES,
     WorkspaceError,
@@ -392,10 +392,8 @@ class Engine:
             how += f" / {share} ranks" if share > 1 else ""
         per_block = self.block_bytes()
         num_blocks = int((budget - self.quantizer.param_bytes()) // per_block)
-        # per sequence: its blocks at session_len, plus the helper block INT4's per-channel keys hold while the
-        # last block is partly filled (scheduler.blocks_for)
-        helper = quant.channel_keys(self.kv_dtype)
-        useful = self.max_batch_size * (-(-self.session_len // self.block_size) + helper)
+        # per sequence: its blocks at session_len, with the helper block INT4's per-channel keys hold
+        useful = self.max_batch_size * peak_blocks(self.session_len, self.block_size, quant.channel_keys(self.kv_dtype))
         if num_blocks > useful:
             num_blocks, how = useful, f"{how}, capped at max_batch_size {self.max_batch_size} x session_len"
         if num_blocks < 1:

@@ -115,6 +115,12 @@ class SchedulerOutput:
         return not (self.prefills or self.decodes)
 
 
+def peak_blocks(num_tokens: int, block_size: int, open_block_helper: bool) -> int:
+    """The most blocks a sequence holds on its way to num_tokens cached tokens: its blocks, plus (open_block_helper)
+    the helper block it holds while its last block is partly filled."""
+    return -(-num_tokens // block_size) + open_block_helper
+
+
 class Scheduler:
     def __init__(
         self,
@@ -167,7 +173,7 @@ class Scheduler:
                 f"{what} of {num_tokens} tokens + max_tokens {max_tokens} = {total} > session_len "
                 f"{self.session_len}; shorten the prompt, lower max_tokens or raise session_len"
             )
-        peak = -(-total // self.block_size) + self.open_block_helper  # blocks held on the way to `total` tokens
+        peak = peak_blocks(total, self.block_size, self.open_block_helper)
         if peak > self.num_blocks:
             helper = " + 1 helper block for the open block" if self.open_block_helper else ""
             raise RequestError(

@@ -30,6 +30,7 @@ from make_demo_model import ensure_demo_model  # noqa: E402
 
 
 def filled_engine(ws: Path, kv: str, batch: int, context: int):
+    from runtime import quant
     from runtime.engine import Engine
     from runtime.kv_params import KVParams
 
@@ -53,12 +54,10 @@ def filled_engine(ws: Path, kv: str, batch: int, context: int):
     cache, D = engine.cache, engine.cache.head_dim
     for i in range(engine.config.num_layer):
         if engine.quantizer.online:  # codes and their per-row (INT4 keys: per-channel) parameters
-            from runtime import quant
-
             shape = (*cache.k[i].shape[:-1], D)
-            (k, kp), (v, vp) = (quant.quantize_online(torch.randn(shape, generator=g), kv) for _ in "kv")
-            if cache.channel_keys:
-                k, kp = quant.quantize_channels(torch.randn(shape, generator=g))
+            k_rows, v_rows = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+            k, kp = quant.quantize_channels(k_rows) if cache.channel_keys else quant.quantize_online(k_rows, kv)
+            v, vp = quant.quantize_online(v_rows, kv)
             for pool, t in ((cache.k[i], k), (cache.k_param[i], kp), (cache.v[i], v), (cache.v_param[i], vp)):
                 pool.copy_(t)
             continue
