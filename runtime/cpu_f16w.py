@@ -10,20 +10,21 @@ multiply-adds: the products and sums are those of an fp32 GEMM on the same weigh
     W (N, K) fp16 row-major (nn.Linear's layout), x (B, K) fp32, y (B, N) fp32
     y[b, n] = sum_k x[b, k] * fp32(W[n, k])        fp32 products and sums
 
-Work split: threads take blocks of 48 weight rows; within a block every pass of activation rows meets the
-block's rows while they sit in the L2 cache, so the weights are read from memory once per call.
-- up to 16 rows (decode): passes of up to 12 rows, each weight row streamed once per pass with its vectors
-  converted once and met by every row of the pass (1-4 accumulators along k per row, 16 registers in all).
-  Bound by reading the weights: 15.7 GB/s at one row. A pass's activations stay within 24 KiB (L1): at K 1536
-  (the down projection) 8 rows are two passes of 4 (from L2, 8 rows' loads ran at half the rate: 1.15-1.2x
-  for that matrix, 1.05-1.1x for a whole step's at 8-16 rows).
-- 17 to MAX_ROWS rows (large decode batches): tiles of 4 activation rows x 3 weight rows (12 accumulators, 3
-  weight vectors and one activation vector in registers: 7 loads per 12 multiply-adds), the 1-3 rows left over
-  as a pass; 60-100 GFLOP/s on 2 cores.
-Measured against F.linear with fp32 weights (`python tools/bench_linear.py`: all 121 matrices of a SmolLM2 step,
-2 threads, one process): 3.2-3.8x faster at 1 row, 2.7-3.4x at 8, 1.4-1.5x at 32, 1.2-1.4x at 64 rows.
-Prefill-sized calls (more than MAX_ROWS rows) go to PyTorch's GEMM on the weights cast to fp32 for the call
-(runtime.cpu_linear.linear): there the activations outgrow the L2 cache this kernel re-reads them from.
+Layout (`Panels`, how the model holds its matrices here): panels of 16 weight rows, each stored k-major, so one
+panel is one sequential run of memory and a k step's 16 weights are two vectors. The kernel is an outer-product
+(broadcast) GEMM: per k, each activation row's x[k] is broadcast against the panel's 16 converted weights, into 2
+accumulators per row, no horizontal sums. Threads take panels; a panel meets the rows chunk by chunk of 64 k steps,
+in passes of up to 6 rows (12 accumulators), every pass but the first reading the chunk from L1, so the weights
+stream from memory once per call, in one run per panel (the first pass prefetches 4 KiB ahead). The chunks' sums
+are added in memory: fp32 error of 64-term running sums, not K-term ones. Up to 60 rows' sums per panel at once
+(more rows: blocks of 60, each reading the weights again). Replaced a dot-product kernel on the (N, K) layout
+(rows of weights against rows of activations, a horizontal sum per output), which it beat in one process,
+alternating, on a decode step's 121 matrices (2 threads, weights from memory): 1.05x at 1 row, 1.2-1.3x at 2-4,
+1.47x at 8, 1.2-1.5x at 12-64 rows (8 rows: 94 -> 139 GFLOP/s; 1 row: 20.6 GB/s).
+Against F.linear with fp32 weights: `python tools/bench_linear.py` (all 121 matrices of a SmolLM2 step, 2 threads,
+one process). Prefill-sized calls (more than MAX_ROWS rows) go to PyTorch's GEMM on the weights unpacked to fp32
+for the call (runtime.cpu_linear.linear): at 512+ rows it is 1.15-1.25x faster than this kernel (at 65-128 rows
+1.2-3x slower, the unpacking included; MAX_ROWS also caps the decode step's batch).
 """
 
 from __future__ import annotations
@@ -73,86 +74,75 @@ static inline float hsum8(__m256 v) {
 }
 static inline __m256 load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 
-// BR activation rows x (BR, K) against weight rows [n0, n1): A accumulators along k per activation row
-// (BR * A accumulators + A weight vectors <= 16 registers).
-template <int BR, int A>
-static void rows(const float* x, const uint16_t* w, float* y, int64_t K, int64_t n0, int64_t n1, int64_t ldy) {
-  const int64_t K8 = K & ~(int64_t)7;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* wr = w + n * K;
-    __m256 a[BR][A];
-    for (int b = 0; b < BR; ++b)
-      for (int j = 0; j < A; ++j) a[b][j] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 * A <= K8; k += 8 * A) {
-      __m256 wv[A];
-      for (int j = 0; j < A; ++j) wv[j] = load_f16(wr + k + 8 * j);
-      for (int b = 0; b < BR; ++b)
-        for (int j = 0; j < A; ++j) a[b][j] = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(x + b * K + k + 8 * j), a[b][j]);
-    }
-    for (; k < K8; k += 8) {
-      const __m256 wv = load_f16(wr + k);
-      for (int b = 0; b < BR; ++b) a[b][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * K + k), a[b][0]);
-    }
-    float s[BR];
-    for (int b = 0; b < BR; ++b) {
-      __m256 t = a[b][0];
-      for (int j = 1; j < A; ++j) t = _mm256_add_ps(t, a[b][j]);
-      s[b] = hsum8(t);
-    }
-    for (; k < K; ++k) {  // K not a multiple of 8
-      const float wk = _cvtsh_ss(wr[k]);
-      for (int b = 0; b < BR; ++b) s[b] += wk * x[b * K + k];
-    }
-    for (int b = 0; b < BR; ++b) y[b * ldy + n] = s[b];
-  }
-}
+// The weights as panels of PANEL = 16 rows: panel p holds W[16 p + j, k] at wp[(p K + k) 16 + j], rows past N zero.
+// A panel meets the activation rows chunk by chunk of K_CHUNK k steps; within a chunk, in passes of up to MOST_ROWS
+// rows, each pass from the L1 cache but the first (which prefetches the panel PF_AHEAD weights ahead): the weights
+// stream from memory once, in one sequential run per panel.
+constexpr int PANEL = 16;
+constexpr int64_t K_CHUNK = 64;
+constexpr int64_t MOST_ROWS = 6;    // per pass: 12 accumulators
+constexpr int64_t BLOCK_ROWS = 60;  // rows whose sums a panel holds at once (60 x 16 fp32: 3.75 KiB)
+constexpr int64_t PF_AHEAD = 2048;  // weights: 4 KiB, 128 k steps
 
-// One pass of r (1..12) activation rows over weight rows [n0, n1).
-static void pass(const float* x, const uint16_t* w, float* y, int64_t r, int64_t K, int64_t n0, int64_t n1,
-                 int64_t ldy) {
-  switch (r) {
-    case 1: rows<1, 4>(x, w, y, K, n0, n1, ldy); break;
-    case 2: rows<2, 4>(x, w, y, K, n0, n1, ldy); break;
-    case 3: rows<3, 2>(x, w, y, K, n0, n1, ldy); break;
-    case 4: rows<4, 2>(x, w, y, K, n0, n1, ldy); break;
-    case 5: rows<5, 2>(x, w, y, K, n0, n1, ldy); break;
-    case 6: rows<6, 2>(x, w, y, K, n0, n1, ldy); break;
-    case 7: rows<7, 1>(x, w, y, K, n0, n1, ldy); break;
-    case 8: rows<8, 1>(x, w, y, K, n0, n1, ldy); break;
-    case 9: rows<9, 1>(x, w, y, K, n0, n1, ldy); break;
-    case 10: rows<10, 1>(x, w, y, K, n0, n1, ldy); break;
-    case 11: rows<11, 1>(x, w, y, K, n0, n1, ldy); break;
-    default: rows<12, 1>(x, w, y, K, n0, n1, ldy); break;
-  }
-}
-
-// MR activation rows x NR weight rows per tile: MR * NR accumulators, NR weight vectors and one activation vector
-// in registers; weight rows left over (fewer than NR) as a pass.
-template <int MR, int NR>
-static void tiles(const float* x, const uint16_t* w, float* y, int64_t K, int64_t n0, int64_t n1, int64_t ldy) {
-  const int64_t K8 = K & ~(int64_t)7;
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) {
-    __m256 a[MR][NR];
-    for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < NR; ++j) a[m][j] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K8; k += 8) {
-      __m256 wv[NR];
-      for (int j = 0; j < NR; ++j) wv[j] = load_f16(w + (n + j) * K + k);
+// One pass over k in [k0, k1): MR rows x the panel's 16 columns. Per k the panel's 16 weights are converted once
+// (2 vectors) and each row's x[k] broadcast against them: 2 MR accumulators, KU copies along k where MR rows alone
+// would leave too few independent chains for the FMA latency (2 MR KU + 2 weight vectors + 1 broadcast <= 16
+// registers). The chunk's sums are stored to (first chunk) or added to acc (MR rows x PANEL): fp32 rounding error
+// grows with the length of a running sum, and one over all of K drifted 3e-4 from HF's logits on SmolLM2; chunks
+// keep it at the scale of an 8-lane dot product's.
+template <int MR, int KU>
+static void panel_pass(const float* x, int64_t ldx, const uint16_t* wp, float* acc, int64_t k0, int64_t k1,
+                       bool prefetch) {
+  __m256 c[KU][MR][2];
+#pragma GCC unroll 16
+  for (int u = 0; u < KU; ++u)
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) c[u][m][0] = c[u][m][1] = _mm256_setzero_ps();
+  int64_t k = k0;
+  for (; k + KU <= k1; k += KU) {
+    if (MR >= 3 && prefetch) _mm_prefetch((const char*)(wp + k * PANEL + PF_AHEAD), _MM_HINT_T0);
+#pragma GCC unroll 16
+    for (int u = 0; u < KU; ++u) {
+      const __m256 w0 = load_f16(wp + (k + u) * PANEL), w1 = load_f16(wp + (k + u) * PANEL + 8);
+#pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) {
-        const __m256 xv = _mm256_loadu_ps(x + m * K + k);
-        for (int j = 0; j < NR; ++j) a[m][j] = _mm256_fmadd_ps(wv[j], xv, a[m][j]);
+        const __m256 xb = _mm256_broadcast_ss(x + m * ldx + k + u);
+        c[u][m][0] = _mm256_fmadd_ps(w0, xb, c[u][m][0]);
+        c[u][m][1] = _mm256_fmadd_ps(w1, xb, c[u][m][1]);
       }
     }
-    for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < NR; ++j) {
-        float s = hsum8(a[m][j]);
-        for (int64_t k = K8; k < K; ++k) s += _cvtsh_ss(w[(n + j) * K + k]) * x[m * K + k];
-        y[m * ldy + n + j] = s;
-      }
   }
-  if (n < n1) pass(x, w, y, MR, K, n, n1, ldy);
+  for (; k < k1; ++k) {  // a chunk not a multiple of KU
+    const __m256 w0 = load_f16(wp + k * PANEL), w1 = load_f16(wp + k * PANEL + 8);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xb = _mm256_broadcast_ss(x + m * ldx + k);
+      c[0][m][0] = _mm256_fmadd_ps(w0, xb, c[0][m][0]);
+      c[0][m][1] = _mm256_fmadd_ps(w1, xb, c[0][m][1]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+    __m256 a0 = c[0][m][0], a1 = c[0][m][1];
+#pragma GCC unroll 16
+    for (int u = 1; u < KU; ++u) a0 = _mm256_add_ps(a0, c[u][m][0]), a1 = _mm256_add_ps(a1, c[u][m][1]);
+    float* out = acc + m * PANEL;
+    if (k0 > 0) a0 = _mm256_add_ps(a0, _mm256_loadu_ps(out)), a1 = _mm256_add_ps(a1, _mm256_loadu_ps(out + 8));
+    _mm256_storeu_ps(out, a0);
+    _mm256_storeu_ps(out + 8, a1);
+  }
+}
+
+static void panel_rows(const float* x, int64_t ldx, const uint16_t* wp, float* acc, int64_t r, int64_t k0,
+                       int64_t k1, bool prefetch) {
+  switch (r) {
+    case 1: panel_pass<1, 6>(x, ldx, wp, acc, k0, k1, prefetch); break;
+    case 2: panel_pass<2, 2>(x, ldx, wp, acc, k0, k1, prefetch); break;
+    case 3: panel_pass<3, 2>(x, ldx, wp, acc, k0, k1, prefetch); break;
+    case 4: panel_pass<4, 1>(x, ldx, wp, acc, k0, k1, prefetch); break;
+    case 5: panel_pass<5, 1>(x, ldx, wp, acc, k0, k1, prefetch); break;
+    default: panel_pass<6, 1>(x, ldx, wp, acc, k0, k1, prefetch); break;
+  }
 }
 
 // e^x in fp32 (relative error ~1e-6): 2^(x log2 e) as 2^n * 2^f, |f| <= 1/2, a degree-6 polynomial for 2^f and
@@ -243,24 +233,25 @@ extern "C" void linear_swiglu_f16w(const float* h, const uint16_t* w, float* y, 
   linear_f16w(a, w, y, B, K, N);
 }
 
-constexpr int64_t L1_ROWS_BYTES = 24576;  // activation bytes a pass keeps in L1
-
-extern "C" void linear_f16w(const float* x, const uint16_t* w, float* y, int64_t B, int64_t K, int64_t N) {
-  const int64_t nb = 48, blocks = (N + nb - 1) / nb;
-  // up to 16 rows: equal passes of at most 12 rows whose activations (r x K fp32) fit in 24 KiB of the 32 KiB L1
-  // cache, which each pass re-reads for every weight row (K 1536, the down projection: passes of 4 rows; 8 rows'
-  // 48 KiB came from L2 at half the rate)
-  const int64_t most = 4 * K * 12 <= L1_ROWS_BYTES ? 12 : L1_ROWS_BYTES / (4 * K) > 1 ? L1_ROWS_BYTES / (4 * K) : 1;
+// y (B, N) = x (B, K) @ W.T with W as panels (above). Threads take panels; a panel meets blocks of up to
+// BLOCK_ROWS rows (one block at decode sizes), each in equal passes of up to MOST_ROWS.
+extern "C" void linear_f16w(const float* x, const uint16_t* wp, float* y, int64_t B, int64_t K, int64_t N) {
+  const int64_t panels = (N + PANEL - 1) / PANEL;
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
-  for (int64_t i = 0; i < blocks; ++i) {
-    const int64_t n0 = i * nb, n1 = n0 + nb < N ? n0 + nb : N;
-    int64_t b0 = 0;
-    if (B > 16)
-      for (; b0 + 4 <= B; b0 += 4) tiles<4, 3>(x + b0 * K, w, y + b0 * N, K, n0, n1, N);
-    while (b0 < B) {  // passes of up to `most` rows; after the tiles, 1-3 rows
-      const int64_t left = B - b0, passes = (left + most - 1) / most, r = (left + passes - 1) / passes;
-      pass(x + b0 * K, w, y + b0 * N, r, K, n0, n1, N);
-      b0 += r;
+  for (int64_t p = 0; p < panels; ++p) {
+    const uint16_t* w = wp + p * K * PANEL;
+    const int64_t cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
+    float acc[BLOCK_ROWS * PANEL];
+    for (int64_t r0 = 0; r0 < B; r0 += BLOCK_ROWS) {
+      const int64_t rows = B - r0 < BLOCK_ROWS ? B - r0 : BLOCK_ROWS, passes = (rows + MOST_ROWS - 1) / MOST_ROWS;
+      for (int64_t k0 = 0; k0 < K; k0 += K_CHUNK)
+        for (int64_t i = 0, b0 = 0; i < passes; ++i) {
+          const int64_t r = (rows - b0 + passes - i - 1) / (passes - i);
+          panel_rows(x + (r0 + b0) * K, K, w, acc + b0 * PANEL, r, k0, k0 + K_CHUNK < K ? k0 + K_CHUNK : K, i == 0);
+          b0 += r;
+        }
+      for (int64_t b = 0; b < rows; ++b)
+        for (int64_t j = 0; j < cols; ++j) y[(r0 + b) * N + p * PANEL + j] = acc[b * PANEL + j];
     }
   }
 }
@@ -296,40 +287,98 @@ def decode_op_signatures(ops: str, linear: str) -> dict[str, tuple]:
 MAX_ROWS = 64
 
 
+PANEL = 16  # weight rows per panel: the kernel's constant of the same name
+
+
+class Panels:
+    """An (N, K) fp16 weight matrix in the kernel's layout: ceil(N / PANEL) panels of PANEL rows, each stored with k
+    outermost, `data` (P, K, PANEL) fp16 contiguous, data[p, k, j] = W[PANEL p + j, k], rows past N zero. The model
+    holds its matrices this way for fp32 compute where the kernel runs (no second copy); `float()` gives the (N, K)
+    fp32 matrix PyTorch's GEMM takes for prefill-sized calls. Not a tensor: F.linear on it fails loudly instead of
+    multiplying by shuffled weights."""
+
+    dtype = torch.float16
+
+    def __init__(self, data: torch.Tensor, n: int) -> None:
+        P, K, width = data.shape
+        if data.dtype != torch.float16 or width != PANEL or not data.is_contiguous() or not 0 < n <= P * PANEL:
+            raise ValueError(
+                f"Panels: data must be contiguous fp16 (P, K, {PANEL}) holding N rows; got "
+                f"{data.dtype} {tuple(data.shape)} for N {n}"
+            )
+        self.data, self.shape = data, (n, K)
+
+    @classmethod
+    def pack(cls, w: torch.Tensor) -> Panels:
+        """w (N, K) fp16 -> its panels (a new tensor; w is unchanged)."""
+        if w.dtype != torch.float16 or w.dim() != 2:
+            raise ValueError(f"Panels.pack takes an fp16 (N, K) matrix; got {w.dtype} {tuple(w.shape)}")
+        N, K = w.shape
+        P = -(-N // PANEL)
+        padded = torch.zeros(P * PANEL, K, dtype=torch.float16)
+        padded[:N] = w
+        return cls(padded.view(P, PANEL, K).transpose(1, 2).contiguous(), N)
+
+    def half(self) -> torch.Tensor:
+        """The (N, K) fp16 matrix, row-major (a new tensor)."""
+        N, K = self.shape
+        return self.data.transpose(1, 2).reshape(-1, K)[:N].contiguous()
+
+    def float(self) -> torch.Tensor:
+        """The (N, K) fp32 matrix, row-major (a new tensor; exact: fp16 -> fp32)."""
+        N, K = self.shape
+        out = torch.empty(-(-N // PANEL) * PANEL, K)
+        out.view(-1, PANEL, K).copy_(self.data.transpose(1, 2))  # one pass: converts while it transposes
+        return out[:N]
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * 2
+
+    def data_ptr(self) -> int:
+        return self.data.data_ptr()
+
+    def __repr__(self) -> str:
+        return f"Panels(N={self.shape[0]}, K={self.shape[1]}, fp16)"
+
+
 def available() -> bool:
     """Can this machine run the kernel (x86-64 with AVX2, FMA and F16C, g++)?"""
     return _library() is not None
 
 
-def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Does the kernel take x @ w.T: up to MAX_ROWS rows of CPU fp32 activations, a contiguous CPU fp16 (N, K)
-    matrix, and a build here?"""
+def takes(x: torch.Tensor, w) -> bool:
+    """Does the kernel take x @ w.T: up to MAX_ROWS rows of CPU fp32 activations against a CPU `Panels` matrix, with a
+    build here?"""
     return (
-        x.dtype == torch.float32
+        isinstance(w, Panels)
+        and x.dtype == torch.float32
         and x.numel() <= MAX_ROWS * x.shape[-1]
-        and w.dtype == torch.float16
         and x.device.type == "cpu"
         and w.device.type == "cpu"
-        and w.dim() == 2
         and x.shape[-1] == w.shape[1]
-        and w.is_contiguous()
         and available()
     )
 
 
-def linear_f16w(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (..., K) fp32 @ w.T, w (N, K) fp16 contiguous, on the CPU through the kernel (any number of rows; linear()
-    sends more than MAX_ROWS to PyTorch) -> (..., N) fp32."""
-    ok = x.dtype == torch.float32 and w.dtype == torch.float16 and x.device.type == w.device.type == "cpu"
-    if not (ok and w.dim() == 2 and x.shape[-1] == w.shape[1] and w.is_contiguous() and available()):
+def linear_f16w(x: torch.Tensor, w: Panels) -> torch.Tensor:
+    """x (..., K) fp32 @ W.T for W (N, K) fp16 held as `Panels`, on the CPU through the kernel (any number of rows;
+    runtime.cpu_linear.linear sends more than MAX_ROWS to PyTorch) -> (..., N) fp32."""
+    ok = isinstance(w, Panels) and x.dtype == torch.float32 and x.device.type == w.device.type == "cpu"
+    if not (ok and x.shape[-1] == w.shape[1] and available()):
+        got = f"{w.dtype} {tuple(w.shape)} {w.device}" + ("" if isinstance(w, Panels) else f" {type(w).__name__}")
         raise ValueError(
-            "linear_f16w takes CPU fp32 x (..., K) and a contiguous CPU fp16 w (N, K) on an x86-64 CPU with AVX2, "
-            f"FMA and F16C; got x {x.dtype} {tuple(x.shape)} {x.device}, w {w.dtype} {tuple(w.shape)} {w.device}"
+            "linear_f16w takes CPU fp32 x (..., K) and a CPU fp16 (N, K) matrix as cpu_f16w.Panels (Panels.pack(w)) "
+            f"on an x86-64 CPU with AVX2, FMA and F16C; got x {x.dtype} {tuple(x.shape)} {x.device}, w {got}"
         )
     return _linear(x, w)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _linear(x: torch.Tensor, w: Panels) -> torch.Tensor:
     """linear_f16w once its arguments are known to fit (`takes`; the decode path calls this ~90 times a step)."""
     N, K = w.shape
     x = x.contiguous()

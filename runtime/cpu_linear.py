@@ -230,10 +230,12 @@ def _linear_bf16(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor) -> torch.Te
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T (w in nn.Linear's (out, in) layout): the kernel for a few CPU bf16 rows; fp32 rows against fp16
-    weights (how the model holds them for fp32 compute where runtime.cpu_f16w runs) through that kernel, or on
-    weights cast to fp32 elsewhere; F.linear otherwise."""
+    weights packed as cpu_f16w.Panels (how the model holds them for fp32 compute where that kernel runs) through
+    that kernel, or (prefill-sized calls) PyTorch's GEMM on them unpacked to fp32; F.linear otherwise."""
+    if isinstance(w, cpu_f16w.Panels):
+        return cpu_f16w._linear(x, w) if cpu_f16w.takes(x, w) else F.linear(x, w.float().to(x.dtype))
     if w.dtype == torch.float16 and x.dtype == torch.float32:
-        return cpu_f16w._linear(x, w) if cpu_f16w.takes(x, w) else F.linear(x, w.float())
+        return F.linear(x, w.float())
     if (
         x.dtype == torch.bfloat16
         and w.dtype == torch.bfloat16
@@ -274,11 +276,13 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 def swiglu_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(F.silu(gate) * up) @ w.T for h = [gate | up] (..., 2K), w (N, K): one kernel call for a few CPU bf16 rows
     (the activation with F.silu's and the product's bf16 roundings, then the linear kernel) or for fp32 rows
-    against fp16 weights (fp32 activation, then runtime.cpu_f16w's kernel), else PyTorch."""
+    against fp16 cpu_f16w.Panels (fp32 activation, then runtime.cpu_f16w's kernel), else PyTorch."""
     N, K = w.shape
-    if h.shape[-1] == 2 * K and w.is_contiguous():
-        if h.dtype == torch.float32 and cpu_f16w.takes(h[..., :K], w):
+    if h.shape[-1] == 2 * K and (isinstance(w, cpu_f16w.Panels) or w.is_contiguous()):
+        if cpu_f16w.takes(h[..., :K], w):
             op, dtype = cpu_f16w._library().linear_swiglu_f16w, torch.float32
+        elif isinstance(w, cpu_f16w.Panels):
+            op = None
         elif h.dtype == torch.bfloat16 and h.numel() <= MAX_ROWS * 2 * K and (op := _fused("linear_swiglu", h, w)):
             dtype = torch.bfloat16
         else:

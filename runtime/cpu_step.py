@@ -169,6 +169,8 @@ P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # the cache writes under those keys.
 TIMING: dict[str, float] | None = None
 
+MATRICES = ("wqkv", "wo", "w13", "w2")  # a layer's weight matrices, in the Layer struct's order
+
 
 class Kernels(ctypes.Structure):  # the C++ structs above, field for field
     _fields_ = [(name, P) for name in "linear swiglu rms add_rms rope write online_write attn".split()]
@@ -232,7 +234,7 @@ class DecodeGraph:
         self.layers = (Layer * len(model.layers))()
         for i, L in enumerate(model.layers):
             nxt = model.layers[i + 1]["attention_norm"] if i + 1 < len(model.layers) else model.norm
-            mats = (L["wqkv"], L["wo"], L["w13"], L["w2"], L["ffn_norm"], nxt, cache.k[i], cache.v[i])
+            mats = (*(L[k] for k in MATRICES), L["ffn_norm"], nxt, cache.k[i], cache.v[i])
             if qz.online:  # per-row parameter pools
                 params = (None,) * 4 + (cache.k_param[i], cache.v_param[i])
             else:  # (H_kv,) fp32 per-head rows, updated in place (FP8's dynamic scales)
@@ -284,16 +286,16 @@ class DecodeGraph:
             return None
         if not cache.fast_write:  # the PyTorch write asked for
             return None
-        if dt == torch.float32:
-            ops, linear, max_rows, weight_dtype = cpu_f16w._library(), "f16w", cpu_f16w.MAX_ROWS, torch.float16
-            suffix = "f32"
+        mats = [model.output] + [L[k] for L in model.layers for k in MATRICES]
+        if dt == torch.float32:  # fp16 matrices in the fp16-weight kernel's panels
+            ops, linear, max_rows, suffix = cpu_f16w._library(), "f16w", cpu_f16w.MAX_ROWS, "f32"
+            fits = all(isinstance(w, cpu_f16w.Panels) for w in mats)
         elif dt == torch.bfloat16:
-            ops, linear, max_rows, weight_dtype = cpu_linear._library(), "bf16", cpu_linear.MAX_ROWS, torch.bfloat16
-            suffix = "bf16"
+            ops, linear, max_rows, suffix = cpu_linear._library(), "bf16", cpu_linear.MAX_ROWS, "bf16"
+            fits = all(isinstance(w, torch.Tensor) and w.dtype == dt and w.is_contiguous() for w in mats)
         else:
             return None
-        mats = [model.output] + [L[k] for L in model.layers for k in ("wqkv", "wo", "w13", "w2")]
-        if any(w.dtype != weight_dtype or not w.is_contiguous() for w in mats) or model.norm.dtype != dt:
+        if not fits or model.norm.dtype != dt:
             return None
         attn, write, lib = cpu_attention._cpp_module(), cpu_write._library(), _library()
         if ops is None or attn is None or write is None or lib is None:

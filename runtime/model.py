@@ -21,7 +21,8 @@ folded into the attention arithmetic).
 
 The weight matrices are held transposed, (out, in) as nn.Linear, and applied by `runtime.cpu_linear.linear`:
 a bandwidth-bound bf16 kernel for the few rows of a CPU decode step, PyTorch's GEMM otherwise. With fp32 compute
-on a CPU (no native bf16) they stay in the workspace's fp16 and `runtime.cpu_f16w` multiplies them in fp32. On
+on a CPU (no native bf16) they stay in the workspace's fp16, packed as `runtime.cpu_f16w.Panels` (that kernel's
+layout: panels of 16 rows, k outermost), and that kernel multiplies them in fp32. On
 the CPU they live on huge pages (`runtime.hugepages`), and a decode step those kernels take runs as one C++ call
 (`runtime.cpu_step.DecodeGraph`, one per KV cache: the layer loop of `forward` over the same kernels).
 
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 
 from runtime import cpu_f16w, hugepages
 from runtime.cpu_linear import add_rms_norm, linear, rms_norm, rope_qk, swiglu_linear
-from runtime.cpu_step import DecodeGraph
+from runtime.cpu_step import MATRICES, DecodeGraph
 from runtime.kv_cache import KeyPlan, KVCache, key_plan
 from runtime.workspace import WorkspaceConfig, hidden_size
 
@@ -126,6 +127,11 @@ def as_decode_sees(cache: KVCache, history: torch.Tensor, kb, vb, chunk_keys, st
     )
 
 
+def _tensor(w) -> torch.Tensor:
+    """The tensor holding a weight: itself, or a cpu_f16w.Panels' packed data."""
+    return w.data if isinstance(w, cpu_f16w.Panels) else w
+
+
 class Transformer:
     """Holds the weights (compute dtype, on device) and runs prefill/decode steps against a KVCache."""
 
@@ -153,7 +159,7 @@ class Transformer:
             return torch.from_numpy(weights[name][...].astype("float32")).to(device=device, dtype=dtype).contiguous()
 
         # fp32 compute on a CPU the fp16-weight kernel runs on: the matrices stay in the workspace's fp16 (exact in
-        # fp32, half the bytes to read per step) and runtime.cpu_f16w multiplies them in fp32.
+        # fp32, half the bytes to read per step), packed for runtime.cpu_f16w, which multiplies them in fp32.
         f16_mats = dtype == torch.float32 and torch.device(device).type == "cpu" and cpu_f16w.available()
 
         def m(name: str) -> torch.Tensor:  # a weight matrix as stored (in, out)
@@ -187,13 +193,22 @@ class Transformer:
                     "bo": t(p + "attention.wo.bias") if cfg.attn_bias else None,
                 }
             )
-        if torch.device(device).type == "cpu":  # the matrices a decode step streams through, on huge pages
-            mats = [self.output] + [L[k] for L in self.layers for k in ("wqkv", "wo", "w13", "w2")]
-            arena = hugepages.Arena(sum(hugepages.nbytes(w.shape, w.dtype) for w in mats))
-            self.output = arena.hold(self.output)
+        if f16_mats:
+            self.output = cpu_f16w.Panels.pack(self.output)
             for L in self.layers:
-                for k in ("wqkv", "wo", "w13", "w2"):
-                    L[k] = arena.hold(L[k])
+                for k in MATRICES:
+                    L[k] = cpu_f16w.Panels.pack(L[k])
+        if torch.device(device).type == "cpu":  # the matrices a decode step streams through, on huge pages
+            mats = [self.output] + [L[k] for L in self.layers for k in MATRICES]
+            arena = hugepages.Arena(sum(hugepages.nbytes(_tensor(w).shape, w.dtype) for w in mats))
+
+            def hold(w):
+                return cpu_f16w.Panels(arena.hold(w.data), w.shape[0]) if f16_mats else arena.hold(w)
+
+            self.output = hold(self.output)
+            for L in self.layers:
+                for k in MATRICES:
+                    L[k] = hold(L[k])
         max_len = max_len or cfg.session_len
         inv_freq = cfg.rope_theta ** (-torch.arange(0, self.D, 2, dtype=torch.float64) / self.D)  # (D/2,)
         angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None]  # (S, D/2)
@@ -208,7 +223,7 @@ class Transformer:
         """Bytes of the weights this process holds (the RoPE tables are not counted)."""
         tensors = [self.tok_embeddings, self.norm, self.output]
         tensors += [w for layer in self.layers for w in layer.values() if w is not None]
-        return sum(w.numel() * w.element_size() for w in tensors)
+        return sum(w.numel() * w.element_size() for w in map(_tensor, tensors))
 
     # ------------------------------------------------------------------------------------------
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

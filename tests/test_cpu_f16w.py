@@ -13,17 +13,35 @@ needs_kernel = pytest.mark.skipif(not cpu_f16w.available(), reason="needs an x86
 
 
 @needs_kernel
-# 1-16 rows: passes (13-16 as two halves); 17+: tiles of 4 rows with 1-3 rows left over; 64: many tiles
+# 1-6 rows: one pass of each width (1-3 with 6 / 2 copies of the accumulators along k); 7+: equal passes of up to 6
 @pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 16, 17, 18, 19, 23, 64])
 @pytest.mark.parametrize(("N", "K"), [(960, 576), (7, 33), (1, 64), (50, 1536), (97, 5), (49, 8), (5, 7001)])
 def test_kernel_equals_float64_matmul_to_fp32_rounding(B, N, K):
     """Every output is the fp32 dot product of the activations with the exact fp32 values of the fp16 weights:
-    within fp32 summation error of the float64 result, for every row count, N not a multiple of the 48-row
-    blocks or the 3-row tiles, and K not a multiple of the 8-lane vectors."""
+    within fp32 summation error of the float64 result, for every row count, N not a multiple of the 16-row panels
+    (a last panel of 1-15 columns), K not a multiple of the 2 / 6 copies of the accumulators along k."""
     g = torch.Generator().manual_seed(B * 1000 + N + K)
     x = torch.randn(B, K, generator=g)
     w = torch.randn(N, K, generator=g).half()
-    assert_fp32_dot(cpu_f16w.linear_f16w(x, w), x, w)
+    assert_fp32_dot(cpu_f16w.linear_f16w(x, cpu_f16w.Panels.pack(w)), x, w)
+
+
+@pytest.mark.parametrize(("N", "K"), [(1, 1), (16, 3), (17, 5), (40, 64)])
+def test_panels_hold_the_matrix_exactly(N, K):
+    """Panels: data[p, k, j] = W[16 p + j, k] with zero rows past N (written out here), back to the same fp16 matrix
+    and to its exact fp32 values; not a tensor, so PyTorch refuses it instead of using shuffled weights."""
+    w = torch.randn(N, K).half()
+    p = cpu_f16w.Panels.pack(w)
+    P = -(-N // 16)
+    assert p.shape == (N, K) and p.data.shape == (P, K, 16) and p.nbytes == P * K * 16 * 2
+    for n in range(P * 16):
+        for k in range(K):
+            assert p.data[n // 16, k, n % 16].item() == (w[n, k].item() if n < N else 0.0)
+    assert torch.equal(p.half(), w) and p.half().is_contiguous()
+    f = p.float()
+    assert f.dtype == torch.float32 and f.shape == (N, K) and torch.equal(f, w.float())
+    with pytest.raises(TypeError):
+        F.linear(torch.zeros(1, K), p)
 
 
 def assert_fp32_dot(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -42,33 +60,40 @@ def test_leading_dims_special_values_and_dispatch():
     error) and prefill-sized calls to PyTorch's GEMM on the weights cast to fp32."""
     w = torch.randn(48, 64).half()
     w[0, :3] = torch.tensor([65504.0, -65504.0, 2.0**-24])  # fp16 max and smallest subnormal: exact in fp32
+    p = cpu_f16w.Panels.pack(w)
     x = torch.randn(2, 3, 64)
     x[1, 2] = 0
-    y = cpu_linear.linear(x, w)
+    y = cpu_linear.linear(x, p)
     assert y.shape == (2, 3, 48) and y.dtype == torch.float32
     assert torch.equal(y[1, 2], torch.zeros(48))
     assert_fp32_dot(y, x, w)
     e = torch.zeros(1, 64)
     e[0, 2] = 1.0
-    assert cpu_f16w.linear_f16w(e, w)[0, 0].item() == 2.0**-24
-    big = torch.randn(cpu_f16w.MAX_ROWS + 1, 64)  # prefill-sized: PyTorch's GEMM on the weights cast to fp32
-    assert torch.equal(cpu_linear.linear(big, w), F.linear(big, w.float()))
-    assert_fp32_dot(cpu_f16w.linear_f16w(big, w), big, w)
+    assert cpu_f16w.linear_f16w(e, p)[0, 0].item() == 2.0**-24
+    big = torch.randn(cpu_f16w.MAX_ROWS + 1, 64)  # prefill-sized: PyTorch's GEMM on the weights unpacked to fp32
+    assert torch.equal(cpu_linear.linear(big, p), F.linear(big, w.float()))
+    assert_fp32_dot(cpu_f16w.linear_f16w(big, p), big, w)
     nc = torch.randn(64, 5)[:, 1]  # a non-contiguous (K,) row: copied, same result as the contiguous one
-    assert torch.equal(cpu_f16w.linear_f16w(nc, w), cpu_f16w.linear_f16w(nc.contiguous(), w))
+    assert torch.equal(cpu_f16w.linear_f16w(nc, p), cpu_f16w.linear_f16w(nc.contiguous(), p))
+    assert torch.equal(cpu_linear.linear(x, w), F.linear(x, w.float()))  # an unpacked fp16 matrix: PyTorch
 
 
 def test_bad_arguments_name_the_problem():
-    with pytest.raises(ValueError, match="fp16 w"):
-        cpu_f16w.linear_f16w(torch.zeros(1, 8), torch.zeros(4, 8))  # fp32 weights
+    with pytest.raises(ValueError, match="Panels"):
+        cpu_f16w.linear_f16w(torch.zeros(1, 8), torch.zeros(4, 8).half())  # not packed
     with pytest.raises(ValueError, match=r"\(4, 9\)"):
-        cpu_f16w.linear_f16w(torch.zeros(1, 8), torch.zeros(4, 9).half())
+        cpu_f16w.linear_f16w(torch.zeros(1, 8), cpu_f16w.Panels.pack(torch.zeros(4, 9).half()))
+    with pytest.raises(ValueError, match="fp16"):
+        cpu_f16w.Panels.pack(torch.zeros(4, 8))  # fp32
+    with pytest.raises(ValueError, match=r"\(2, 8, 8\)"):
+        cpu_f16w.Panels(torch.zeros(2, 8, 8).half(), 3)  # panels of 8 rows
 
 
 @needs_kernel
 def test_fp32_model_holds_fp16_matrices(tiny_hf, tmp_path):
-    """With fp32 compute the workspace's fp16 matrices are kept as they are (half the bytes; the fp32 norms and
-    embedding lookups unchanged), and the logits equal those of the same model on fp32 copies of the matrices."""
+    """With fp32 compute the workspace's fp16 matrices are kept in fp16, packed for the kernel (half the bytes; the
+    fp32 norms and embedding lookups unchanged), and the logits equal those of the same model on fp32 copies of the
+    matrices (PyTorch's GEMM)."""
     from rt_workspace import make_workspace
 
     from runtime.engine import Engine
@@ -76,7 +101,7 @@ def test_fp32_model_holds_fp16_matrices(tiny_hf, tmp_path):
     ws = make_workspace(tiny_hf("llama"), tmp_path / "ws")
     engine = Engine(ws, max_batch_size=1, kv_cache_dtype="fp16", dtype="float32")
     model = engine.model
-    assert model.layers[0]["wqkv"].dtype == torch.float16 and model.output.dtype == torch.float16
+    assert isinstance(model.layers[0]["wqkv"], cpu_f16w.Panels) and isinstance(model.output, cpu_f16w.Panels)
     assert model.layers[0]["attention_norm"].dtype == torch.float32
     ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
     got = engine.score(ids)
@@ -117,7 +142,7 @@ def test_swiglu_linear_fp32_with_fp16_weights(B):
     gate, up = h.double().chunk(2, dim=-1)
     act = gate * torch.sigmoid(gate) * up
     exact = act @ w.double().T
-    got = cpu_linear.swiglu_linear(h, w)
+    got = cpu_linear.swiglu_linear(h, cpu_f16w.Panels.pack(w))
     assert got.shape == (B, 40) and got.dtype == torch.float32
     assert ((got.double() - exact).abs() <= 4e-6 * (act.abs() @ w.double().abs().T) + 1e-30).all()
 
