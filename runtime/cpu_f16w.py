@@ -23,8 +23,8 @@ alternating, on a decode step's 121 matrices (2 threads, weights from memory): 1
 1.47x at 8, 1.2-1.5x at 12-64 rows (8 rows: 94 -> 139 GFLOP/s; 1 row: 20.6 GB/s).
 Against F.linear with fp32 weights: `python tools/bench_linear.py` (all 121 matrices of a SmolLM2 step, 2 threads,
 one process). Prefill-sized calls (more than MAX_ROWS rows) go to PyTorch's GEMM on the weights unpacked to fp32
-for the call (runtime.cpu_linear.linear): at 512+ rows it is 1.15-1.25x faster than this kernel (at 65-128 rows
-1.2-3x slower, the unpacking included; MAX_ROWS also caps the decode step's batch).
+for the call (runtime.cpu_linear.linear): from ~200 rows on it is as fast as this kernel, at 512+ rows 1.15-1.25x
+faster (MAX_ROWS also caps the decode step's batch).
 """
 
 from __future__ import annotations
@@ -316,10 +316,11 @@ def decode_op_signatures(ops: str, linear: str) -> dict[str, tuple]:
     }
 
 
-# Rows per call up to which the kernel beats PyTorch's fp32 GEMM on weights cast to fp32 for the call: past ~64
-# rows the activations outgrow the L2 cache that every block of weight rows re-reads them from (a 1024-token
-# prefill ran at 0.86x PyTorch's speed through the kernel), while the cast costs little next to the GEMM.
-MAX_ROWS = 64
+# Rows per call up to which the kernel beats PyTorch's fp32 GEMM (`python tools/bench_linear.py --rows
+# 64,96,128,192,256`, PyTorch on fp32 copies made beforehand: 2.0x at 64 rows, 1.2-1.3x at 96-128, 1.0-1.07x at
+# 192-256; in the model PyTorch's GEMM also pays for unpacking the panels on every call). Also the decode step's
+# largest batch.
+MAX_ROWS = 128
 
 
 PANEL = 16  # weight rows per panel: the kernel's constant of the same name

@@ -13,8 +13,9 @@ needs_kernel = pytest.mark.skipif(not cpu_f16w.available(), reason="needs an x86
 
 
 @needs_kernel
-# 1-6 rows: one pass of each width (1-3 with 6 / 2 copies of the accumulators along k); 7+: equal passes of up to 6
-@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 16, 17, 18, 19, 23, 64])
+# 1-6 rows: one pass of each width (1-3 with 6 / 2 copies of the accumulators along k); 7+: equal passes of up to 6;
+# past 60: blocks of 60 rows (100: 60 + 40; 128 = MAX_ROWS: 60 + 60 + 8)
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 16, 17, 18, 19, 23, 64, 100, 128])
 @pytest.mark.parametrize(("N", "K"), [(960, 576), (7, 33), (1, 64), (50, 1536), (97, 5), (49, 8), (5, 7001)])
 def test_kernel_equals_float64_matmul_to_fp32_rounding(B, N, K):
     """Every output is the fp32 dot product of the activations with the exact fp32 values of the fp16 weights:

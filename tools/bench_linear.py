@@ -1,6 +1,6 @@
 """The fp16-weight linear kernel (runtime/cpu_f16w.py) against PyTorch's fp32 GEMM, on a decode step's matrices.
 
-    python tools/bench_linear.py [--rows 1,2,4,8,16,32,64] [--repeats 5] [--threads 2]
+    python tools/bench_linear.py [--rows 1,2,4,8,16,32,64,128] [--repeats 5] [--threads 2]
 
 All matrices of one SmolLM2-135M decode step (30 layers x fused QKV, output projection, gate+up and down
 projections, plus the LM head: 121 calls, 270 MB of fp16 / 540 MB of fp32 weights, more than the CPU caches
@@ -29,7 +29,7 @@ HIDDEN, INTER, LAYERS, VOCAB, QKV = 576, 1536, 30, 49152, (9 + 2 * 3) * 64  # Sm
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="1,2,4,8,16,32,64", help="activation rows per call (batch size)")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64,128", help="activation rows per call (batch size)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
