@@ -344,16 +344,29 @@ class Panels:
             )
         self.data, self.shape = data, (n, K)
 
+    @staticmethod
+    def data_shape(n: int, k: int) -> tuple[int, int, int]:
+        """The shape of the packed data of an (n, k) matrix."""
+        return (-(-n // PANEL), k, PANEL)
+
     @classmethod
-    def pack(cls, w: torch.Tensor) -> Panels:
-        """w (N, K) fp16 -> its panels (a new tensor; w is unchanged)."""
+    def pack(cls, w: torch.Tensor, out: torch.Tensor | None = None) -> Panels:
+        """w (N, K) fp16 -> its panels, written into `out` (an fp16 tensor of data_shape(N, K), e.g. from a
+        runtime.hugepages.Arena: no intermediate copy) or a new tensor; w is unchanged."""
         if w.dtype != torch.float16 or w.dim() != 2:
             raise ValueError(f"Panels.pack takes an fp16 (N, K) matrix; got {w.dtype} {tuple(w.shape)}")
         N, K = w.shape
-        P = -(-N // PANEL)
-        padded = torch.zeros(P * PANEL, K, dtype=torch.float16)
-        padded[:N] = w
-        return cls(padded.view(P, PANEL, K).transpose(1, 2).contiguous(), N)
+        shape = cls.data_shape(N, K)
+        if out is None:
+            out = torch.empty(shape, dtype=torch.float16)
+        elif out.shape != shape or out.dtype != torch.float16:
+            raise ValueError(f"Panels.pack: out must be fp16 {shape} for {(N, K)}; got {out.dtype} {tuple(out.shape)}")
+        full, w = N // PANEL, w.contiguous()
+        out[:full].copy_(w[: full * PANEL].view(full, PANEL, K).transpose(1, 2))
+        if full < shape[0]:  # the last panel's rows, then zeros
+            out[full, :, : N - full * PANEL].copy_(w[full * PANEL :].T)
+            out[full, :, N - full * PANEL :] = 0
+        return cls(out, N)
 
     def half(self) -> torch.Tensor:
         """The (N, K) fp16 matrix, row-major (a new tensor)."""

@@ -193,17 +193,13 @@ class Transformer:
                     "bo": t(p + "attention.wo.bias") if cfg.attn_bias else None,
                 }
             )
-        if f16_mats:
-            self.output = cpu_f16w.Panels.pack(self.output)
-            for L in self.layers:
-                for k in MATRICES:
-                    L[k] = cpu_f16w.Panels.pack(L[k])
         if torch.device(device).type == "cpu":  # the matrices a decode step streams through, on huge pages
             mats = [self.output] + [L[k] for L in self.layers for k in MATRICES]
-            arena = hugepages.Arena(sum(hugepages.nbytes(_tensor(w).shape, w.dtype) for w in mats))
+            shape = (lambda w: cpu_f16w.Panels.data_shape(*w.shape)) if f16_mats else (lambda w: w.shape)
+            arena = hugepages.Arena(sum(hugepages.nbytes(shape(w), w.dtype) for w in mats))
 
-            def hold(w):
-                return cpu_f16w.Panels(arena.hold(w.data), w.shape[0]) if f16_mats else arena.hold(w)
+            def hold(w):  # fp16 matrices for the kernel packed straight into the arena
+                return cpu_f16w.Panels.pack(w, arena.take(shape(w), w.dtype)) if f16_mats else arena.hold(w)
 
             self.output = hold(self.output)
             for L in self.layers:

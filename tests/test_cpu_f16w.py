@@ -45,6 +45,8 @@ def test_panels_hold_the_matrix_exactly(N, K, kernel, monkeypatch):
     want[:N] = w
     for n, k in [(n, k) for n in range(P * 16) for k in range(K)][:: max(1, P * 16 * K // 3000)]:
         assert p.data[n // 16, k, n % 16].item() == want[n, k].item()
+    into = torch.full(p.data.shape, 7.0, dtype=torch.float16)  # packing into given memory (the model's arena)
+    assert cpu_f16w.Panels.pack(w, into).data is into and torch.equal(into, p.data)
     assert torch.equal(p.half(), w) and p.half().is_contiguous()
     f = p.float()
     assert f.dtype == torch.float32 and f.shape == (N, K) and torch.equal(f, w.float())
@@ -93,6 +95,8 @@ def test_bad_arguments_name_the_problem():
         cpu_f16w.linear_f16w(torch.zeros(1, 8), cpu_f16w.Panels.pack(torch.zeros(4, 9).half()))
     with pytest.raises(ValueError, match="fp16"):
         cpu_f16w.Panels.pack(torch.zeros(4, 8))  # fp32
+    with pytest.raises(ValueError, match=r"out must be fp16 \(1, 8, 16\)"):
+        cpu_f16w.Panels.pack(torch.zeros(4, 8).half(), torch.zeros(1, 8, 8).half())
     with pytest.raises(ValueError, match=r"\(2, 8, 8\)"):
         cpu_f16w.Panels(torch.zeros(2, 8, 8).half(), 3)  # panels of 8 rows
 
