@@ -195,11 +195,17 @@ class Transformer:
             )
         if torch.device(device).type == "cpu":  # the matrices a decode step streams through, on huge pages
             mats = [self.output] + [L[k] for L in self.layers for k in MATRICES]
-            shape = (lambda w: cpu_f16w.Panels.data_shape(*w.shape)) if f16_mats else (lambda w: w.shape)
+
+            def packed(w: torch.Tensor) -> bool:  # an fp16 matrix for the fp16-weight kernel (m() kept it in fp16)
+                return f16_mats and w.dtype == torch.float16
+
+            def shape(w: torch.Tensor) -> tuple:
+                return cpu_f16w.Panels.data_shape(*w.shape) if packed(w) else tuple(w.shape)
+
             arena = hugepages.Arena(sum(hugepages.nbytes(shape(w), w.dtype) for w in mats))
 
-            def hold(w):  # fp16 matrices for the kernel packed straight into the arena
-                return cpu_f16w.Panels.pack(w, arena.take(shape(w), w.dtype)) if f16_mats else arena.hold(w)
+            def hold(w: torch.Tensor):  # packed straight into the arena: no intermediate copy
+                return cpu_f16w.Panels.pack(w, arena.take(shape(w), w.dtype)) if packed(w) else arena.hold(w)
 
             self.output = hold(self.output)
             for L in self.layers:
