@@ -23,9 +23,10 @@ alternating, on a decode step's 121 matrices (2 threads, weights from memory): 1
 1.47x at 8, 1.2-1.5x at 12-64 rows (8 rows: 94 -> 139 GFLOP/s; 1 row: 20.6 GB/s).
 Against F.linear with fp32 weights (`python tools/bench_linear.py`: all 121 matrices of a SmolLM2 step, 2 threads,
 one process): 3.2x faster at 1 row, 5.5-6.2x at 2-8, 3.7x at 16, 2.7x at 32, 2.0x at 64, 1.2-1.3x at 96-128
-(8 rows: 108 GFLOP/s; 1 row: 15.8 GB/s of weights, on a day the machine read 21-23 GB/s). Prefill-sized calls (more than MAX_ROWS rows) go to PyTorch's GEMM on the weights unpacked to fp32
-for the call (runtime.cpu_linear.linear): from ~200 rows on it is as fast as this kernel, at 512+ rows 1.15-1.25x
-faster (MAX_ROWS also caps the decode step's batch).
+(8 rows: 108 GFLOP/s; 1 row: 15.8 GB/s of weights, on a day the machine read 21-23 GB/s). Prefill-sized calls
+(more than MAX_ROWS rows) go to PyTorch's GEMM on the weights unpacked to fp32 for the call
+(runtime.cpu_linear.linear): from ~200 rows on it is as fast as this kernel, at 512+ rows 1.15-1.25x faster
+(MAX_ROWS also caps the decode step's batch).
 """
 
 from __future__ import annotations
@@ -369,11 +370,6 @@ class Panels:
             out[full, :, N - full * PANEL :] = 0
         return cls(out, N)
 
-    def half(self) -> torch.Tensor:
-        """The (N, K) fp16 matrix, row-major (a new tensor)."""
-        N, K = self.shape
-        return self.data.transpose(1, 2).reshape(-1, K)[:N].contiguous()
-
     def float(self) -> torch.Tensor:
         """The (N, K) fp32 matrix, row-major (a new tensor; exact: fp16 -> fp32): the kernel library's unpacking
         where it runs (as fast as casting an (N, K) fp16 matrix, 3-5x PyTorch's transposing copy below, which
@@ -393,7 +389,7 @@ class Panels:
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * 2
+        return self.data.nbytes
 
     def data_ptr(self) -> int:
         return self.data.data_ptr()

@@ -127,11 +127,6 @@ def as_decode_sees(cache: KVCache, history: torch.Tensor, kb, vb, chunk_keys, st
     )
 
 
-def _tensor(w) -> torch.Tensor:
-    """The tensor holding a weight: itself, or a cpu_f16w.Panels' packed data."""
-    return w.data if isinstance(w, cpu_f16w.Panels) else w
-
-
 class Transformer:
     """Holds the weights (compute dtype, on device) and runs prefill/decode steps against a KVCache."""
 
@@ -225,7 +220,7 @@ class Transformer:
         """Bytes of the weights this process holds (the RoPE tables are not counted)."""
         tensors = [self.tok_embeddings, self.norm, self.output]
         tensors += [w for layer in self.layers for w in layer.values() if w is not None]
-        return sum(w.numel() * w.element_size() for w in map(_tensor, tensors))
+        return sum(w.nbytes for w in tensors)  # tensors' and cpu_f16w.Panels' (their packed data)
 
     # ------------------------------------------------------------------------------------------
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,8 @@ def test_kernel_equals_float64_matmul_to_fp32_rounding(B, N, K):
 @pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize(("N", "K"), [(1, 1), (16, 3), (17, 5), (40, 64), (300, 257)])
 def test_panels_hold_the_matrix_exactly(N, K, kernel, monkeypatch):
-    """Panels: data[p, k, j] = W[16 p + j, k] with zero rows past N (written out here), back to the same fp16 matrix
-    and to its exact fp32 values (through the library's unpacking, and PyTorch's where it does not run); not a
+    """Panels: data[p, k, j] = W[16 p + j, k] with zero rows past N (written out here), back to the exact fp32 values
+    of the matrix (through the library's unpacking, and PyTorch's where it does not run); not a
     tensor, so PyTorch refuses it instead of using shuffled weights."""
     if not kernel:
         monkeypatch.setattr(cpu_f16w, "_library", lambda: None)
@@ -47,7 +47,6 @@ def test_panels_hold_the_matrix_exactly(N, K, kernel, monkeypatch):
         assert p.data[n // 16, k, n % 16].item() == want[n, k].item()
     into = torch.full(p.data.shape, 7.0, dtype=torch.float16)  # packing into given memory (the model's arena)
     assert cpu_f16w.Panels.pack(w, into).data is into and torch.equal(into, p.data)
-    assert torch.equal(p.half(), w) and p.half().is_contiguous()
     f = p.float()
     assert f.dtype == torch.float32 and f.shape == (N, K) and torch.equal(f, w.float())
     with pytest.raises(TypeError):

@@ -40,9 +40,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     w16 = [(torch.randn(s, generator=g) * 0.05).half() for s in shapes]
     w32 = [w.float() for w in w16]
-    w16 = [cpu_f16w.Panels.pack(w) for w in w16]  # the kernel's layout, as the model holds them
-    nbytes = sum(w.numel() * 2 for w in w32)
-    flops_per_row = 2 * sum(w.numel() for w in w32)
+    panels = [cpu_f16w.Panels.pack(w) for w in w16]  # the kernel's layout, as the model holds them
+    nbytes = sum(w.numel() * 2 for w in w16)
+    flops_per_row = 2 * sum(w.numel() for w in w16)
     print(f"{len(shapes)} matrices, {nbytes / 1e6:.0f} MB fp16; {args.threads} threads; medians of {args.repeats}")
     print(
         f"{'rows':>5} {'kernel ms':>10} {'GB/s':>6} {'GFLOP/s':>8} {'torch fp32 ms':>14} {'GFLOP/s':>8} {'speed-up':>9}"
@@ -52,7 +52,7 @@ def main() -> None:
         times: dict[str, list[float]] = {"kernel": [], "torch": []}
         for _ in range(args.repeats):
             t = time.perf_counter()
-            for w in w16:
+            for w in panels:
                 cpu_f16w.linear_f16w(xs[w.shape[1]], w)
             times["kernel"].append(time.perf_counter() - t)
             t = time.perf_counter()
