@@ -8,6 +8,11 @@ are run round-robin for --repeats rounds (default 3) and medians are reported, b
     python tools/bench_decode.py                 # batch 1 x 1024, batch 8 x 2048 and batch 32 x 1024
     python tools/bench_decode.py --quick         # batch 1 x 256 and batch 4 x 512
     python tools/bench_decode.py --dtype float32 --threads 2 --new-tokens 32
+    python tools/bench_decode.py --impls hf,fp16,int8,llamacpp-f16,llamacpp-q8_0   # llama.cpp as a peer too
+
+llama.cpp (F16 weights, f16 or q8_0 KV cache, flash attention) runs through llama-cpp-python when it is
+installed (`pip install llama-cpp-python==0.3.36`, a ~15 min compile; see tools/llamacpp_peer.py), from the
+same Q4_1 GGUF our demo model is made of, converted to F16 by llama.cpp itself.
 
 Reported: prefill tokens/s (all prompt tokens / time of the first forward), decode tokens/s
 (batch x steps / time of the steps after the first token), KV bytes per token, peak RSS; the share of
@@ -48,12 +53,26 @@ def prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
     return [(ids[b * 37 :] + ids)[:length] for b in range(batch)]  # same length, different contents
 
 
+LLAMACPP = "llamacpp-"  # impls llamacpp-f16, llamacpp-q8_0: llama.cpp's KV types (tools/llamacpp_peer.py)
+
+
+def is_ours(impl: str) -> bool:
+    return impl != "hf" and not impl.startswith(LLAMACPP)
+
+
 def run_one(args) -> dict:
     """One configuration in this process: returns the measurements."""
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.impl == "hf":
+    if args.impl.startswith(LLAMACPP):
+        import llamacpp_peer
+        from transformers import AutoTokenizer
+
+        ps = prompts(AutoTokenizer.from_pretrained(args.hf), args.batch, args.prompt_len)
+        r = llamacpp_peer.run(args.impl[len(LLAMACPP) :], ps, args.new_tokens, args.threads)
+        prefill, decode, kv_bytes = r["prefill_s"], r["decode_s"], r["kv_bytes_per_token"]
+    elif args.impl == "hf":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(args.hf)
@@ -110,7 +129,7 @@ def run_one(args) -> dict:
 
         kv_bytes = kv_bytes_per_token(engine.config, quant.kv_row_bytes(engine.kv_dtype, engine.config.size_per_head))
     steps = args.new_tokens - 1
-    extra = {"shares": shares} if args.impl != "hf" else {}
+    extra = {"shares": shares} if is_ours(args.impl) else {}
     return {
         **extra,
         "impl": args.impl,
@@ -267,7 +286,9 @@ def main() -> None:
     ap.add_argument(
         "--impls",
         default="hf,fp16,int8,fp8_e4m3",
-        help="comma list of hf, fp16, int8, fp8_e4m3, fp8_e5m2 or an online *_per_token_head mode",
+        help="comma list of hf, fp16, int8, fp8_e4m3, fp8_e5m2 or an online *_per_token_head mode, and the "
+        "llama.cpp peer: llamacpp-f16, llamacpp-q8_0 (F16 weights, that KV type, flash attention; needs "
+        "llama-cpp-python, see tools/llamacpp_peer.py)",
     )
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all configurations; medians are reported")
     ap.add_argument(
@@ -286,8 +307,12 @@ def main() -> None:
         shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     impls = args.impls.split(",")
     if args.attention_only:
-        print_attention(shapes, [i for i in impls if i != "hf"], args.threads)
+        print_attention(shapes, [i for i in impls if is_ours(i)], args.threads)
         return
+    if any(i.startswith(LLAMACPP) for i in impls):
+        import llamacpp_peer
+
+        llamacpp_peer.f16_gguf(llamacpp_peer.library())  # fail before the first round, convert once
     from make_demo_model import ensure_demo_model
 
     hf = ensure_demo_model()
@@ -329,14 +354,14 @@ def main() -> None:
         f"{args.new_tokens} new tokens, HF fp32"
     )
     print(
-        f"{'run':>20} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode range':>15} {'KV B/token':>11} {'peak MiB':>9}"
+        f"{'run':>24} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode range':>15} {'KV B/token':>11} {'peak MiB':>9}"
     )
     for batch, plen in shapes:
         for impl in impls:
             key = (batch, plen, impl)
             dec = [r["decode_tok_s"] for r in runs[key]]
             print(
-                f"{impl + f' b{batch} x {plen}':>20} {med(key, 'prefill_tok_s'):14.1f} {med(key, 'decode_tok_s'):13.2f} "
+                f"{impl + f' b{batch} x {plen}':>24} {med(key, 'prefill_tok_s'):14.1f} {med(key, 'decode_tok_s'):13.2f} "
                 f"{min(dec):7.2f}-{max(dec):<7.2f} {runs[key][0]['kv_bytes_per_token']:11.0f} "
                 f"{max(r['peak_rss_mib'] for r in runs[key]):9.0f}"
             )
@@ -350,20 +375,24 @@ def main() -> None:
             if q in impls and "fp16" in impls:
                 ratio = med((batch, plen, q), "decode_tok_s") / med((batch, plen, "fp16"), "decode_tok_s")
                 parts.append(f"{q}/fp16 {ratio:.2f}x")
+        for ours, peer in (("fp16", "llamacpp-f16"), ("int8", "llamacpp-f16"), ("int8", "llamacpp-q8_0")):
+            if ours in impls and peer in impls:
+                ratio = med((batch, plen, ours), "decode_tok_s") / med((batch, plen, peer), "decode_tok_s")
+                parts.append(f"{ours}/{peer} {ratio:.2f}x")
         print(f"decode ratios b{batch} x {plen}: " + ", ".join(parts))
     print("\nwhere a decode step's time goes (medians): linear layers | decode attention | cache writes | rest")
     for batch, plen in shapes:
         for impl in impls:
-            if impl == "hf":
+            if not is_ours(impl):
                 continue
             rs = [r["shares"] for r in runs[(batch, plen, impl)]]
             sh = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
             rest = 1 - sum(sh.values())
             print(
-                f"{impl + f' b{batch} x {plen}':>20} {sh['linear']:6.0%} | {sh['attention']:6.0%} | "
+                f"{impl + f' b{batch} x {plen}':>24} {sh['linear']:6.0%} | {sh['attention']:6.0%} | "
                 f"{sh['cache write']:6.0%} | {rest:6.0%}"
             )
-    print_attention(shapes, [i for i in impls if i != "hf"], args.threads)
+    print_attention(shapes, [i for i in impls if is_ours(i)], args.threads)
 
 
 def print_attention(shapes, kvs: list[str], threads: int) -> None:
