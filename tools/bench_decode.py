@@ -11,8 +11,8 @@ are run round-robin for --repeats rounds (default 3) and medians are reported, b
     python tools/bench_decode.py --impls hf,fp16,int8,llamacpp-f16,llamacpp-q8_0   # llama.cpp as a peer too
 
 llama.cpp (F16 weights, f16 or q8_0 KV cache, flash attention) runs through llama-cpp-python when it is
-installed (`pip install llama-cpp-python==0.3.36`, a ~15 min compile; see tools/llamacpp_peer.py), from the
-same Q4_1 GGUF our demo model is made of, converted to F16 by llama.cpp itself.
+installed (`pip install llama-cpp-python==0.3.36`, an ~11 min compile on 2 cores; see tools/llamacpp_peer.py),
+from the same Q4_1 GGUF our demo model is made of, converted to F16 by llama.cpp itself.
 
 Reported: prefill tokens/s (all prompt tokens / time of the first forward), decode tokens/s
 (batch x steps / time of the steps after the first token), KV bytes per token, peak RSS; the share of

@@ -10,8 +10,8 @@ so the comparison is a ratio on one machine at one moment rather than against nu
 - Batched decode as llama.cpp's own batched bench does it: one KV stream per sequence (not unified), each
   prompt prefilled in ubatches of 512 tokens, then every step decodes one token of every sequence in one
   `llama_decode`, greedy (argmax of each sequence's logits), the same prompt tokens as ours.
-- Not installed by `tools/setup.sh`: `pip install llama-cpp-python==0.3.36` compiles llama.cpp (~15 min on 2
-  cores, with `-march=native`).
+- Not installed by `tools/setup.sh`: `pip install llama-cpp-python==0.3.36` compiles llama.cpp (~11 min on 2
+  cores here, with `-march=native`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def library():
     except ImportError as e:
         raise SystemExit(
             f"the llama.cpp peer needs llama-cpp-python ({e}); install it with  {INSTALL}  (compiles llama.cpp, "
-            "~15 min on 2 cores)"
+            "~11 min on 2 cores)"
         ) from None
     return llama_cpp
 
