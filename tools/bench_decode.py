@@ -312,7 +312,12 @@ def main() -> None:
     if any(i.startswith(LLAMACPP) for i in impls):
         import llamacpp_peer
 
-        llamacpp_peer.f16_gguf(llamacpp_peer.library())  # fail before the first round, convert once
+        for i in impls:  # fail before the first round
+            if i.startswith(LLAMACPP) and i[len(LLAMACPP) :] not in llamacpp_peer.KV_TYPES:
+                raise SystemExit(
+                    f"--impls {i}: the llama.cpp peer takes {', '.join(LLAMACPP + k for k in llamacpp_peer.KV_TYPES)}"
+                )
+        llamacpp_peer.f16_gguf(llamacpp_peer.library())  # convert once
     from make_demo_model import ensure_demo_model
 
     hf = ensure_demo_model()
@@ -354,14 +359,16 @@ def main() -> None:
         f"{args.new_tokens} new tokens, HF fp32"
     )
     print(
-        f"{'run':>24} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode range':>15} {'KV B/token':>11} {'peak MiB':>9}"
+        f"{'run':>24} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode range':>15} "
+        f"{'KV B/token':>11} {'peak MiB':>9}"
     )
     for batch, plen in shapes:
         for impl in impls:
             key = (batch, plen, impl)
             dec = [r["decode_tok_s"] for r in runs[key]]
             print(
-                f"{impl + f' b{batch} x {plen}':>24} {med(key, 'prefill_tok_s'):14.1f} {med(key, 'decode_tok_s'):13.2f} "
+                f"{impl + f' b{batch} x {plen}':>24} {med(key, 'prefill_tok_s'):14.1f} "
+                f"{med(key, 'decode_tok_s'):13.2f} "
                 f"{min(dec):7.2f}-{max(dec):<7.2f} {runs[key][0]['kv_bytes_per_token']:11.0f} "
                 f"{max(r['peak_rss_mib'] for r in runs[key]):9.0f}"
             )

