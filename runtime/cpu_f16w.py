@@ -353,8 +353,8 @@ class Panels:
 
     @classmethod
     def pack(cls, w: torch.Tensor, out: torch.Tensor | None = None) -> Panels:
-        """w (N, K) fp16 -> its panels, written into `out` (an fp16 tensor of data_shape(N, K), e.g. from a
-        runtime.hugepages.Arena: no intermediate copy) or a new tensor; w is unchanged."""
+        """w (N, K) fp16, any strides -> its panels, written into `out` (an fp16 tensor of data_shape(N, K), e.g.
+        from a runtime.hugepages.Arena: no intermediate copy) or a new tensor; w is unchanged."""
         if w.dtype != torch.float16 or w.dim() != 2:
             raise ValueError(f"Panels.pack takes an fp16 (N, K) matrix; got {w.dtype} {tuple(w.shape)}")
         N, K = w.shape
@@ -363,8 +363,8 @@ class Panels:
             out = torch.empty(shape, dtype=torch.float16)
         elif out.shape != shape or out.dtype != torch.float16:
             raise ValueError(f"Panels.pack: out must be fp16 {shape} for {(N, K)}; got {out.dtype} {tuple(out.shape)}")
-        full, w = N // PANEL, w.contiguous()
-        out[:full].copy_(w[: full * PANEL].view(full, PANEL, K).transpose(1, 2))
+        full = N // PANEL  # w may be a transposed view: reshape stays a view of it, the copy transposes once
+        out[:full].copy_(w[: full * PANEL].reshape(full, PANEL, K).transpose(1, 2))
         if full < shape[0]:  # the last panel's rows, then zeros
             out[full, :, : N - full * PANEL].copy_(w[full * PANEL :].T)
             out[full, :, N - full * PANEL :] = 0

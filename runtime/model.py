@@ -48,10 +48,19 @@ from runtime import cpu_f16w, hugepages
 from runtime.cpu_linear import add_rms_norm, linear, rms_norm, rope_qk, swiglu_linear
 from runtime.cpu_step import MATRICES, DecodeGraph
 from runtime.kv_cache import KeyPlan, KVCache, key_plan
-from runtime.workspace import WorkspaceConfig, hidden_size
+from runtime.workspace import WorkspaceConfig, hidden_size, release_pages
 
 if TYPE_CHECKING:
     from runtime.distributed import TPGroup
+
+# the workspace files of a layer's weight matrices (in, out), in MATRICES' order; side by side where one matmul
+# applies them (w1 and w3: gate and up)
+_MATRIX_FILES = (
+    ("attention.w_qkv.weight",),
+    ("attention.wo.weight",),
+    ("feed_forward.w1.weight", "feed_forward.w3.weight"),
+    ("feed_forward.w2.weight",),
+)
 
 
 @dataclass
@@ -150,62 +159,69 @@ class Transformer:
         self.H, self.Hkv, self.D = cfg.head_num // n, cfg.kv_head_num // n, cfg.size_per_head  # this rank's heads
         self.hidden = hidden_size(cfg)
 
-        def t(name: str) -> torch.Tensor:  # fp16 memmap -> compute dtype on device, contiguous
-            return torch.from_numpy(weights[name][...].astype("float32")).to(device=device, dtype=dtype).contiguous()
+        def t(name: str) -> torch.Tensor:  # fp16 memmap -> compute dtype on device (a copy as stored, then cast)
+            return torch.from_numpy(np.array(weights[name])).to(device=device, dtype=dtype)
 
         # fp32 compute on a CPU the fp16-weight kernel runs on: the matrices stay in the workspace's fp16 (exact in
         # fp32, half the bytes to read per step), packed for runtime.cpu_f16w, which multiplies them in fp32.
         f16_mats = dtype == torch.float32 and torch.device(device).type == "cpu" and cpu_f16w.available()
 
-        def m(name: str) -> torch.Tensor:  # a weight matrix as stored (in, out)
-            a = weights[name][...]
-            if f16_mats and a.dtype == np.float16:
-                return torch.from_numpy(a.copy())
-            return t(name)
+        def kept_f16(names: tuple[str, ...]) -> bool:  # matrices the fp16-weight kernel multiplies as stored
+            return f16_mats and all(weights[n].dtype == np.float16 for n in names)
+
+        # The matrices a decode step streams through, as (files side by side, transposed?): output is (vocab rows,
+        # hidden) as stored; a layer's are stored (in, out) and held (out, in).
+        def layer_plan(i: int) -> list[tuple[tuple[str, ...], bool]]:
+            return [(tuple(f"layers.{i}.{n}" for n in names), True) for names in _MATRIX_FILES]
+
+        plan = [(("output.weight",), False)] + [e for i in range(cfg.num_layer) for e in layer_plan(i)]
+        # On the CPU they live on huge pages, in one arena sized from the stored shapes before anything is read;
+        # each matrix is built and moved there in turn, and the pages of its mapped file are let go, so the load
+        # holds about one copy of the weights (SmolLM2-135M engine peak 1293 -> 766 MB; before, the files' pages,
+        # every transposed matrix and the arena were all held at the end).
+        arena = None
+        if torch.device(device).type == "cpu":
+
+            def held(names: tuple[str, ...], transposed: bool) -> int:  # bytes in the arena
+                rows, cols = weights[names[0]].shape
+                shape = (sum(weights[n].shape[1] for n in names), rows) if transposed else (rows, cols)
+                if kept_f16(names):
+                    return hugepages.nbytes(cpu_f16w.Panels.data_shape(*shape), torch.float16)
+                return hugepages.nbytes(shape, dtype)
+
+            arena = hugepages.Arena(sum(held(*entry) for entry in plan))
+
+        def place(names: tuple[str, ...], transposed: bool):  # the matrix, built and moved into the arena
+            parts = [torch.from_numpy(np.array(weights[n])) for n in names]  # copies as stored (fp16)
+            for n in names:
+                release_pages(weights[n])
+            w = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+            w = w.T if transposed else w  # (out, in): a view; the copy that stores it transposes and casts
+            if arena is None:
+                return w.to(device=device, dtype=dtype).contiguous()
+            if kept_f16(names):
+                return cpu_f16w.Panels.pack(w, arena.take(cpu_f16w.Panels.data_shape(*w.shape), torch.float16))
+            return arena.take(w.shape, dtype).copy_(w)
 
         # Embedding kept in fp16: rows are gathered then cast (saves a full-precision copy).
         self.tok_embeddings = torch.from_numpy(weights["tok_embeddings.weight"][...].copy()).to(device)
+        release_pages(weights["tok_embeddings.weight"])
         self.vocab_rows = self.tok_embeddings.shape[0]  # vocab_size, or one rank's padded_vocab / N
         self.vocab_start = 0 if tp is None else tp.rank * self.vocab_rows  # first token id of this rank's rows
         self.norm = t("norm.weight")
-        self.output = m("output.weight")  # (vocab rows, hidden), not transposed
+        self.output = place(*plan[0])  # (vocab rows, hidden), not transposed
         self.layers = []
         for i in range(cfg.num_layer):
             p = f"layers.{i}."
-
-            def mat(*names: str, p: str = p) -> torch.Tensor:  # (in, out) matrices, side by side -> (out, in)
-                return torch.cat([m(p + n) for n in names], 1).T.contiguous()
-
             self.layers.append(
                 {
                     "attention_norm": t(p + "attention_norm.weight"),
                     "ffn_norm": t(p + "ffn_norm.weight"),
-                    "wqkv": mat("attention.w_qkv.weight"),
-                    "wo": mat("attention.wo.weight"),
-                    "w13": mat("feed_forward.w1.weight", "feed_forward.w3.weight"),  # gate and up: one matmul
-                    "w2": mat("feed_forward.w2.weight"),
+                    **{k: place(*e) for k, e in zip(MATRICES, layer_plan(i), strict=True)},
                     "bqkv": t(p + "attention.w_qkv.bias") if cfg.attn_bias else None,
                     "bo": t(p + "attention.wo.bias") if cfg.attn_bias else None,
                 }
             )
-        if torch.device(device).type == "cpu":  # the matrices a decode step streams through, on huge pages
-            mats = [self.output] + [L[k] for L in self.layers for k in MATRICES]
-
-            def packed(w: torch.Tensor) -> bool:  # an fp16 matrix for the fp16-weight kernel (m() kept it in fp16)
-                return f16_mats and w.dtype == torch.float16
-
-            def shape(w: torch.Tensor) -> tuple:
-                return cpu_f16w.Panels.data_shape(*w.shape) if packed(w) else tuple(w.shape)
-
-            arena = hugepages.Arena(sum(hugepages.nbytes(shape(w), w.dtype) for w in mats))
-
-            def hold(w: torch.Tensor):  # packed straight into the arena: no intermediate copy
-                return cpu_f16w.Panels.pack(w, arena.take(shape(w), w.dtype)) if packed(w) else arena.hold(w)
-
-            self.output = hold(self.output)
-            for L in self.layers:
-                for k in MATRICES:
-                    L[k] = hold(L[k])
         max_len = max_len or cfg.session_len
         inv_freq = cfg.rope_theta ** (-torch.arange(0, self.D, 2, dtype=torch.float64) / self.D)  # (D/2,)
         angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None]  # (S, D/2)

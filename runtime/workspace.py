@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import mmap
 import os
 import re
 from dataclasses import dataclass, fields
@@ -307,7 +308,20 @@ def read_weight(wdir: str | os.PathLike, name: str, shape: tuple[int, ...], *, f
     w = np.memmap(path, dtype="<f2", mode="r", shape=shape)
     if finite:
         check_finite(path, w)
+        release_pages(w)
     return w
+
+
+def release_pages(w: np.ndarray) -> None:
+    """Unmap the pages this process has read of a weight `read_weight` mapped (the file's data stays in the page
+    cache; a later read maps it again), so that a load which reads every file once holds about one file's pages
+    at a time instead of the whole model's on top of its own copy. No-op for an array that is not such a map."""
+    base = w
+    while isinstance(base, np.ndarray):
+        base = base.base
+    # read_weight's maps are read-only and shared (mode "r"): dropping their pages loses nothing
+    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)
 
 
 def check_weights(wdir: str | os.PathLike, cfg: WorkspaceConfig) -> None:
