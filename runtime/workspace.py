@@ -315,12 +315,13 @@ def read_weight(wdir: str | os.PathLike, name: str, shape: tuple[int, ...], *, f
 def release_pages(w: np.ndarray) -> None:
     """Unmap the pages this process has read of a weight `read_weight` mapped (the file's data stays in the page
     cache; a later read maps it again), so that a load which reads every file once holds about one file's pages
-    at a time instead of the whole model's on top of its own copy. No-op for an array that is not such a map."""
-    base = w
+    at a time instead of the whole model's on top of its own copy. No-op for an array that is not a read-only
+    map (a writable or copy-on-write map would lose the changes made through it)."""
+    owner, base = w, w
     while isinstance(base, np.ndarray):
-        base = base.base
+        owner, base = base, base.base
     # read_weight's maps are read-only and shared (mode "r"): dropping their pages loses nothing
-    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+    if isinstance(base, mmap.mmap) and not owner.flags.writeable and hasattr(mmap, "MADV_DONTNEED"):
         base.madvise(mmap.MADV_DONTNEED)
 
 

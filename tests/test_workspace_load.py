@@ -119,3 +119,22 @@ def test_load_holds_about_one_copy_of_the_weights(tiny_hf, tmp_path, dtype):
     grew = r["peak"] - r["before"]
     assert r["nbytes"] > 50 << 20  # the model is large enough for the allocator's slack not to matter
     assert grew < 1.45 * r["nbytes"], (grew / r["nbytes"], r)
+
+
+def test_release_pages_keeps_the_data(tmp_path):
+    """Unmapping a read-only map's pages loses nothing (the next read maps the file again); a writable or
+    copy-on-write map is left alone (dropping its pages would drop the changes made through it)."""
+    from runtime.workspace import release_pages
+
+    path = tmp_path / "w.bin"
+    x = np.arange(4096, dtype="<f2")
+    x.tofile(path)
+    ro = np.memmap(path, dtype="<f2", mode="r", shape=(64, 64))
+    assert ro[63, 63] == x[-1]  # every page read once
+    release_pages(ro[:8])  # through a view, as the model releases its slices
+    np.testing.assert_array_equal(np.asarray(ro).reshape(-1), x)
+    cow = np.memmap(path, dtype="<f2", mode="c", shape=(64, 64))
+    cow[0, 0] = 7.0
+    release_pages(cow)
+    assert cow[0, 0] == 7.0
+    release_pages(np.zeros(3))  # not a map: nothing to do
