@@ -175,21 +175,18 @@ class Transformer:
             return [(tuple(f"layers.{i}.{n}" for n in names), True) for names in _MATRIX_FILES]
 
         plan = [(("output.weight",), False)] + [e for i in range(cfg.num_layer) for e in layer_plan(i)]
+
         # On the CPU they live on huge pages, in one arena sized from the stored shapes before anything is read;
         # each matrix is built and moved there in turn, and the pages of its mapped file are let go, so the load
         # holds about one copy of the weights (SmolLM2-135M engine peak 1293 -> 766 MB; before, the files' pages,
         # every transposed matrix and the arena were all held at the end).
-        arena = None
-        if torch.device(device).type == "cpu":
+        def held(names: tuple[str, ...], transposed: bool) -> tuple[tuple, torch.dtype]:  # (shape, dtype) as held
+            rows, cols = weights[names[0]].shape
+            shape = (sum(weights[n].shape[1] for n in names), rows) if transposed else (rows, cols)
+            return (cpu_f16w.Panels.data_shape(*shape), torch.float16) if kept_f16(names) else (shape, dtype)
 
-            def held(names: tuple[str, ...], transposed: bool) -> int:  # bytes in the arena
-                rows, cols = weights[names[0]].shape
-                shape = (sum(weights[n].shape[1] for n in names), rows) if transposed else (rows, cols)
-                if kept_f16(names):
-                    return hugepages.nbytes(cpu_f16w.Panels.data_shape(*shape), torch.float16)
-                return hugepages.nbytes(shape, dtype)
-
-            arena = hugepages.Arena(sum(held(*entry) for entry in plan))
+        on_cpu = torch.device(device).type == "cpu"
+        arena = hugepages.Arena(sum(hugepages.nbytes(*held(*e)) for e in plan)) if on_cpu else None
 
         def place(names: tuple[str, ...], transposed: bool):  # the matrix, built and moved into the arena
             parts = [torch.from_numpy(np.array(weights[n])) for n in names]  # copies as stored (fp16)
@@ -199,9 +196,8 @@ class Transformer:
             w = w.T if transposed else w  # (out, in): a view; the copy that stores it transposes and casts
             if arena is None:
                 return w.to(device=device, dtype=dtype).contiguous()
-            if kept_f16(names):
-                return cpu_f16w.Panels.pack(w, arena.take(cpu_f16w.Panels.data_shape(*w.shape), torch.float16))
-            return arena.take(w.shape, dtype).copy_(w)
+            out = arena.take(*held(names, transposed))
+            return cpu_f16w.Panels.pack(w, out) if kept_f16(names) else out.copy_(w)
 
         # Embedding kept in fp16: rows are gathered then cast (saves a full-precision copy).
         self.tok_embeddings = torch.from_numpy(weights["tok_embeddings.weight"][...].copy()).to(device)
