@@ -47,6 +47,7 @@ from runtime.kv_cache import (
 )
 from runtime.model import Batch, Transformer
 from runtime.scheduler import RequestError, Scheduler, Sequence, Status, peak_blocks
+from runtime.tokenizer import load_tokenizer
 from runtime.workspace import (
     KV_GRANULARITIES,
     WorkspaceError,
@@ -765,11 +766,9 @@ def _kernels(device: torch.device):
 
 
 def _load_tokenizer(wdir):
-    from transformers import AutoTokenizer
-
     tok_dir = wdir.parent / "tokenizer"
     if not tok_dir.is_dir():
         raise WorkspaceError(
             f"no tokenizer directory {tok_dir}; re-run python -m deploy (it copies the HF tokenizer files there)"
         )
-    return AutoTokenizer.from_pretrained(tok_dir)
+    return load_tokenizer(tok_dir)
