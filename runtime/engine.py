@@ -55,6 +55,7 @@ from runtime.workspace import (
     load_config,
     read_joined,
     read_rank,
+    release_heap,
     weights_dir,
 )
 
@@ -309,6 +310,8 @@ class Engine:
             model = Transformer(
                 cfg, weights, dtype=DTYPES[s.dtype], device=self.device, max_len=self.session_len, tp=tp
             )
+            del weights
+            release_heap()  # the load's freed copies, before the pool is sized from the memory left
         elif (model.cfg, model.dtype, torch.device(model.device)) != (cfg, DTYPES[s.dtype], self.device) or (
             model.max_positions < self.session_len
         ):

@@ -23,6 +23,7 @@ values (it refuses them in the checkpoint), so a failure here means a damaged or
 from __future__ import annotations
 
 import configparser
+import ctypes
 import dataclasses
 import mmap
 import os
@@ -323,6 +324,16 @@ def release_pages(w: np.ndarray) -> None:
     # read_weight's maps are read-only and shared (mode "r"): dropping their pages loses nothing
     if isinstance(base, mmap.mmap) and not owner.flags.writeable and hasattr(mmap, "MADV_DONTNEED"):
         base.madvise(mmap.MADV_DONTNEED)
+
+
+def release_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc's malloc_trim). A load's large temporary copies
+    raise glibc's mmap threshold as they are freed, so later ones come from the heap and stay resident after
+    they are freed (~30 MB after an engine's load, ~145 MB when it also loaded transformers' tokenizer).
+    Nothing to do where the C library has no malloc_trim (musl, macOS)."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the C library this process runs on
+    if trim is not None:
+        trim(0)
 
 
 def check_weights(wdir: str | os.PathLike, cfg: WorkspaceConfig) -> None:
