@@ -31,6 +31,17 @@ def cpu_has(*flags: str) -> bool:
 
 
 @functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor_id from /proc/cpuinfo (AuthenticAMD, GenuineIntel, ...); "" when it cannot tell."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            line = next((ln for ln in fh if ln.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+    return line.partition(":")[2].strip()
+
+
+@functools.cache
 def _cpu_flags() -> frozenset[str]:
     """The CPU's feature flags, read once per process."""
     try:

@@ -297,7 +297,7 @@ class DecodeGraph:
             return None
         if not fits or model.norm.dtype != dt:
             return None
-        attn, write, lib = cpu_attention._cpp_module(), cpu_write._library(), _library()
+        attn, write, lib = cpu_attention.library_for(qz.kv_dtype, cache.k[0].dtype), cpu_write._library(), _library()
         if ops is None or attn is None or write is None or lib is None:
             return None
         if cpu_attention.kernel_kind(qz.kv_dtype, cache.k[0].dtype) is None:

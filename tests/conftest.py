@@ -101,12 +101,16 @@ def cpu_kernel_build(request, monkeypatch) -> str:
     without VNNI) and the 8-lane AVX2 one that CPUs without AVX-512 get."""
     from runtime import cpp_build, cpu_attention
 
-    if request.param != "native":
+    if request.param == "native":
+        build = cpu_attention._cpp_module()
+    else:
         avx512 = request.param == "avx512-fp32"
         if avx512 and not cpp_build.cpu_has("avx512_vnni"):
             pytest.skip("the native build is the fp32 AVX-512 one here")
         build = cpu_attention._cpp_module(avx512=avx512, vnni=False)
         if build is None:
             pytest.skip(f"the {request.param} build of the kernel does not build here")
-        monkeypatch.setattr(cpu_attention, "_cpp_module", lambda: build)
+        monkeypatch.setattr(cpu_attention, "_cpp_module", lambda *_, **__: build)
+    # every kind on this build (by default some kinds run on the AVX2 build on some CPUs: library_for)
+    monkeypatch.setattr(cpu_attention, "library_for", lambda *_: build)
     return request.param

@@ -31,3 +31,34 @@ def test_loading_the_kernels_keeps_denormals(tmp_path):
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.split()[-1]) == pytest.approx(1e-39, rel=1e-6)
     assert list(tmp_path.glob("decode_attn_*.so")), "the kernel was not built in the given cache"
+
+
+def test_attention_build_choice():
+    """The INT8 kinds run on the AVX2 build on AMD CPUs with AVX-512 (measured faster there); every other kind,
+    vendor or CPU keeps the native build."""
+    import torch
+
+    from runtime.cpu_attention import kernel_kind, prefers_avx2
+
+    int8, int8_row = kernel_kind(None, torch.int8), kernel_kind("int8_per_token_head", torch.uint8)
+    assert prefers_avx2(int8, "AuthenticAMD", True) and prefers_avx2(int8_row, "AuthenticAMD", True)
+    for kv, pool in [("fp16", torch.float16), ("fp8_e4m3", torch.float8_e4m3fn), ("int4_per_token_head", torch.uint8)]:
+        assert not prefers_avx2(kernel_kind(kv, pool), "AuthenticAMD", True)
+    assert not prefers_avx2(int8, "GenuineIntel", True)
+    assert not prefers_avx2(int8, "AuthenticAMD", False)  # no AVX-512: the native build is the AVX2 one
+
+
+@pytest.mark.skipif(not cpp_build.cpu_has("avx2", "fma", "f16c"), reason="the decode kernel needs AVX2/FMA/F16C")
+def test_attention_build_override(monkeypatch):
+    """$KVQ_ATTENTION_BUILD picks the build for every kind; an unknown value is an error that names the variable."""
+    import torch
+
+    from runtime.cpu_attention import BUILD_ENV, _cpp_module, library_for
+
+    monkeypatch.setenv(BUILD_ENV, "avx2")
+    assert library_for("fp16", torch.float16) is _cpp_module(avx512=False, vnni=False)
+    monkeypatch.setenv(BUILD_ENV, "native")
+    assert library_for("int8", torch.int8) is _cpp_module()
+    monkeypatch.setenv(BUILD_ENV, "avx512")
+    with pytest.raises(ValueError, match="KVQ_ATTENTION_BUILD='avx512'"):
+        library_for("int8", torch.int8)
