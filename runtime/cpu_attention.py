@@ -1124,14 +1124,21 @@ def prefers_avx2(kind: int | None, vendor: str, avx512: bool) -> bool:
     return avx512 and vendor == "AuthenticAMD" and kind in AVX2_ON_AMD_AVX512
 
 
+def build_choice() -> str:
+    """$KVQ_ATTENTION_BUILD: auto (unset), native or avx2; ValueError naming it otherwise (the engine checks it at
+    start-up, before the first decode step would)."""
+    choice = os.environ.get(BUILD_ENV, "auto")
+    if choice not in ("auto", "native", "avx2"):
+        raise ValueError(f"{BUILD_ENV}={choice!r}: expected auto, native or avx2 (unset it for auto)")
+    return choice
+
+
 def library_for(kv_dtype: str | None, pool_dtype: torch.dtype):
     """The kernel library a cache's decode attention runs on: the native build (`_cpp_module()`), or the AVX2 one
     where `prefers_avx2`; $KVQ_ATTENTION_BUILD = native or avx2 overrides the choice."""
     from runtime import cpp_build
 
-    choice = os.environ.get(BUILD_ENV, "auto")
-    if choice not in ("auto", "native", "avx2"):
-        raise ValueError(f"{BUILD_ENV}={choice!r}: expected auto, native or avx2 (unset it for auto)")
+    choice = build_choice()
     if choice == "auto":
         avx512 = cpp_build.cpu_has("avx512f", "avx512bw")
         kind = kernel_kind(kv_dtype, pool_dtype)

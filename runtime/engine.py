@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime import distributed, kv_params, quant
+from runtime import cpu_attention, distributed, kv_params, quant
 from runtime.kv_cache import (
     DEFAULT_ROTATION,
     KVCache,
@@ -269,6 +269,8 @@ class Engine:
         self.device = torch.device(s.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device = {s.device!r} but this torch build sees no CUDA device; use device='cpu'")
+        if self.device.type == "cpu":
+            cpu_attention.build_choice()  # a mistyped $KVQ_ATTENTION_BUILD fails here, not at the first decode step
         self.template = get_template(cfg.model_name)
         self.kv_granularity = s.kv_granularity or cfg.kv_granularity
         self.block_size = s.block_size or default_block_size(self.kv_dtype, cfg.size_per_head)

@@ -62,3 +62,16 @@ def test_attention_build_override(monkeypatch):
     monkeypatch.setenv(BUILD_ENV, "avx512")
     with pytest.raises(ValueError, match="KVQ_ATTENTION_BUILD='avx512'"):
         library_for("int8", torch.int8)
+
+
+def test_engine_refuses_an_unknown_attention_build_at_start(tiny_hf, tmp_path, monkeypatch):
+    """A mistyped $KVQ_ATTENTION_BUILD stops the engine at construction, not at its first decode step."""
+    from rt_workspace import make_workspace
+
+    from runtime.cpu_attention import BUILD_ENV
+    from runtime.engine import Engine
+
+    ws = make_workspace(tiny_hf("llama"), tmp_path / "ws", session_len=64)
+    monkeypatch.setenv(BUILD_ENV, "avx-2")
+    with pytest.raises(ValueError, match="KVQ_ATTENTION_BUILD='avx-2'"):
+        Engine(ws, kv_cache_dtype="int8_per_token_head", kv_cache_gib=0.01)
