@@ -33,22 +33,23 @@ def cpu_has(*flags: str) -> bool:
 @functools.cache
 def cpu_vendor() -> str:
     """The CPU's vendor_id from /proc/cpuinfo (AuthenticAMD, GenuineIntel, ...); "" when it cannot tell."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            line = next((ln for ln in fh if ln.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-    return line.partition(":")[2].strip()
+    return _cpuinfo("vendor_id")
 
 
 @functools.cache
 def _cpu_flags() -> frozenset[str]:
     """The CPU's feature flags, read once per process."""
+    return frozenset(_cpuinfo("flags").split())
+
+
+def _cpuinfo(key: str) -> str:
+    """The value of the first `key` line of /proc/cpuinfo (Linux); "" when there is none or no such file."""
     try:
         with open("/proc/cpuinfo") as fh:
-            return frozenset(next((ln for ln in fh if ln.startswith("flags")), "").split())
+            line = next((ln for ln in fh if ln.startswith(key)), "")
     except OSError:
-        return frozenset()
+        return ""
+    return line.partition(":")[2].strip()
 
 
 def load(name: str, source: str, flags: list[str], cpu_flags: tuple[str, ...]) -> ctypes.CDLL | None:

@@ -1074,6 +1074,9 @@ def kernel_kind(kv_dtype: str | None, pool_dtype: torch.dtype) -> int | None:
     return KINDS.get(pool_dtype)
 
 
+AVX512 = ("avx512f", "avx512bw")  # what the 16-lane build needs of the CPU; the native build is it where present
+
+
 @functools.cache
 def _cpp_module(avx512: bool | None = None, vnni: bool | None = None):
     """The kernel library (built once, see runtime.cpp_build), or None where it cannot run. avx512: the 16-lane
@@ -1083,13 +1086,13 @@ def _cpp_module(avx512: bool | None = None, vnni: bool | None = None):
     from runtime import cpp_build
 
     if avx512 is None:
-        avx512 = cpp_build.cpu_has("avx512f", "avx512bw")
+        avx512 = cpp_build.cpu_has(*AVX512)
     if vnni is None:
         vnni = avx512 and cpp_build.cpu_has("avx512_vnni")
     flags = ["-O3", "-ffast-math", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
     need = ("avx2", "fma", "f16c")
     if avx512:
-        flags, need = [*flags, "-mavx512f", "-mavx512bw"], (*need, "avx512f", "avx512bw")
+        flags, need = [*flags, "-mavx512f", "-mavx512bw"], (*need, *AVX512)
     if avx512 and vnni:
         flags, need = [*flags, "-mavx512vnni"], (*need, "avx512_vnni")
     name = "decode_attn" + ("" if avx512 and vnni else "_avx512" if avx512 else "_avx2")
@@ -1140,9 +1143,8 @@ def library_for(kv_dtype: str | None, pool_dtype: torch.dtype):
 
     choice = build_choice()
     if choice == "auto":
-        avx512 = cpp_build.cpu_has("avx512f", "avx512bw")
         kind = kernel_kind(kv_dtype, pool_dtype)
-        choice = "avx2" if prefers_avx2(kind, cpp_build.cpu_vendor(), avx512) else "native"
+        choice = "avx2" if prefers_avx2(kind, cpp_build.cpu_vendor(), cpp_build.cpu_has(*AVX512)) else "native"
     lib = _cpp_module(avx512=False, vnni=False) if choice == "avx2" else None
     return lib if lib is not None else _cpp_module()
 

@@ -4,6 +4,7 @@ load's memory: about one copy of the weights above what the process held before.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import shutil
@@ -155,7 +156,7 @@ print(json.dumps(dict(after_load=after_load * 1024, trimmed=kib() * 1024, nbytes
 """
 
 
-@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "malloc_trim"), reason="needs glibc's malloc_trim")
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "malloc_trim"), reason="needs glibc's malloc_trim")
 def test_engine_load_returns_its_freed_heap(tiny_hf, tmp_path):
     """The load's temporary copies, once freed, are handed back before the engine sizes its pool: trimming the C
     heap after Engine(...) finds little left to return (without release_heap it returned ~30 MB, half the
