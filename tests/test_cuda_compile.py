@@ -61,3 +61,34 @@ def test_each_cu_file_opens_with_its_header_comment():
     for name in (*kernels.SOURCES, "kvq_common.cuh", "cuda_host_emulation.h"):
         first = (kernels.CUDA_DIR / name).read_text().splitlines()[0]
         assert first.startswith(f"// {name}:"), name
+
+
+def _fake_toolkit(root: Path, cccl: bool = True) -> Path:
+    (root / "include" / "crt").mkdir(parents=True)
+    (root / "include" / "cuda_fp8.h").write_text("")
+    (root / "include" / "crt" / "host_defines.h").write_text("")
+    if cccl:  # CUDA 13 keeps libcudacxx under include/cccl
+        (root / "include" / "cccl" / "nv").mkdir(parents=True)
+        (root / "include" / "cccl" / "nv" / "target").write_text("")
+    return root
+
+
+def test_host_headers_come_from_a_cuda_toolkit_without_the_wheels(tmp_path, monkeypatch):
+    """A machine with a CUDA toolkit and no NVIDIA pip wheels (the H200 image: CUDA 13, cupy-cuda13x) builds the
+    emulation from $CUDA_HOME; without either, the error names each missing header and both fixes."""
+    from runtime.cuda import toolchain
+
+    monkeypatch.setattr(toolchain, "_package_dir", lambda module: None)  # no wheels, no CuPy headers
+    monkeypatch.setattr(toolchain, "_wheel_include_dirs", lambda: [])
+    monkeypatch.setattr(toolchain.shutil, "which", lambda name: None)  # no nvcc on PATH
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(toolchain, "DEFAULT_TOOLKIT", str(tmp_path / "no-default-toolkit"))
+    tk = _fake_toolkit(tmp_path / "cuda")
+    monkeypatch.setenv("CUDA_HOME", str(tk))
+    assert toolchain.host_include_dirs() == [kernels.CUDA_DIR, tk / "include", tk / "include" / "cccl"]
+
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))
+    with pytest.raises(toolchain.ToolchainError) as err:
+        toolchain.host_include_dirs()
+    for text in ("cuda_fp8.h", "crt/host_defines.h", "<nv/target>", "CUDA_HOME", 'pip install -e ".[dev]"'):
+        assert text in str(err.value)

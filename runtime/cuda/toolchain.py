@@ -2,8 +2,10 @@
 
 Include directories come from pip wheels (docs/formats.md §7): `nvidia-cuda-runtime-cu12` include/ (cuda_fp16.h,
 cuda_fp8.h, ...), `nvidia-cuda-nvcc-cu12` include/ (crt/host_defines.h, needed when those headers are
-compiled by g++), and CuPy's bundled libcudacxx (<nv/target>, same reason). NVRTC itself is the
-`nvidia-cuda-nvrtc-cu12` library, reached through cupy_backends (which loads it without a driver).
+compiled by g++), and CuPy's bundled libcudacxx (<nv/target>, same reason); the CUDA 13 wheels' nvidia/cu13/include
+and an installed CUDA toolkit ($CUDA_HOME, $CUDA_PATH, nvcc's, /usr/local/cuda) serve where those are missing.
+NVRTC itself is the `nvidia-cuda-nvrtc-cu12` library, reached through cupy_backends (which loads it without a
+driver).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import ctypes
 import hashlib
 import importlib.util
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,37 +36,79 @@ HOST_FLAGS = (
 )
 
 
+DEFAULT_TOOLKIT = "/usr/local/cuda"
+
+
 class ToolchainError(RuntimeError):
     """A compiler or header the CUDA tests need is missing or failed; the message says which and how to fix it."""
 
 
 def _package_dir(module: str) -> Path | None:
-    spec = importlib.util.find_spec(module)
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:  # a parent package is missing
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _wheel_include_dirs() -> list[Path]:
+    """include/ folders of NVIDIA's pip wheels: the CUDA 12 layout (nvidia/cuda_runtime/include,
+    nvidia/cuda_nvcc/include) and the CUDA 13 one (every component in nvidia/cu13/include)."""
+    dirs = [d / "include" for d in map(_package_dir, ("nvidia.cuda_runtime", "nvidia.cuda_nvcc")) if d]
+    nvidia = importlib.util.find_spec("nvidia")
+    for root in (nvidia.submodule_search_locations or []) if nvidia else []:
+        dirs.append(Path(root) / "cu13" / "include")
+    return [d for d in dirs if d.is_dir()]
+
+
+def _toolkit_include_dirs() -> list[Path]:
+    """include/ (and include/cccl, where CUDA 13 keeps libcudacxx) of an installed CUDA toolkit: $CUDA_HOME,
+    $CUDA_PATH, the one nvcc on PATH belongs to, /usr/local/cuda."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    roots += [str(Path(nvcc).resolve().parents[1]) if nvcc else None, DEFAULT_TOOLKIT]
+    dirs = []
+    for root in filter(None, roots):
+        dirs += [Path(root) / "include", Path(root) / "include" / "cccl"]
+    return [d for d in dirs if d.is_dir()]
+
+
 def cuda_include_dir() -> Path | None:
-    """include/ of the nvidia-cuda-runtime-cu12 wheel (cuda_fp16.h, cuda_fp8.h), or None when not installed."""
-    root = _package_dir("nvidia.cuda_runtime")
-    return root / "include" if root and (root / "include" / "cuda_fp8.h").is_file() else None
+    """The pip wheels' include/ holding cuda_fp16.h / cuda_fp8.h (CUDA 12 or 13 layout), or None when neither
+    is installed (NVRTC through CuPy then uses the toolkit CuPy finds)."""
+    return next((d for d in _wheel_include_dirs() if (d / "cuda_fp8.h").is_file()), None)
+
+
+# What g++ needs to compile cuda_fp16.h / cuda_fp8.h as host code: the headers themselves, crt/host_defines.h
+# (nvcc's) and libcudacxx's <nv/target>.
+HOST_HEADERS = {
+    "cuda_fp8.h": "cuda_fp16.h / cuda_fp8.h (pip: nvidia-cuda-runtime-cu12)",
+    "crt/host_defines.h": "crt/host_defines.h (pip: nvidia-cuda-nvcc-cu12)",
+    "nv/target": "libcudacxx's <nv/target> (CuPy bundles it)",
+}
 
 
 def host_include_dirs() -> list[Path]:
-    """The three header dirs g++ needs to compile cuda_fp16.h / cuda_fp8.h as host code, plus runtime/cuda."""
-    runtime_inc = cuda_include_dir()
-    nvcc = _package_dir("nvidia.cuda_nvcc")
+    """The header dirs g++ needs to compile cuda_fp16.h / cuda_fp8.h as host code, plus runtime/cuda. Each header
+    is taken from the pip wheels first, else from CuPy (libcudacxx), else from a CUDA toolkit."""
     cupy = _package_dir("cupy")
-    dirs = {
-        "nvidia-cuda-runtime-cu12 include/ (cuda_fp16.h)": runtime_inc,
-        "nvidia-cuda-nvcc-cu12 include/ (crt/host_defines.h)": nvcc / "include" if nvcc else None,
-        "cupy libcudacxx (<nv/target>)": cupy / "_core/include/cupy/_cccl/libcudacxx" if cupy else None,
-    }
-    for what, path in dirs.items():
-        if path is None or not path.is_dir():
-            raise ToolchainError(f"runtime/cuda: missing {what}; install it: pip install -e . (see setup.py)")
-    return [CUDA_DIR, *dirs.values()]
+    cupy_cccl = [cupy / "_core/include/cupy/_cccl/libcudacxx"] if cupy else []
+    candidates = [*_wheel_include_dirs(), *cupy_cccl, *_toolkit_include_dirs()]
+    found, missing = [], []
+    for header, what in HOST_HEADERS.items():
+        where = next((d for d in candidates if (d / header).exists()), None)
+        if where is None:
+            missing.append(what)
+        elif where not in found:
+            found.append(where)
+    if missing:
+        raise ToolchainError(
+            f'runtime/cuda: missing {", ".join(missing)}; install the wheels (pip install -e ".[dev]") or point '
+            "CUDA_HOME at a CUDA toolkit"
+        )
+    return [CUDA_DIR, *found]
 
 
 def nvrtc_options(arch: str | None = None) -> list[str]:
