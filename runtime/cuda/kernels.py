@@ -409,12 +409,31 @@ def _ptr(t: torch.Tensor | None):
     return numpy.uint64(0 if t is None else t.data_ptr())  # raw device pointer, any dtype (fp8 included)
 
 
+_STREAMS: dict = {}  # (device index, cudaStream_t) -> CuPy's handle on that torch stream, made once
+
+
+def _cupy_stream(index: int):
+    """CuPy's handle on torch's current stream of device `index`, so kernels queue behind torch's work on it
+    (Stream.from_external where CuPy and torch speak the CUDA stream protocol, else ExternalStream)."""
+    import cupy
+
+    stream = torch.cuda.current_stream(index)
+    key = (index, stream.cuda_stream)
+    if key not in _STREAMS:
+        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+            _STREAMS[key] = cupy.cuda.Stream.from_external(stream)
+        else:
+            _STREAMS[key] = cupy.cuda.ExternalStream(stream.cuda_stream, index)
+    return _STREAMS[key]
+
+
 def _run(device: torch.device, name: str, expression: str, grid: tuple, block: tuple, args: tuple) -> None:
     import cupy
 
     if device.type != "cuda":
         _fail("device", device, "a CUDA device (use runtime/cuda/host_ops.py for the CPU emulation)")
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+    index = torch.cuda.current_device() if device.index is None else device.index
+    with cupy.cuda.Device(index), _cupy_stream(index):
         _module(name).get_function(expression)(grid, block, args)
 
 
