@@ -20,7 +20,7 @@
 //     with a message after 60 s instead of hanging the test run.
 //   - __float2int_rn (round half to even, saturating, NaN -> 0 like cvt.rni.s32.f32), __fdiv_rn / __fmul_rn /
 //     __fadd_rn (IEEE operations, which the host's are: the emulation is compiled without fast-math and with
-//     -ffp-contract=off, so no FMA forms), __int_as_float,
+//     -ffp-contract=off, so no FMA forms), __int_as_float, __byte_perm (selectors 0-7),
 //     exp2f/fmaxf from <cmath>, integer min/max.
 #pragma once
 
@@ -175,6 +175,14 @@ inline int __float2int_rn(float x) {
 inline float __fdiv_rn(float x, float y) { return x / y; }
 inline float __fmul_rn(float x, float y) { return x * y; }  // no FMA: -ffp-contract=off
 inline float __fadd_rn(float x, float y) { return x + y; }
+
+// Byte permute (selector nibbles 0-7 pick bytes of {x, y}, x's bytes 0-3; the sign-replicate bit is not used).
+inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) {
+    const unsigned long long both = ((unsigned long long)y << 32) | x;
+    unsigned int r = 0;
+    for (int n = 0; n < 4; ++n) r |= (unsigned int)((both >> (8 * ((s >> (4 * n)) & 7u))) & 0xffu) << (8 * n);
+    return r;
+}
 
 inline float __int_as_float(int x) {
     float f;

@@ -58,6 +58,27 @@
 
 #define KVQ_ATTN_THREADS 128
 #define KVQ_ATTN_UNROLL 4
+
+// Resident blocks per SM asked of the register allocator (launch bounds) and keys per group in flight, per mode.
+// Measured on an H200 (sm_90; 7B shape, 64 x 8192): the 8-bit kernels at 4 blocks (<= 128 registers, 25 %
+// occupancy) read 65-77 % of the copy bandwidth; capped at 80 registers (6 blocks) INT8 / FP8 read 88 / 93 %. The
+// online modes spill at 80 registers and take 5 blocks (<= 96); INT4 keeps 2 keys in flight per group. sm_80 /
+// sm_89 (software or other FP8 conversions) spill under those caps and keep 4 blocks. No spill in any variant for
+// any architecture: tests/test_cuda_compile.py.
+__host__ __device__ constexpr int kvq_attn_min_blocks(int mode) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    return kvq_is_online(mode) ? 5 : 6;
+#else
+    return 4;
+#endif
+}
+__host__ __device__ constexpr int kvq_attn_unroll(int mode) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    return mode == KVQ_MODE_INT4_PTH ? 2 : KVQ_ATTN_UNROLL;
+#else
+    return KVQ_ATTN_UNROLL;
+#endif
+}
 #define KVQ_LOG2E 1.4426950408889634f
 #define KVQ_NEG_INF (-__int_as_float(0x7f800000))
 
@@ -90,7 +111,7 @@ __device__ __forceinline__ float channel_dot(const float* qf, const float* codes
 }
 
 template <typename Tq, int MODE, int D>
-__global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
+__global__ void __launch_bounds__(KVQ_ATTN_THREADS, kvq_attn_min_blocks(MODE)) decode_attention(
     const Tq* __restrict__ q, const typename KvStore<MODE>::T* __restrict__ k_pool,
     const typename KvStore<MODE>::T* __restrict__ v_pool, const int* __restrict__ block_tables,
     const int* __restrict__ lengths, const float* __restrict__ k_scale, const float* __restrict__ k_zp,
@@ -102,7 +123,7 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, 4) decode_attention(
     constexpr int EPV = KvVec<MODE>::N;  // values per lane load: 8 (fp16) or 16 (8-bit and 4-bit modes)
     constexpr int TPK = D / EPV;         // lanes per key
     constexpr int NG = KVQ_ATTN_THREADS / TPK;  // key groups per block
-    constexpr int U = KVQ_ATTN_UNROLL;
+    constexpr int U = kvq_attn_unroll(MODE);
     constexpr int ROW = MODE == KVQ_MODE_INT4_PTH ? D / 2 : D;  // storage elements per pool row
     constexpr int LANE_ELEMS = KvVec<MODE>::BYTES / (int)sizeof(typename KvStore<MODE>::T);  // per lane load
     static_assert(D % EPV == 0 && 32 % TPK == 0, "head_dim must split into lane loads within a warp");
