@@ -242,13 +242,18 @@ def attention_bandwidth(shapes, kv_dtypes, threads: int, repeats: int = 7, layer
     return out
 
 
-def workspace_for(hf: Path, dst: Path, session_len: int) -> Path:
+def deploy_plain(hf: Path, dst: Path, session_len: int) -> Path:
+    """hf deployed to dst with the given session_len, no KV parameter files."""
     from deploy.convert import deploy
     from runtime.workspace import load_config, replace, save_config, weights_dir
 
     deploy("smollm2", hf, dst, progress=False, notes=lambda _: None)
     save_config(replace(load_config(dst), session_len=session_len), weights_dir(dst))
-    write_int8_params(dst)
+    return dst
+
+
+def workspace_for(hf: Path, dst: Path, session_len: int) -> Path:
+    write_int8_params(deploy_plain(hf, dst, session_len))
     return dst
 
 
