@@ -43,9 +43,9 @@
 //     loads 16 bytes (8 for int4) of a K row and of a V row, EPV = 8 (fp16) or 16 values (a pool row is
 //     contiguous, so a group reads one whole row); the group looks the key's block up in the block table and,
 //     in the online modes, loads the key's K and V (scale, zero) as one __half2 each (same addresses for the
-//     group's lanes: broadcast loads). Mode 6 keys: a full-block key loads 8 bytes of codes, and in the math
-//     its lane's 16 channels' scales and zeros (2 x 32 bytes of the block's param rows, shared by the block's
-//     keys: cache hits); an open key loads 16 int8 codes and its row's (scale, zero). The block's 128/TPK
+//     group's lanes: broadcast loads). Mode 6 keys: a full-block key loads 8 bytes of codes; when a group's keys
+//     enter another block it loads its lane's 16 channels' scales and zeros (2 x 32 bytes of the block's param
+//     rows) and keeps q_c * scale_c and sum_c q_c * zero_c (channel_factors); an open key loads 16 int8 codes and its row's (scale, zero). The block's 128/TPK
 //     groups take consecutive keys, UNROLL keys per group per iteration with all loads issued before the math;
 //     q.k is reduced across the group with __shfl_xor_sync. The groups' (max, sum, acc) are merged through
 //     shared memory at the end.
@@ -87,10 +87,12 @@ __device__ __forceinline__ int sequence_length(const int* lengths, int b, int ma
     return (int)max(0LL, min((long long)lengths[b], (long long)max_blocks * block_size));
 }
 
-// Mode 6 full-block key: sum_i q_i * (code_i * scale_i + zero_i) over a lane's 16 channels, the scales at
-// param[0..16) and the zeros at param[D..D + 16) (the block's scale and zero rows; 16-byte loads).
-__device__ __forceinline__ float channel_dot(const float* qf, const float* codes, const __half* param, int D) {
-    float dot = 0.0f;
+// Mode 6 full-block keys: q . x^ = sum_i (q_i * scale_i) * code_i + sum_i q_i * zero_i over a lane's 16 channels.
+// Both factors depend only on the block, so a group computes them when its keys enter a new block (the scales at
+// param[0..16), the zeros at param[D..D + 16): the block's scale and zero rows, 16-byte loads) and each key then
+// costs 16 FMAs, as an INT8 row does. qz is this lane's share; the group's shuffle reduction adds the lanes.
+__device__ __forceinline__ void channel_factors(const float* qf, const __half* param, int D, float* qs, float& qz) {
+    qz = 0.0f;
 #pragma unroll
     for (int v = 0; v < 2; ++v) {
         const uint4 sr = *reinterpret_cast<const uint4*>(param + 8 * v);
@@ -103,11 +105,12 @@ __device__ __forceinline__ float channel_dot(const float* qf, const float* codes
             zh.x = (unsigned short)(zw[i] & 0xffffu), zh.y = (unsigned short)(zw[i] >> 16);
             const float2 sc = __half22float2(__half2(sh)), ze = __half22float2(__half2(zh));
             const int j = 8 * v + 2 * i;
-            dot += qf[j] * (codes[j] * sc.x + ze.x);
-            dot += qf[j + 1] * (codes[j + 1] * sc.y + ze.y);
+            qs[j] = qf[j] * sc.x;
+            qs[j + 1] = qf[j + 1] * sc.y;
+            qz += qf[j] * ze.x;
+            qz += qf[j + 1] * ze.y;
         }
     }
-    return dot;
 }
 
 template <typename Tq, int MODE, int D>
@@ -172,6 +175,10 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, kvq_attn_min_blocks(MODE)) d
 #pragma unroll
     for (int i = 0; i < EPV; ++i) acc[i] = 0.0f;
 
+    // mode 6: the per-channel factors of the block this group's last full-block key was in (channel_factors)
+    long long chan_block = -1;
+    float chan_qs[MODE == KVQ_MODE_INT4_PTH ? EPV : 1], chan_qz = 0.0f;
+
     // Trip count is the same for every thread of the block, so the shuffles below see the full warp.
     for (int t0 = start; t0 < end; t0 += NG * U) {
         uint4 k_raw[U], v_raw[U];
@@ -230,8 +237,14 @@ __global__ void __launch_bounds__(KVQ_ATTN_THREADS, kvq_attn_min_blocks(MODE)) d
             if constexpr (MODE == KVQ_MODE_INT4_PTH) {
                 chan = k_chan[u] >= 0;
                 if (chan) {
+                    if (k_chan[u] != chan_block) {  // this group's keys entered another block
+                        chan_block = k_chan[u];
+                        channel_factors(qf, k_param + chan_block + c0, D, chan_qs, chan_qz);
+                    }
                     unpack_vec<MODE>(k_raw[u], kf);
-                    dot = channel_dot(qf, kf, k_param + k_chan[u] + c0, D);
+                    dot = chan_qz;
+#pragma unroll
+                    for (int i = 0; i < EPV; ++i) dot += chan_qs[i] * kf[i];
                 } else {
                     unpack_vec<KVQ_MODE_INT8_PTH>(k_raw[u], kf);
 #pragma unroll
