@@ -46,3 +46,14 @@ def write_params(
         for r in range(cfg.tensor_para_size):
             rows = np.repeat(np.array([[k_scale], [k_zp], [v_scale], [v_zp]], dtype="<f4"), n, axis=1)
             rows.tofile(wdir / file_name(i, r, kv_dtype, granularity))
+
+
+def kernel_workspace(tiny_hf, dst: Path, session_len: int) -> Path:
+    """A tiny llama workspace for the kernel paths: head_dim 64 (a size the kernels are instantiated for), GQA 2,
+    with per-layer INT8 and FP8 parameter files."""
+    hf = tiny_hf("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+    ws = make_workspace(hf, dst, session_len=session_len)
+    wdir = ws / "triton_models" / "weights"
+    write_params(wdir, "int8", 0.03, 0.1, 0.02, -0.05)
+    write_params(wdir, "fp8_e4m3", 0.01, 0.0, 0.005, 0.0)
+    return ws

@@ -198,15 +198,9 @@ GPU_ENGINE_KV = ["fp16", "int8", "fp8_e4m3", "int8_per_token_head", "fp8_per_tok
 
 @pytest.fixture(scope="module")
 def gpu_ws(tiny_hf, tmp_path_factory):
-    from rt_workspace import make_workspace, write_params
+    from rt_workspace import kernel_workspace
 
-    # head_dim 64 (a size the kernels are instantiated for), GQA 2
-    hf = tiny_hf("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
-    ws = make_workspace(hf, tmp_path_factory.mktemp("gpu") / "ws", session_len=96)
-    wdir = ws / "triton_models" / "weights"
-    write_params(wdir, "int8", 0.03, 0.1, 0.02, -0.05)
-    write_params(wdir, "fp8_e4m3", 0.01, 0.0, 0.005, 0.0)
-    return ws
+    return kernel_workspace(tiny_hf, tmp_path_factory.mktemp("gpu") / "ws", session_len=96)
 
 
 PROMPTS = [list(range(100, 111)), list(range(300, 305)), list(range(500, 547))]  # different lengths, one batch

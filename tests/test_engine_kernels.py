@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rt_workspace import make_workspace, write_params
+from rt_workspace import kernel_workspace
 
 from runtime.engine import Engine
 from runtime.sampling import SamplingParams
@@ -21,13 +21,7 @@ pytest.importorskip("runtime.cuda.host_ops")
 
 @pytest.fixture(scope="module")
 def ws(tiny_hf, tmp_path_factory):
-    # head_dim 64 (a size the kernels are instantiated for), GQA 2
-    hf = tiny_hf("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
-    ws = make_workspace(hf, tmp_path_factory.mktemp("kernels") / "ws", session_len=64)
-    wdir = ws / "triton_models" / "weights"
-    write_params(wdir, "int8", 0.03, 0.1, 0.02, -0.05)
-    write_params(wdir, "fp8_e4m3", 0.01, 0.0, 0.005, 0.0)
-    return ws
+    return kernel_workspace(tiny_hf, tmp_path_factory.mktemp("kernels") / "ws", session_len=64)
 
 
 @pytest.mark.parametrize("kv", ["fp16", "int8", "fp8_e4m3", "int4_per_token_head"])
