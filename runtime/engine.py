@@ -629,7 +629,7 @@ class Engine:
         sch = self.scheduler
         need = sch.blocks_for(T)
         sch.check_fits(T, 0, "window")
-        sch.evict_parked(need)
+        sch.make_room(need)
         rows_per_pass = min(B, sch.allocator.num_free // need)
         if rows_per_pass == 0:
             raise RuntimeError(

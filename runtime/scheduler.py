@@ -237,6 +237,20 @@ class Scheduler:
             self._free(seq)  # it stays a session: its next turn recomputes the history
         return self.allocator.num_free >= needed
 
+    def make_room(self, needed: int, keep: Sequence | None = None) -> bool:
+        """Free blocks until `needed` are free without touching running sequences: parked sessions' first, then the
+        cached histories that queued session turns hold (the newest turn first; it recomputes its history when
+        admitted). Without the second, a queued turn's blocks could keep the head of the queue from ever fitting
+        while the turn waits behind it: no step would run again. `keep`: the sequence the room is for."""
+        if self.evict_parked(needed):
+            return True
+        for seq in reversed(self.waiting):
+            if self.allocator.num_free >= needed:
+                break
+            if seq is not keep and seq.block_ids:
+                self._free(seq)
+        return self.allocator.num_free >= needed
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self._free(seq)
@@ -264,7 +278,7 @@ class Scheduler:
             if n == 0:
                 continue
             need = self.blocks_for(seq.num_cached + n) - len(seq.block_ids)
-            while not self.evict_parked(need):  # preempt the newest running sequences, maybe seq itself
+            while not self.make_room(need, keep=seq):  # preempt the newest running sequences, maybe seq itself
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
@@ -285,7 +299,7 @@ class Scheduler:
             total_blocks = self.blocks_for(len(seq.token_ids))
             need = total_blocks - len(seq.block_ids)
             reserve = self.watermark if self.running else 0  # room for the running decodes' next blocks
-            if not self.evict_parked(need + reserve):
+            if not self.make_room(need + reserve, keep=seq):
                 break
             self.waiting.popleft()
             self._grow(seq, len(seq.token_ids))

@@ -100,6 +100,28 @@ def test_abort_frees_blocks_at_once():
     assert sch.allocator.num_free == 8 and not sch.has_unfinished()
 
 
+def test_a_queued_turns_history_never_keeps_the_head_of_the_queue_out():
+    """Found by the property test below: a session's next turn queued behind a request that needs the whole pool
+    held its history's block; the request, preempted when its decode outgrew the rest, could then never be
+    admitted again and the turn waited behind it: no step ever ran. The turn's history is dropped instead (it
+    recomputes it) and both complete."""
+    sch = Scheduler(10, 3, max_running=6, max_prefill_tokens=1, session_len=64)
+    turn = seq("session", 1, 1, session=True)
+    sch.add(turn)
+    run_step(sch)
+    assert turn.status == Status.PARKED and turn.block_ids
+    sch.add(big := seq("big", 25, 4))  # 29 tokens: all 10 blocks of 3
+    turn.token_ids.append(7)
+    turn.num_prompt_tokens = len(turn.token_ids)
+    sch.add(turn)
+    for _ in range(100):
+        if not sch.has_unfinished():
+            break
+        run_step(sch)
+    assert big.status == Status.FINISHED and turn.status == Status.PARKED
+    assert turn.num_cached == len(turn.token_ids) - 1  # its history recomputed, its answer cached but the last
+
+
 OPS = st.lists(
     st.one_of(
         st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 12), st.booleans()),
