@@ -765,6 +765,14 @@ def _kernels(device: torch.device):
     """The CUDA kernels (CuPy, imported only here) on a GPU; None = the PyTorch/C++ CPU path."""
     if device.type != "cuda":
         return None
+    try:
+        import cupy  # noqa: F401  (checked here: a missing CuPy was a traceback at the first forward pass)
+    except ImportError as e:
+        cuda = torch.version.cuda or "12"
+        raise ValueError(
+            f"device = {str(device)!r}: the KV-cache kernels need CuPy ({e}); install the build for this torch's "
+            f"CUDA {cuda}: pip install cupy-cuda{cuda.split('.')[0]}x"
+        ) from e
     import runtime.cuda
 
     return runtime.cuda

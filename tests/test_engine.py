@@ -217,6 +217,20 @@ def test_engines_can_share_one_model(ws):
         Engine(ws, dtype="bfloat16", model=first.model)
 
 
+def test_gpu_without_cupy_is_a_clear_error(monkeypatch):
+    """On a GPU the engine asks for the CUDA kernels when it starts; without CuPy that is one error naming the
+    package for this torch's CUDA, not a traceback at the first forward pass."""
+    import sys
+
+    from runtime import engine as eng
+
+    assert eng._kernels(torch.device("cpu")) is None
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(ValueError, match=r"device = 'cuda:0'.*need CuPy.*pip install cupy-cuda13x"):
+        eng._kernels(torch.device("cuda:0"))
+
+
 def test_compute_dtype_auto_follows_the_hardware(monkeypatch):
     """auto: float16 on cuda; on a CPU bfloat16 exactly when it has native bf16, else float32; the environment
     variable replaces auto's choice; explicit dtypes pass through; unknown ones name the value."""
