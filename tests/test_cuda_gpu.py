@@ -206,18 +206,23 @@ def gpu_ws(tiny_hf, tmp_path_factory):
 PROMPTS = [list(range(100, 111)), list(range(300, 305)), list(range(500, 547))]  # different lengths, one batch
 
 
-def _generate(ws, kv: str, device: str, dtype: str):
-    import runtime.cuda
+def _engine(ws, kv: str, device: str, dtype: str):
     from runtime.engine import Engine
-    from runtime.sampling import SamplingParams
 
     # INT4 keys: blocks of 4 so that the prefill and the decode steps complete blocks and open new ones
     kw = {"block_size": 4} if kv == "int4_per_token_head" else {}
-    engine = Engine(ws, kv_cache_dtype=kv, max_batch_size=3, device=device, dtype=dtype, **kw)
+    return Engine(ws, kv_cache_dtype=kv, max_batch_size=len(PROMPTS), device=device, dtype=dtype, **kw)
+
+
+def _generate(ws, kv: str, device: str, dtype: str):
+    import runtime.cuda
+    from runtime.sampling import SamplingParams
+
+    engine = _engine(ws, kv, device, dtype)
     if device == "cuda":
         assert engine.cache.kernels is runtime.cuda  # the engine really routes the cache through the RawKernels
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    tokens = engine.generate(PROMPTS, [params] * 3)
+    tokens = engine.generate(PROMPTS, [params] * len(PROMPTS))
     logits = engine.score(torch.tensor([PROMPTS[2] + tokens[2]])).float().cpu()
     return tokens, logits
 
@@ -231,17 +236,15 @@ def test_gpu_engine_generates_like_the_cpu_engine(gpu_ws, kv):
     torch.testing.assert_close(gpu_logits, cpu_logits, atol=2e-3, rtol=1e-3)
 
 
-def teacher_forced_logits(ws, kv: str, device: str, dtype: str, kernels, prompts, forced) -> torch.Tensor:
-    """Logits (steps, B, V) of each decode step after a batched prefill of `prompts`, feeding forced[b][t] at step
+def teacher_forced_logits(ws, kv: str, device: str, dtype: str, kernels, forced) -> torch.Tensor:
+    """Logits (steps, B, V) of each decode step after a batched prefill of PROMPTS, feeding forced[b][t] at step
     t whatever the model predicts (so two numerically different paths stay on the same tokens). `kernels`: the
     cache's kernel module (runtime.cuda, runtime.cuda.host_ops) or None for the PyTorch path."""
-    from runtime.engine import Engine
     from runtime.scheduler import Chunk, Sequence
 
-    kw = {"block_size": 4} if kv == "int4_per_token_head" else {}
-    engine = Engine(ws, kv_cache_dtype=kv, max_batch_size=len(prompts), device=device, dtype=dtype, **kw)
+    engine = _engine(ws, kv, device, dtype)
     engine.cache.kernels = kernels
-    sch, seqs = engine.scheduler, []
+    prompts, sch, seqs = PROMPTS, engine.scheduler, []
     for b, (p, f) in enumerate(zip(prompts, forced, strict=True)):
         s = Sequence(f"tf-{b}", list(p) + list(f), len(p), None)
         s.block_ids = sch.allocator.allocate(sch.blocks_for(len(s.token_ids)))
@@ -265,9 +268,9 @@ def test_gpu_engine_kernels_lose_no_more_than_pytorch_in_half_precision(gpu_ws, 
     import runtime.cuda
 
     forced = [[(7 * b + 31 * t) % 40000 + 1000 for t in range(16)] for b in range(3)]
-    ref = teacher_forced_logits(gpu_ws, kv, "cuda", "float32", runtime.cuda, PROMPTS, forced)
-    torch_path = teacher_forced_logits(gpu_ws, kv, "cuda", dtype, None, PROMPTS, forced)
-    kernel_path = teacher_forced_logits(gpu_ws, kv, "cuda", dtype, runtime.cuda, PROMPTS, forced)
+    ref = teacher_forced_logits(gpu_ws, kv, "cuda", "float32", runtime.cuda, forced)
+    torch_path = teacher_forced_logits(gpu_ws, kv, "cuda", dtype, None, forced)
+    kernel_path = teacher_forced_logits(gpu_ws, kv, "cuda", dtype, runtime.cuda, forced)
     err_torch, err_kernel = (torch_path - ref).abs(), (kernel_path - ref).abs()
     top1_torch = (torch_path.argmax(-1) == ref.argmax(-1)).float().mean().item()
     top1_kernel = (kernel_path.argmax(-1) == ref.argmax(-1)).float().mean().item()

@@ -104,8 +104,7 @@ def main() -> None:
             ws = deploy_plain(args.hf, Path(tmp) / "ws", session_len=args.context + 8)
         else:
             ws = workspace_for(ensure_demo_model(), Path(tmp) / "ws", session_len=args.context + 8)
-        kinds = args.kv.split(",")
-        engines = {kv: filled_engine(ws, kv, args.batch, args.context, args.device) for kv in kinds}
+        engines = {kv: filled_engine(ws, kv, args.batch, args.context, args.device) for kv in args.kv.split(",")}
         times: dict[str, list[float]] = {kv: [] for kv in engines}
         for _ in range(args.steps):
             for kv, (engine, seqs) in engines.items():
