@@ -65,15 +65,21 @@
 // online modes spill at 80 registers and take 5 blocks (<= 96); INT4 keeps 2 keys in flight per group. sm_80 /
 // sm_89 (software or other FP8 conversions) spill under those caps and keep 4 blocks. No spill in any variant for
 // any architecture: tests/test_cuda_compile.py.
+// The CPU emulation (host_launch.cpp) defines KVQ_EMULATE_SM90 to run the sm_90 variants.
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(KVQ_EMULATE_SM90)
+#define KVQ_SM90_TUNING 1
+#else
+#define KVQ_SM90_TUNING 0
+#endif
 __host__ __device__ constexpr int kvq_attn_min_blocks(int mode) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if KVQ_SM90_TUNING
     return kvq_is_online(mode) ? 5 : 6;
 #else
     return 4;
 #endif
 }
 __host__ __device__ constexpr int kvq_attn_unroll(int mode) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if KVQ_SM90_TUNING
     return mode == KVQ_MODE_INT4_PTH ? 2 : KVQ_ATTN_UNROLL;
 #else
     return KVQ_ATTN_UNROLL;

@@ -10,6 +10,11 @@
 // kv_write, kv_write_channel_keys (the first and last only with completed blocks, num_complete > 0).
 #include "cuda_host_emulation.h"
 
+// The kernels' per-architecture tuning (decode_attention.cu kvq_attn_unroll) takes its sm_90 branch here, so the
+// emulation runs the variant that branch adds (INT4 with 2 keys in flight per group); the other branch is the
+// same code with KVQ_ATTN_UNROLL keys.
+#define KVQ_EMULATE_SM90 1
+
 #include "decode_attention.cu"
 #include "kv_write.cu"
 
