@@ -248,6 +248,27 @@ def test_cpp_kernel_low_precision_q():
         assert_close(got, want, rtol, str(dtype))
 
 
+# bf16 q: the output's own rounding to bf16 (<= 2^-8 |x|), plus 2^-12 of the largest |output| for the kernel: a
+# bf16 q runs the integer path on q's int16 part alone (2^-16 of its largest element), whose score errors shift
+# near-zero outputs by ~2^-15 of the largest (more than their own rounding, 2^-8 of a small |x|); q in int8 would
+# leave ~2^-8
+BF16_RTOL, BF16_ATOL = 2**-8, 2**-12
+
+
+@needs_cpp
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("dim", [64, 128])
+def test_cpp_kernel_bf16_q_loses_only_the_output_rounding(kv_dtype, dim, cpu_kernel_build):
+    """bf16 q (the engine's compute dtype on CPUs with native bf16) on every build and kind: the fp32 reference on
+    the same q values, rounded once to bf16, within BF16_RTOL / BF16_ATOL."""
+    case = make_case(kv_dtype, dim, 2, 3, 16, lengths_for(16), seed=dim + 17, q_dtype=torch.bfloat16)
+    want = decode_attention_torch(case.q.float(), *case.args()[1:])
+    for chunk in (0, 7):
+        got = decode_attention_cpp(*case.args(), chunk=chunk)
+        assert got.dtype == torch.bfloat16
+        assert_close(got, want, BF16_RTOL, f"chunk={chunk}", atol=BF16_ATOL * float(want.abs().max()))
+
+
 def test_decode_attention_picks_an_implementation():
     """The C++ kernel where it applies (equal to calling it), the reference otherwise (head size 32 here)."""
     case = make_case("fp16", 64, 2, 3, 16, lengths_for(16), seed=1)
