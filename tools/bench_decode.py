@@ -184,13 +184,21 @@ def read_bandwidth_gbs(threads: int) -> float:
     return buf.numel() * 4 / best / 1e9
 
 
+def compute_dtype() -> str:
+    """The engine's compute dtype on this CPU (its default, "auto": bfloat16 where the CPU has bf16 arithmetic)."""
+    from runtime.engine import resolve_compute_dtype
+
+    return resolve_compute_dtype("auto", "cpu")
+
+
 def attention_bandwidth(shapes, kv_dtypes, threads: int, repeats: int = 7, layers: int = 30) -> list[dict]:
     """Decode attention alone (the engine's CPU kernel, SmolLM2's 9 query / 3 KV heads, D 64) on random pools of
     each KV dtype: GB/s of cache bytes read, next to the read bandwidth measured just before each shape. Each
     timed pass runs `layers` calls on as many copies of the pools (the model's 30 layers, on huge pages like the
     engine's cache, each bound to the kernel once as the engine binds it), as a decode step does, so the cache is
     read from memory: one layer's pools alone (6-25 MB here) would stay in the CPU's caches between calls and
-    overstate the bandwidth."""
+    overstate the bandwidth. q comes in the engine's compute dtype on this CPU (`compute_dtype()`): bf16 q takes
+    the kernel's bf16 path, as the engine's decode step does."""
     import torch
 
     from runtime import hugepages, quant
@@ -207,7 +215,7 @@ def attention_bandwidth(shapes, kv_dtypes, threads: int, repeats: int = 7, layer
         g = torch.Generator().manual_seed(0)
         tables = torch.randperm(nb, generator=g).view(batch, -1).to(torch.int32)  # shuffled, non-contiguous
         lengths = torch.full((batch,), ctx, dtype=torch.int32)
-        q = torch.randn(batch, Hkv * G, D, generator=g)
+        q = torch.randn(batch, Hkv * G, D, generator=g).to(getattr(torch, compute_dtype()))
         for kv in kv_dtypes:
             x = torch.randn(2, nb, Hkv, bs, D, generator=g)
             params, kp, vp = (None,) * 4, None, None
@@ -410,7 +418,7 @@ def main() -> None:
 def print_attention(shapes, kvs: list[str], threads: int) -> None:
     print(
         "\ndecode attention alone (C++ kernel, 9 query / 3 KV heads, D 64, shuffled blocks of 64, 30 layers' pools "
-        "per timed pass):"
+        f"per timed pass, q in {compute_dtype()} as the engine computes here):"
     )
     for r in attention_bandwidth(shapes, kvs, threads):
         name = f"{r['kv']} b{r['batch']} x {r['context']}"
