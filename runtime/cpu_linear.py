@@ -20,6 +20,16 @@ bf16 rounding (tests compare against an fp32 matmul of the same bf16 inputs).
 Measured at SmolLM2's decode shapes (all 121 matrices of a step, 2 threads, interleaved in one process),
 kernel time / PyTorch's: 0.46 at 1 row, 0.63 at 4, 0.68 at 8, 0.76 at 11, 0.88 at 12, 0.82 at 16, 0.94 at 22,
 1.01 at 24, 1.12 at 32. Past one row the kernel is bound by its dot-product chains, not by memory.
+
+On CPUs with AMX-BF16 (Intel Xeon from Sapphire Rapids on; Linux grants the tile state on request) the same
+function runs on the tiles: one tdpbf16ps multiplies 16 weight rows x 32 k by 32 k x up to 16 activation rows,
+so up to 32 rows (two tile halves) cost one pass over the weights at the memory's speed, and `max_rows()` is
+MAX_ROWS_AMX (the decode step's largest batch in bf16 too). Weights stay in nn.Linear's layout (the tiles
+compute y.T = W x.T: 16 weight rows are 16 tile rows at stride 2K); K not a multiple of 32 and the last N % 16
+weight rows take the AVX512-BF16 path. Same sums in fp32, rounded once. Measured on a 2-core Xeon with AMX at
+the same shapes (`python tools/bench_linear.py --bf16`), tile kernel time / AVX512-BF16 kernel's / PyTorch's:
+0.81 / 0.51 at 1 row, 0.54 / 0.54 at 8, 0.34 / 0.57 at 16, 0.25 / 0.66 at 32, 0.23 / 0.84 at 64, 0.20 / 0.96 at
+128 (~13.6 ms a step from 1 to 8 rows: 20 GB/s against ~23 GB/s summing a buffer there).
 """
 
 from __future__ import annotations
@@ -32,12 +42,17 @@ import torch.nn.functional as F
 
 from runtime import cpp_build, cpu_f16w
 
-MAX_ROWS = 16  # rows per call up to which the kernel beats PyTorch's bf16 GEMM (see the module docstring)
+# rows per call up to which the kernel beats PyTorch's bf16 GEMM (see the module docstring), without and with AMX
+MAX_ROWS, MAX_ROWS_AMX = 16, 128
 
 KERNEL_SRC = r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 static inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -103,20 +118,137 @@ extern "C" void rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y,
 
 // Up to 12 activation rows in one pass over the weights (2 accumulators per row up to 8, 1 from 9 on: 32
 // registers), more in passes of 8 (measured at SmolLM2's shapes: 16 rows in one pass with 1 accumulator were
-// slower than two passes of 8 with 2; 9-12 rows in one pass faster than two).
-extern "C" void linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t B, int64_t K, int64_t N) {
+// slower than two passes of 8 with 2; 9-12 rows in one pass faster than two). y rows have stride ldy.
+static void linear_vnni(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t B, int64_t K, int64_t N,
+                        int64_t ldy) {
   for (int64_t b0 = 0; b0 < B;) {
     const int64_t left = B - b0, r = left <= 12 ? left : 8;
     const uint16_t* xb = x + b0 * K;
-    uint16_t* yb = y + b0 * N;
+    uint16_t* yb = y + b0 * ldy;
     switch (r) {
-#define KVQ_ROWS(n) case n: rows<n>(xb, w, yb, K, N, N); break;
+#define KVQ_ROWS(n) case n: rows<n>(xb, w, yb, K, N, ldy); break;
       KVQ_ROWS(1) KVQ_ROWS(2) KVQ_ROWS(3) KVQ_ROWS(4) KVQ_ROWS(5) KVQ_ROWS(6) KVQ_ROWS(7) KVQ_ROWS(8)
       KVQ_ROWS(9) KVQ_ROWS(10) KVQ_ROWS(11) KVQ_ROWS(12)
 #undef KVQ_ROWS
     }
     b0 += r;
   }
+}
+
+#ifdef __AMX_BF16__
+// AMX (Intel Xeon from Sapphire Rapids on): one tile multiply (tdpbf16ps) adds a 16 x 32 bf16 block times a
+// 32 x 16 one into 16 x 16 fp32 sums, 16x a vdpbf16ps's work, so the weights stream at the memory bandwidth at
+// any batch up to 32 rows instead of being bound by the dot-product chains past one row. The weights are read
+// in nn.Linear's layout as they are: the tiles compute y.T = W x.T, A = 16 weight rows x 32 k (64-byte rows at
+// stride 2K, straight from W), B = x.T in the pair layout tdpbf16ps wants (x packed once per call: (K/2, M, 2)),
+// C = 16 weight rows x M activation rows of fp32 sums, rounded once to bf16 when stored (as `rows` does).
+// Tiles 0-3: C (two groups of 16 weight rows x two halves of up to 16 activation rows), 4-5: A, 6-7: B.
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+static bool amx_granted = false;  // the kernel asked Linux for the tile state (arch_prctl), once per process
+
+extern "C" int amx_request(void) {
+  amx_granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  return amx_granted;
+}
+
+// C tile `t` (16 weight rows x m activation rows, fp32) -> y[0..m) rows, 16 bf16 each at stride ldy.
+#define KVQ_STORE_C(t, m, yp)                                                                              \
+  {                                                                                                        \
+    _tile_stored(t, buf, 4 * (m));                                                                         \
+    for (int i = 0; i < (m); ++i)                                                                          \
+      _mm256_storeu_si256((__m256i*)((yp) + i * ldy),                                                      \
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_i32gather_ps(_mm512_add_epi32(idx##t, _mm512_set1_epi32(i)), buf, 4))); \
+  }
+
+// y[0..M) (M <= 32; y rows at stride ldy) = x W.T for the weight rows [0, N16), N16 a multiple of 16, K of 32;
+// xp: x packed (K/2, M1, 2) for rows 0..M1-1 then (K/2, M2, 2) for the rest (M1 = min(M, 16), M2 = M - M1).
+static void amx_pass(const uint16_t* xp, const uint16_t* w, uint16_t* y, int M, int64_t K, int64_t N16,
+                     int64_t ldy) {
+  const int M1 = M < 16 ? M : 16, M2 = M - M1;
+  const uint16_t* xp2 = xp + K * M1;
+#pragma omp parallel if (N16 * K >= (1 << 16))
+  {
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; ++t) c.rows[t] = 16;
+    c.colsb[0] = c.colsb[1] = c.colsb[6] = 4 * M1;
+    c.colsb[2] = c.colsb[3] = c.colsb[7] = 4 * (M2 > 0 ? M2 : 1);
+    c.colsb[4] = c.colsb[5] = 64;
+    _tile_loadconfig(&c);
+    alignas(64) float buf[16 * 16];
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i idx0 = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(M1)), idx1 = idx0;
+    const __m512i idx2 = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(M2 > 0 ? M2 : 1)), idx3 = idx2;
+    const int64_t pairs = N16 / 32;  // blocks of 32 weight rows; an odd 16 at the end
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < pairs + (N16 % 32 != 0); ++b) {
+      const int64_t n = 32 * b;
+      const uint16_t* wb = w + n * K;
+      const bool two = b < pairs;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < K; k += 32) {
+        _tile_loadd(4, wb + k, 2 * K);
+        _tile_loadd(6, xp + k * M1, 4 * M1);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two) {
+          _tile_loadd(5, wb + 16 * K + k, 2 * K);
+          _tile_dpbf16ps(1, 5, 6);
+        }
+        if (M2 > 0) {
+          _tile_loadd(7, xp2 + k * M2, 4 * M2);
+          _tile_dpbf16ps(2, 4, 7);
+          if (two) _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      KVQ_STORE_C(0, M1, y + n)
+      if (two) KVQ_STORE_C(1, M1, y + n + 16)
+      if (M2 > 0) {
+        KVQ_STORE_C(2, M2, y + 16 * ldy + n)
+        if (two) KVQ_STORE_C(3, M2, y + 16 * ldy + n + 16)
+      }
+    }
+    _tile_release();
+  }
+}
+#undef KVQ_STORE_C
+
+// x W.T on the tiles in passes of up to 32 activation rows; the last N % 16 weight rows (and any K not a multiple
+// of 32) through linear_vnni.
+static bool linear_amx(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t B, int64_t K, int64_t N) {
+  if (!amx_granted || K % 32 != 0 || N < 16) return false;
+  const int64_t N16 = N / 16 * 16;
+  uint16_t* xp = (uint16_t*)aligned_alloc(64, (size_t)(32 * K * 2));
+  if (xp == nullptr) return false;
+  for (int64_t b0 = 0; b0 < B; b0 += 32) {
+    const int M = B - b0 < 32 ? (int)(B - b0) : 32, M1 = M < 16 ? M : 16;
+    const uint32_t* xs = (const uint32_t*)(x + b0 * K);  // bf16 pairs (x[m, 2p], x[m, 2p + 1])
+    uint32_t* xq = (uint32_t*)xp;
+    for (int64_t p = 0; p < K / 2; ++p)
+      for (int m = 0; m < M1; ++m) xq[p * M1 + m] = xs[m * (K / 2) + p];
+    xq += K / 2 * M1;
+    for (int64_t p = 0; p < K / 2; ++p)
+      for (int m = M1; m < M; ++m) xq[p * (M - M1) + m - M1] = xs[m * (K / 2) + p];
+    amx_pass(xp, w, y + b0 * N, M, K, N16, N);
+    if (N16 < N) linear_vnni(x + b0 * K, w + N16 * K, y + b0 * N + N16, M, K, N - N16, N);
+  }
+  free(xp);
+  return true;
+}
+#endif
+
+extern "C" void linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t B, int64_t K, int64_t N) {
+#ifdef __AMX_BF16__
+  if (linear_amx(x, w, y, B, K, N)) return;
+#endif
+  linear_vnni(x, w, y, B, K, N, N);
 }
 
 static inline void store_bf16(uint16_t* p, __m512 v, __mmask16 m) {
@@ -192,14 +324,33 @@ extern "C" int64_t rope_qk_bf16(const uint16_t* qkv, const float* rot, const int
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def _library(amx: bool | None = None) -> ctypes.CDLL | None:
+    """The kernels' library: built with AMX tiles where the CPU has AMX-BF16 and Linux grants the tile state
+    (amx None or True), else the AVX512-BF16 build (also amx=False, which the tests use to cover both)."""
     flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
-    lib = cpp_build.load(
-        "linear_bf16", cpu_f16w.with_exp2_poly(KERNEL_SRC), flags, ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-    )
+    cpu = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+    src = cpu_f16w.with_exp2_poly(KERNEL_SRC)
+    lib = None
+    if amx is not False and cpp_build.cpu_has("amx_bf16", "amx_tile"):
+        lib = cpp_build.load("linear_bf16_amx", src, [*flags, "-mamx-tile", "-mamx-bf16"], (*cpu, "amx_bf16"))
+        if lib is not None and not lib.amx_request():
+            lib = None  # a kernel without the tile state (Linux < 5.16) would fault on the first tile load
+        if lib is not None:
+            lib.max_rows = MAX_ROWS_AMX
+    if lib is None and amx is not True:
+        lib = cpp_build.load("linear_bf16", src, flags, cpu)
+        if lib is not None:
+            lib.max_rows = MAX_ROWS
     if lib is not None and lib.linear_bf16.argtypes is None:
         cpp_build.declare(lib, cpu_f16w.decode_op_signatures("bf16", "bf16"))
     return lib
+
+
+def max_rows() -> int:
+    """Rows per call up to which `linear` and `swiglu_linear` take the kernel (the decode step's largest batch in
+    bf16): MAX_ROWS_AMX with AMX tiles, else MAX_ROWS."""
+    lib = _library()
+    return MAX_ROWS if lib is None else lib.max_rows
 
 
 def available() -> bool:
@@ -243,9 +394,9 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         and w.device.type == "cpu"
         and w.dim() == 2
         and x.shape[-1] == w.shape[1]
-        and x.numel() <= MAX_ROWS * x.shape[-1]
         and w.is_contiguous()
         and (lib := _library()) is not None
+        and x.numel() <= lib.max_rows * x.shape[-1]
     ):
         return _linear_bf16(lib, x, w)
     return F.linear(x, w)
@@ -283,7 +434,7 @@ def swiglu_linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             op, dtype = cpu_f16w._library().linear_swiglu_f16w, torch.float32
         elif isinstance(w, cpu_f16w.Panels):
             op = None
-        elif h.dtype == torch.bfloat16 and h.numel() <= MAX_ROWS * 2 * K and (op := _fused("linear_swiglu", h, w)):
+        elif h.dtype == torch.bfloat16 and h.numel() <= max_rows() * 2 * K and (op := _fused("linear_swiglu", h, w)):
             dtype = torch.bfloat16
         else:
             op = None

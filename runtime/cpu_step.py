@@ -19,7 +19,7 @@ then logits = h @ output.T (B, vocab). The online modes (int8 / fp8 / int4_per_t
 with their Hadamard rotation R the step rotates k, v and q (x @ R) and the attention output back (o @ R.T) as
 runtime.kv_cache's OnlineQuantizer does, in fp32 here (PyTorch's matmul sums in another order: the logits agree to
 fp32 rounding, not bit for bit). Taken: no tensor parallelism, no biases, a static KV mode (fp16 / INT8 / FP8 with
-its scales set) or an online one, at most the linear kernel's MAX_ROWS sequences; `DecodeGraph.build` says None
+its scales set) or an online one, at most the linear kernel's MAX_ROWS sequences (cpu_linear.max_rows() in bf16); `DecodeGraph.build` says None
 otherwise and the model runs its Python step.
 """
 
@@ -291,7 +291,7 @@ class DecodeGraph:
             ops, linear, max_rows, suffix = cpu_f16w._library(), "f16w", cpu_f16w.MAX_ROWS, "f32"
             fits = all(isinstance(w, cpu_f16w.Panels) for w in mats)
         elif dt == torch.bfloat16:
-            ops, linear, max_rows, suffix = cpu_linear._library(), "bf16", cpu_linear.MAX_ROWS, "bf16"
+            ops, linear, max_rows, suffix = cpu_linear._library(), "bf16", cpu_linear.max_rows(), "bf16"
             fits = all(isinstance(w, torch.Tensor) and w.dtype == dt and w.is_contiguous() for w in mats)
         else:
             return None

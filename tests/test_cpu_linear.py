@@ -11,10 +11,22 @@ from runtime import cpu_linear
 needs_kernel = pytest.mark.skipif(not cpu_linear.available(), reason="needs an x86-64 CPU with AVX512-BF16 and g++")
 
 
+@pytest.fixture(params=["native", "avx512-bf16"])
+def linear_build(request, monkeypatch) -> str:
+    """Run a test on each build of the kernels: the one this CPU gets (AMX tiles on CPUs with AMX-BF16) and,
+    where that is the AMX one, the AVX512-BF16 one that other CPUs get."""
+    if request.param != "native":
+        if cpu_linear._library() is cpu_linear._library(amx=False):
+            pytest.skip("the native build is the AVX512-BF16 one here")
+        build = cpu_linear._library(amx=False)
+        monkeypatch.setattr(cpu_linear, "_library", lambda *_, **__: build)
+    return request.param
+
+
 @needs_kernel
-@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 8, 13, 16])
-@pytest.mark.parametrize(("N", "K"), [(960, 576), (7, 33), (1, 64), (130, 1536), (5, 31)])
-def test_kernel_equals_fp32_matmul_rounded_once(B, N, K):
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 8, 13, 16, 17, 32, 40])
+@pytest.mark.parametrize(("N", "K"), [(960, 576), (7, 33), (1, 64), (130, 1536), (5, 31), (48, 64)])
+def test_kernel_equals_fp32_matmul_rounded_once(B, N, K, linear_build):
     """Every output is the fp32 dot product rounded to bf16: within one bf16 rounding of the exact value
     (sums of K products in another order differ from torch's by fp32 rounding only)."""
     g = torch.Generator().manual_seed(B * 1000 + N + K)
@@ -40,7 +52,7 @@ def test_leading_dims_zeros_and_dispatch():
     assert torch.equal(y[1, 2], torch.zeros(48, dtype=torch.bfloat16))
     ref = F.linear(x.float(), w.float())
     torch.testing.assert_close(y.float(), ref, rtol=2**-7, atol=1e-2)
-    big = torch.randn(cpu_linear.MAX_ROWS + 1, 64).to(torch.bfloat16)
+    big = torch.randn(cpu_linear.max_rows() + 1, 64).to(torch.bfloat16)
     torch.testing.assert_close(
         cpu_linear.linear(big, w).float(), F.linear(big.float(), w.float()), rtol=2**-7, atol=1e-2
     )
@@ -81,8 +93,8 @@ def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @needs_kernel
-@pytest.mark.parametrize("B", [1, 3, 11])
-def test_swiglu_linear_equals_silu_times_up_then_linear(B):
+@pytest.mark.parametrize("B", [1, 3, 11, 24])
+def test_swiglu_linear_equals_silu_times_up_then_linear(B, linear_build):
     """One call for (F.silu(gate) * up) @ w.T: the activation carries F.silu's and the product's bf16 roundings (at
     most one bf16 ulp apart from PyTorch's: the kernel's exp is not torch's), then the linear kernel; fp32 inputs
     with fp32 weights take PyTorch."""

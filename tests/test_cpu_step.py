@@ -156,6 +156,10 @@ def test_where_the_graph_does_not_apply(ws, tiny_hf, tmp_path):
     model, cache = engine.model, engine.cache
     assert model.decode_graph(cache, 1) is not None
     assert model.decode_graph(cache, cpu_f16w.MAX_ROWS + 1) is None  # past the linear kernel's rows: PyTorch
+    if cpu_linear.available():  # bf16: up to the kernel's rows on this CPU (more with AMX tiles)
+        bf = engine_for(ws, "int8", "bfloat16")
+        assert bf.model.decode_graph(bf.cache, cpu_linear.max_rows()) is not None
+        assert bf.model.decode_graph(bf.cache, cpu_linear.max_rows() + 1) is None
     forced = engine_for(ws, "int8_per_token_head", "float32")
     forced.cache.fast_write = False  # the PyTorch write asked for: the Python step
     assert forced.model.decode_graph(forced.cache, 1) is None

@@ -1,12 +1,15 @@
-"""The fp16-weight linear kernel (runtime/cpu_f16w.py) against PyTorch's fp32 GEMM, on a decode step's matrices.
+"""The decode step's linear kernels against PyTorch's GEMM, on a decode step's matrices.
 
     python tools/bench_linear.py [--rows 1,2,4,8,16,32,64,128] [--repeats 5] [--threads 2]
+    python tools/bench_linear.py --bf16 [--rows ...]
 
 All matrices of one SmolLM2-135M decode step (30 layers x fused QKV, output projection, gate+up and down
-projections, plus the LM head: 121 calls, 270 MB of fp16 / 540 MB of fp32 weights, more than the CPU caches
-hold, so weights come from memory as in a real step) with random weights: the kernel on the fp16 matrices packed
-in its panels, F.linear on fp32 copies of the same values. Rounds alternate between the two in one process;
-reports the median time per step, the weight bytes read per second, GFLOP/s and the speed ratio.
+projections, plus the LM head: 121 calls, 270 MB of fp16 or bf16 / 540 MB of fp32 weights, more than the CPU
+caches hold, so weights come from memory as in a real step) with random weights. Default: the fp16-weight kernel
+(runtime/cpu_f16w.py) on the fp16 matrices packed in its panels against F.linear on fp32 copies of the same
+values. --bf16: runtime/cpu_linear.py's bf16 kernel, its AMX tile build where the CPU has AMX-BF16 and its
+AVX512-BF16 build, against F.linear in bf16. Rounds alternate between the implementations in one process;
+reports the median time per step, the weight bytes read per second, GFLOP/s and each one's time / PyTorch's.
 """
 
 from __future__ import annotations
@@ -22,9 +25,37 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime import cpu_f16w  # noqa: E402
+from runtime import cpu_f16w, cpu_linear  # noqa: E402
 
 HIDDEN, INTER, LAYERS, VOCAB, QKV = 576, 1536, 30, 49152, (9 + 2 * 3) * 64  # SmolLM2-135M
+
+
+def implementations(bf16: bool, shapes: list[tuple[int, int]], g: torch.Generator) -> tuple[dict, list, int]:
+    """{name: fn(xs)} running every matrix once on activations xs {K: (rows, K)}, the activation dtype, and the
+    weight bytes; PyTorch's GEMM last."""
+    if not bf16:
+        if not cpu_f16w.available():
+            raise SystemExit("the fp16-weight kernel needs an x86-64 CPU with AVX2, FMA and F16C, and g++")
+        w16 = [(torch.randn(s, generator=g) * 0.05).half() for s in shapes]
+        w32 = [w.float() for w in w16]
+        panels = [cpu_f16w.Panels.pack(w) for w in w16]  # the kernel's layout, as the model holds them
+        impls = {
+            "kernel": lambda xs: [cpu_f16w.linear_f16w(xs[w.shape[1]], w) for w in panels],
+            "torch fp32": lambda xs: [F.linear(xs[w.shape[1]], w) for w in w32],
+        }
+        return impls, torch.float32, sum(w.numel() * 2 for w in w16)
+    builds = {"tiles (AMX)": cpu_linear._library(), "AVX512-BF16": cpu_linear._library(amx=False)}
+    if builds["AVX512-BF16"] is None:
+        raise SystemExit("the bf16 kernel needs an x86-64 CPU with AVX512-BF16 and g++")
+    if builds["tiles (AMX)"] is builds["AVX512-BF16"]:
+        del builds["tiles (AMX)"]  # no AMX here
+    wb = [(torch.randn(s, generator=g) * 0.05).to(torch.bfloat16) for s in shapes]
+    impls = {
+        name: (lambda xs, lib=lib: [cpu_linear._linear_bf16(lib, xs[w.shape[1]], w) for w in wb])
+        for name, lib in builds.items()
+    }
+    impls["torch bf16"] = lambda xs: [F.linear(xs[w.shape[1]], w) for w in wb]
+    return impls, torch.bfloat16, sum(w.numel() * 2 for w in wb)
 
 
 def main() -> None:
@@ -32,38 +63,33 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4,8,16,32,64,128", help="activation rows per call (batch size)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="the bf16 kernel (AMX tiles / AVX512-BF16) vs PyTorch bf16")
     args = ap.parse_args()
-    if not cpu_f16w.available():
-        raise SystemExit("the fp16-weight kernel needs an x86-64 CPU with AVX2, FMA and F16C, and g++")
     torch.set_num_threads(args.threads)
     shapes = [(QKV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTER, HIDDEN), (HIDDEN, INTER)] * LAYERS + [(VOCAB, HIDDEN)]
     g = torch.Generator().manual_seed(0)
-    w16 = [(torch.randn(s, generator=g) * 0.05).half() for s in shapes]
-    w32 = [w.float() for w in w16]
-    panels = [cpu_f16w.Panels.pack(w) for w in w16]  # the kernel's layout, as the model holds them
-    nbytes = sum(w.numel() * 2 for w in w16)
-    flops_per_row = 2 * sum(w.numel() for w in w16)
-    print(f"{len(shapes)} matrices, {nbytes / 1e6:.0f} MB fp16; {args.threads} threads; medians of {args.repeats}")
-    print(
-        f"{'rows':>5} {'kernel ms':>10} {'GB/s':>6} {'GFLOP/s':>8} {'torch fp32 ms':>14} {'GFLOP/s':>8} {'speed-up':>9}"
-    )
+    impls, dtype, nbytes = implementations(args.bf16, shapes, g)
+    flops_per_row = nbytes  # 2 flops per weight, 2 bytes per weight
+    print(f"{len(shapes)} matrices, {nbytes / 1e6:.0f} MB; {args.threads} threads; medians of {args.repeats}")
+    print(f"{'rows':>5} " + " ".join(f"{name + ' ms':>17} {'GB/s':>5} {'GFLOP/s':>7} {'/torch':>6}" for name in impls))
+    peer = list(impls)[-1]
     for rows in (int(r) for r in args.rows.split(",")):
-        xs = {k: torch.randn(rows, k, generator=g) for k in (HIDDEN, INTER)}
-        times: dict[str, list[float]] = {"kernel": [], "torch": []}
+        xs = {k: torch.randn(rows, k, generator=g).to(dtype) for k in (HIDDEN, INTER)}
+        for fn in impls.values():
+            fn(xs)  # warm-up (kernel builds, first-touch)
+        times: dict[str, list[float]] = {name: [] for name in impls}
         for _ in range(args.repeats):
-            t = time.perf_counter()
-            for w in panels:
-                cpu_f16w.linear_f16w(xs[w.shape[1]], w)
-            times["kernel"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            for w in w32:
-                F.linear(xs[w.shape[1]], w)
-            times["torch"].append(time.perf_counter() - t)
-        k, p = statistics.median(times["kernel"]), statistics.median(times["torch"])
-        print(
-            f"{rows:>5} {k * 1e3:>10.1f} {nbytes / k / 1e9:>6.1f} {rows * flops_per_row / k / 1e9:>8.0f} "
-            f"{p * 1e3:>14.1f} {rows * flops_per_row / p / 1e9:>8.0f} {p / k:>8.2f}x"
+            for name, fn in impls.items():
+                t = time.perf_counter()
+                fn(xs)
+                times[name].append(time.perf_counter() - t)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        cells = (
+            f"{med[n] * 1e3:>17.1f} {nbytes / med[n] / 1e9:>5.1f} {rows * flops_per_row / med[n] / 1e9:>7.0f} "
+            f"{med[n] / med[peer]:>6.2f}"
+            for n in impls
         )
+        print(f"{rows:>5} " + " ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
