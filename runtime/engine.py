@@ -486,7 +486,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """One scheduler iteration: prefill chunks in one forward pass, every decode in another."""
-        from runtime.sampling import sample_next
+        from runtime.sampling import greedy_rows, sample_next
 
         plan = self.scheduler.schedule()
         outputs = []
@@ -494,12 +494,20 @@ class Engine:
             if not chunks:
                 continue
             logits = self._forward(chunks)  # (len(chunks), V) fp32
-            for chunk, row in zip(chunks, logits, strict=True):
+            greedy = greedy_rows(
+                logits,
+                [
+                    i
+                    for i, c in enumerate(chunks)
+                    if c.samples and c.seq.params.is_greedy and c.seq.params.repetition_penalty == 1.0
+                ],
+            )
+            for i, (chunk, row) in enumerate(zip(chunks, logits, strict=True)):
                 self.scheduler.commit(chunk)
                 seq = chunk.seq
                 if not chunk.samples:
                     continue
-                token = sample_next(row, seq.token_ids, seq.params, seq.state.generator)
+                token = greedy[i] if i in greedy else sample_next(row, seq.token_ids, seq.params, seq.state.generator)
                 seq.token_ids.append(token)
                 self.num_generated_tokens += 1
                 reason = (

@@ -122,6 +122,18 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def greedy_rows(logits: torch.Tensor, rows: list[int]) -> dict[int, int]:
+    """sample_next's pick for the given rows of logits (B, V) whose params are greedy with no repetition penalty,
+    in one reduction over all of them: {row: token}. A decode step's batch otherwise runs B argmax calls over the
+    vocabulary (~70 us each on a 2-core CPU at V = 49152; this takes ~130 us for 8 rows, ~700 for 32)."""
+    if not rows:
+        return {}
+    x = logits if rows == list(range(logits.shape[0])) else logits[rows]
+    # max(dim).indices: torch.argmax's pick (the first of equal maxima; NaN wins), 2-3x faster on the CPU
+    picked = x.float().clamp(-FINITE, FINITE).max(dim=-1).indices.tolist()
+    return dict(zip(rows, picked, strict=True))
+
+
 def sample_next(
     logits: torch.Tensor, history: Sequence[int], params: SamplingParams, generator: torch.Generator | None = None
 ) -> int:

@@ -43,8 +43,10 @@ def test_second_turn_sends_only_new_tokens(ws_int8, kv, monkeypatch):
     import runtime.sampling
 
     engine = Engine(ws_int8, kv_cache_dtype=kv, max_batch_size=2, use_context_fmha=0)
-    rows, sample = [], runtime.sampling.sample_next
-    monkeypatch.setattr(runtime.sampling, "sample_next", lambda row, *a: rows.append(row) or sample(row, *a))
+    rows, greedy = [], runtime.sampling.greedy_rows  # the logits rows greedy tokens are picked from
+    monkeypatch.setattr(
+        runtime.sampling, "greedy_rows", lambda logits, picked: rows.extend(logits[picked]) or greedy(logits, picked)
+    )
     fed = []
     forward = engine.model.forward
     monkeypatch.setattr(

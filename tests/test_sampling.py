@@ -11,6 +11,7 @@ from runtime.sampling import (
     SamplingParams,
     apply_repetition_penalty,
     apply_temperature,
+    greedy_rows,
     make_generator,
     sample_next,
     top_k_filter,
@@ -97,6 +98,23 @@ def test_greedy_is_argmax_after_penalty():
     assert sample_next(logits, [], SamplingParams(temperature=0)) == 1
     # 5 / 2 = 2.5 < 4: the penalised token loses
     assert sample_next(logits, [1], SamplingParams(temperature=0, repetition_penalty=2.0)) == 2
+
+
+def test_greedy_rows_equal_sample_next_row_by_row():
+    """The engine's one argmax over a batch's greedy rows picks what sample_next picks for each row: ties (the first
+    index), +-inf, NaN and huge values included; rows not asked for are left out."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=g)
+    logits[1, [7, 30]] = 9.0  # a tie: the first index
+    logits[2, 11], logits[2, 40] = INF, 1e38
+    logits[3, 5], logits[3, 6] = float("nan"), 50.0
+    logits[4] = -INF
+    logits[5, 2] = torch.finfo(torch.float32).max
+    rows = [0, 1, 2, 3, 4, 5]
+    want = {i: sample_next(logits[i], [], SamplingParams(temperature=0)) for i in rows}
+    assert greedy_rows(logits, rows) == want
+    assert greedy_rows(logits, [4, 1]) == {4: want[4], 1: want[1]}
+    assert greedy_rows(logits, []) == {}
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy():
