@@ -119,7 +119,7 @@ extern "C" void rms_norm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y,
 // Up to 12 activation rows in one pass over the weights (2 accumulators per row up to 8, 1 from 9 on: 32
 // registers), more in passes of 8 (measured at SmolLM2's shapes: 16 rows in one pass with 1 accumulator were
 // slower than two passes of 8 with 2; 9-12 rows in one pass faster than two). y rows have stride ldy.
-static void linear_vnni(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t B, int64_t K, int64_t N,
+static void linear_dpbf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t B, int64_t K, int64_t N,
                         int64_t ldy) {
   for (int64_t b0 = 0; b0 < B;) {
     const int64_t left = B - b0, r = left <= 12 ? left : 8;
@@ -221,7 +221,7 @@ static void amx_pass(const uint16_t* xp, const uint16_t* w, uint16_t* y, int M, 
 #undef KVQ_STORE_C
 
 // x W.T on the tiles in passes of up to 32 activation rows; the last N % 16 weight rows (and any K not a multiple
-// of 32) through linear_vnni.
+// of 32) through linear_dpbf16.
 static bool linear_amx(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t B, int64_t K, int64_t N) {
   if (!amx_granted || K % 32 != 0 || N < 16) return false;
   const int64_t N16 = N / 16 * 16;
@@ -237,7 +237,7 @@ static bool linear_amx(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_
     for (int64_t p = 0; p < K / 2; ++p)
       for (int m = M1; m < M; ++m) xq[p * (M - M1) + m - M1] = xs[m * (K / 2) + p];
     amx_pass(xp, w, y + b0 * N, M, K, N16, N);
-    if (N16 < N) linear_vnni(x + b0 * K, w + N16 * K, y + b0 * N + N16, M, K, N - N16, N);
+    if (N16 < N) linear_dpbf16(x + b0 * K, w + N16 * K, y + b0 * N + N16, M, K, N - N16, N);
   }
   free(xp);
   return true;
@@ -248,7 +248,7 @@ extern "C" void linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, i
 #ifdef __AMX_BF16__
   if (linear_amx(x, w, y, B, K, N)) return;
 #endif
-  linear_vnni(x, w, y, B, K, N, N);
+  linear_dpbf16(x, w, y, B, K, N, N);
 }
 
 static inline void store_bf16(uint16_t* p, __m512 v, __mmask16 m) {
