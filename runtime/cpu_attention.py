@@ -427,12 +427,12 @@ static inline void rows_params(const uint16_t* param, const int64_t* off, int n,
 // buffers for a memory latency each and stall the demand loads behind them; to L2, reading scattered 4 KiB runs
 // went from 20 to 29 GB/s (2 threads, no arithmetic) and the kernel's decode attention 1.1-1.3x faster (fp16,
 // int8; 8 x 2048, 30 layers' pools). Kind 6 prefetches per-row (V) addresses; its open key rows are few.
-// The static kinds' K pass prefetches the V rows too (same rows, same distance), so the V pass finds its rows in
-// L2 instead of starting from memory after the K pass: the memory stream keeps going while the K pass computes
-// (8 x 2048, 30 layers' pools, 2-core Xeon: fp16 1.09-1.12x, FP8 1.04x, INT8 1.03-1.06x on the AVX-512 build;
-// 1.14x / 1.09x / 1.09x on the AVX2 one). The online kinds lost with it (0.92-0.98x: their rows' parameters
-// double the prefetches) and keep V's prefetch in the V pass only. The V pass keeps its own prefetches for rows
-// that L2 dropped in between (long chunks).
+// The K pass prefetches the V rows too (same rows, same distance; not their parameters), so the V pass finds its
+// rows in L2 instead of starting from memory after the K pass: the memory stream keeps going while the K pass
+// computes (8 x 2048 and 32 x 1024, 30 layers' pools, 2-core Xeon: fp16 1.09-1.12x, FP8 1.03-1.04x, INT8
+// 1.03-1.06x, the online kinds 1.05-1.11x on the AVX-512 build; 1.09-1.14x on the AVX2 one; prefetching the online
+// kinds' V parameters there as well lost 2-8 %). The V pass keeps its own prefetches (parameters included) for
+// rows that L2 dropped in between (long chunks).
 constexpr int64_t PF = 64;
 template <int kind, int D>
 static inline void prefetch_rows(const void* base, const uint16_t* p, const int64_t* off, int64_t t0, int64_t t1,
@@ -591,10 +591,10 @@ static void attend_chunk(const float* qx, int G, const void* kc, const void* vc,
   int64_t cpar = -1;
   const uint16_t* kpp = online && kind != 6 ? kp : nullptr;
   prefetch_rows<kind, D>(kc, kpp, off, 0, PF, n);
-  if (!online) prefetch_rows<kind, D>(vc, nullptr, off, 0, PF, n);  // V during the K pass: see prefetch_rows
+  prefetch_rows<kind, D>(vc, nullptr, off, 0, PF, n);  // V rows during the K pass: see prefetch_rows
   for (int64_t t0 = 0; t0 < n; t0 += W) {
     prefetch_rows<kind, D>(kc, kpp, off, t0 + PF, t0 + PF + W, n);
-    if (!online) prefetch_rows<kind, D>(vc, nullptr, off, t0 + PF, t0 + PF + W, n);
+    prefetch_rows<kind, D>(vc, nullptr, off, t0 + PF, t0 + PF + W, n);
 #if KVQ_W == 8
     if constexpr (kind != 6) {
       vec vrs = vset1(kscale), vrz = vset1(kzero);
@@ -796,11 +796,11 @@ static void attend_chunk_int(const float* qx, int G, const void* kc, const void*
   alignas(64) float rs[W], rz[W];
   const uint16_t* kpp = kind == 4 ? kp : nullptr;
   prefetch_rows<kind, D>(kc, kpp, off, 0, PF, n);
-  if (!online) prefetch_rows<kind, D>(vc, nullptr, off, 0, PF, n);  // V during the K pass: see prefetch_rows
+  prefetch_rows<kind, D>(vc, nullptr, off, 0, PF, n);  // V rows during the K pass: see prefetch_rows
   for (int64_t t0 = 0; t0 < n; t0 += W) {
     const int r = n - t0 < W ? (int)(n - t0) : W;
     prefetch_rows<kind, D>(kc, kpp, off, t0 + PF, t0 + PF + W, n);
-    if (!online) prefetch_rows<kind, D>(vc, nullptr, off, t0 + PF, t0 + PF + W, n);
+    prefetch_rows<kind, D>(vc, nullptr, off, t0 + PF, t0 + PF + W, n);
     if (kind == 6) {
       const int64_t t1 = t0 + r - 1;
       if (kofs[t0] >= 0 || kofs[t1] >= 0 || kpar[t0] != kpar[t1]) {  // not all in one full block
