@@ -49,10 +49,10 @@ KERNEL_SRC = r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <vector>
 
 static inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -155,13 +155,14 @@ extern "C" int amx_request(void) {
   return amx_granted;
 }
 
-// C tile `t` (16 weight rows x m activation rows, fp32) -> y[0..m) rows, 16 bf16 each at stride ldy.
-#define KVQ_STORE_C(t, m, yp)                                                                              \
-  {                                                                                                        \
-    _tile_stored(t, buf, 4 * (m));                                                                         \
-    for (int i = 0; i < (m); ++i)                                                                          \
-      _mm256_storeu_si256((__m256i*)((yp) + i * ldy),                                                      \
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_i32gather_ps(_mm512_add_epi32(idx##t, _mm512_set1_epi32(i)), buf, 4))); \
+// C tile `t` (16 weight rows x m activation rows, fp32; idx = lane * m) -> y[0..m) rows, 16 bf16 each at stride
+// ldy (a macro: the tile number must be a constant).
+#define KVQ_STORE_C(t, m, idx, yp)                                                                           \
+  {                                                                                                          \
+    _tile_stored(t, buf, 4 * (m));                                                                           \
+    for (int i = 0; i < (m); ++i)                                                                            \
+      _mm256_storeu_si256((__m256i*)((yp) + i * ldy),                                                        \
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_i32gather_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(i)), buf, 4))); \
   }
 
 // y[0..M) (M <= 32; y rows at stride ldy) = x W.T for the weight rows [0, N16), N16 a multiple of 16, K of 32;
@@ -182,8 +183,8 @@ static void amx_pass(const uint16_t* xp, const uint16_t* w, uint16_t* y, int M, 
     _tile_loadconfig(&c);
     alignas(64) float buf[16 * 16];
     const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i idx0 = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(M1)), idx1 = idx0;
-    const __m512i idx2 = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(M2 > 0 ? M2 : 1)), idx3 = idx2;
+    const __m512i idx1 = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(M1));  // C's rows for each half
+    const __m512i idx2 = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(M2 > 0 ? M2 : 1));
     const int64_t pairs = N16 / 32;  // blocks of 32 weight rows; an odd 16 at the end
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < pairs + (N16 % 32 != 0); ++b) {
@@ -208,11 +209,11 @@ static void amx_pass(const uint16_t* xp, const uint16_t* w, uint16_t* y, int M, 
           if (two) _tile_dpbf16ps(3, 5, 7);
         }
       }
-      KVQ_STORE_C(0, M1, y + n)
-      if (two) KVQ_STORE_C(1, M1, y + n + 16)
+      KVQ_STORE_C(0, M1, idx1, y + n)
+      if (two) KVQ_STORE_C(1, M1, idx1, y + n + 16)
       if (M2 > 0) {
-        KVQ_STORE_C(2, M2, y + 16 * ldy + n)
-        if (two) KVQ_STORE_C(3, M2, y + 16 * ldy + n + 16)
+        KVQ_STORE_C(2, M2, idx2, y + 16 * ldy + n)
+        if (two) KVQ_STORE_C(3, M2, idx2, y + 16 * ldy + n + 16)
       }
     }
     _tile_release();
@@ -225,21 +226,21 @@ static void amx_pass(const uint16_t* xp, const uint16_t* w, uint16_t* y, int M, 
 static bool linear_amx(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t B, int64_t K, int64_t N) {
   if (!amx_granted || K % 32 != 0 || N < 16) return false;
   const int64_t N16 = N / 16 * 16;
-  uint16_t* xp = (uint16_t*)aligned_alloc(64, (size_t)(32 * K * 2));
-  if (xp == nullptr) return false;
+  static thread_local std::vector<uint32_t> packed;  // x's bf16 pairs, reused from call to call (~90 a step)
+  packed.resize((size_t)16 * K);
   for (int64_t b0 = 0; b0 < B; b0 += 32) {
     const int M = B - b0 < 32 ? (int)(B - b0) : 32, M1 = M < 16 ? M : 16;
     const uint32_t* xs = (const uint32_t*)(x + b0 * K);  // bf16 pairs (x[m, 2p], x[m, 2p + 1])
-    uint32_t* xq = (uint32_t*)xp;
-    for (int64_t p = 0; p < K / 2; ++p)
-      for (int m = 0; m < M1; ++m) xq[p * M1 + m] = xs[m * (K / 2) + p];
-    xq += K / 2 * M1;
-    for (int64_t p = 0; p < K / 2; ++p)
-      for (int m = M1; m < M; ++m) xq[p * (M - M1) + m - M1] = xs[m * (K / 2) + p];
-    amx_pass(xp, w, y + b0 * N, M, K, N16, N);
+    uint32_t* xq = packed.data();
+    for (const int m0 : {0, M1}) {  // each half (K/2, rows, 2): rows [0, M1), then [M1, M)
+      const int rows = m0 == 0 ? M1 : M - M1;
+      for (int64_t p = 0; p < K / 2; ++p)
+        for (int m = 0; m < rows; ++m) xq[p * rows + m] = xs[(m0 + m) * (K / 2) + p];
+      xq += K / 2 * rows;
+    }
+    amx_pass((const uint16_t*)packed.data(), w, y + b0 * N, M, K, N16, N);
     if (N16 < N) linear_dpbf16(x + b0 * K, w + N16 * K, y + b0 * N + N16, M, K, N - N16, N);
   }
-  free(xp);
   return true;
 }
 #endif

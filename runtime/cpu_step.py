@@ -19,8 +19,8 @@ then logits = h @ output.T (B, vocab). The online modes (int8 / fp8 / int4_per_t
 with their Hadamard rotation R the step rotates k, v and q (x @ R) and the attention output back (o @ R.T) as
 runtime.kv_cache's OnlineQuantizer does, in fp32 here (PyTorch's matmul sums in another order: the logits agree to
 fp32 rounding, not bit for bit). Taken: no tensor parallelism, no biases, a static KV mode (fp16 / INT8 / FP8 with
-its scales set) or an online one, at most the linear kernel's MAX_ROWS sequences (cpu_linear.max_rows() in bf16); `DecodeGraph.build` says None
-otherwise and the model runs its Python step.
+its scales set) or an online one, at most the linear kernel's MAX_ROWS sequences (cpu_linear.max_rows() in bf16);
+`DecodeGraph.build` says None otherwise and the model runs its Python step.
 """
 
 from __future__ import annotations
