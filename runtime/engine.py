@@ -494,14 +494,7 @@ class Engine:
             if not chunks:
                 continue
             logits = self._forward(chunks)  # (len(chunks), V) fp32
-            greedy = greedy_rows(
-                logits,
-                [
-                    i
-                    for i, c in enumerate(chunks)
-                    if c.samples and c.seq.params.is_greedy and c.seq.params.repetition_penalty == 1.0
-                ],
-            )
+            greedy = greedy_rows(logits, [c.seq.params if c.samples else None for c in chunks])
             for i, (chunk, row) in enumerate(zip(chunks, logits, strict=True)):
                 self.scheduler.commit(chunk)
                 seq = chunk.seq

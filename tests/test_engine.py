@@ -44,9 +44,13 @@ def test_second_turn_sends_only_new_tokens(ws_int8, kv, monkeypatch):
 
     engine = Engine(ws_int8, kv_cache_dtype=kv, max_batch_size=2, use_context_fmha=0)
     rows, greedy = [], runtime.sampling.greedy_rows  # the logits rows greedy tokens are picked from
-    monkeypatch.setattr(
-        runtime.sampling, "greedy_rows", lambda logits, picked: rows.extend(logits[picked]) or greedy(logits, picked)
-    )
+
+    def recording(logits, params):
+        picked = greedy(logits, params)
+        rows.extend(logits[i] for i in picked)
+        return picked
+
+    monkeypatch.setattr(runtime.sampling, "greedy_rows", recording)
     fed = []
     forward = engine.model.forward
     monkeypatch.setattr(

@@ -102,7 +102,8 @@ def test_greedy_is_argmax_after_penalty():
 
 def test_greedy_rows_equal_sample_next_row_by_row():
     """The engine's one argmax over a batch's greedy rows picks what sample_next picks for each row: ties (the first
-    index), +-inf, NaN and huge values included; rows not asked for are left out."""
+    index), +-inf, NaN and huge values included; rows without params, sampled ones and penalised ones are left
+    out."""
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(6, 50, generator=g)
     logits[1, [7, 30]] = 9.0  # a tie: the first index
@@ -110,11 +111,12 @@ def test_greedy_rows_equal_sample_next_row_by_row():
     logits[3, 5], logits[3, 6] = float("nan"), 50.0
     logits[4] = -INF
     logits[5, 2] = torch.finfo(torch.float32).max
-    rows = [0, 1, 2, 3, 4, 5]
-    want = {i: sample_next(logits[i], [], SamplingParams(temperature=0)) for i in rows}
-    assert greedy_rows(logits, rows) == want
-    assert greedy_rows(logits, [4, 1]) == {4: want[4], 1: want[1]}
-    assert greedy_rows(logits, []) == {}
+    greedy = SamplingParams(temperature=0)
+    want = {i: sample_next(logits[i], [], greedy) for i in range(6)}
+    assert greedy_rows(logits, [greedy] * 6) == want
+    others = [None, greedy, SamplingParams(temperature=0.7), SamplingParams(temperature=0, repetition_penalty=1.2)]
+    assert greedy_rows(logits, [*others, greedy, None]) == {1: want[1], 4: want[4]}
+    assert greedy_rows(logits, [None] * 6) == {}
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy():
