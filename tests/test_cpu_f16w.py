@@ -12,15 +12,28 @@ from runtime import cpu_f16w, cpu_linear
 needs_kernel = pytest.mark.skipif(not cpu_f16w.available(), reason="needs an x86-64 CPU with AVX2, FMA, F16C and g++")
 
 
+@pytest.fixture(params=["native", "avx2"])
+def f16w_build(request, monkeypatch) -> str:
+    """Run a test on each build of the kernels: the one this CPU gets (AVX-512 where it has it) and, where that is
+    the AVX-512 one, the AVX2 one that other CPUs get."""
+    if request.param != "native":
+        if cpu_f16w._library() is cpu_f16w._library(avx512=False):
+            pytest.skip("the native build is the AVX2 one here")
+        build = cpu_f16w._library(avx512=False)
+        monkeypatch.setattr(cpu_f16w, "_library", lambda *_, **__: build)
+    return request.param
+
+
 @needs_kernel
-# 1-6 rows: one pass of each width (1-3 with 6 / 2 copies of the accumulators along k); 7+: equal passes of up to 6;
-# past 60: blocks of 60 rows (100: 60 + 40; 128 = MAX_ROWS: 60 + 60 + 8)
-@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 16, 17, 18, 19, 23, 64, 100, 128])
+# AVX2 build: 1-6 rows one pass of each width (1-3 with 6 / 2 copies of the accumulators along k), 7+ equal passes
+# of up to 6; AVX-512 build: 1-12 rows one pass (1-7 with 8 / 4 / 2 copies), 13+ equal passes of up to 12; past 60:
+# blocks of 60 rows (100: 60 + 40; 128 = MAX_ROWS: 60 + 60 + 8)
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 16, 17, 18, 19, 23, 25, 64, 100, 128])
 @pytest.mark.parametrize(("N", "K"), [(960, 576), (7, 33), (1, 64), (50, 1536), (97, 5), (49, 8), (5, 7001)])
-def test_kernel_equals_float64_matmul_to_fp32_rounding(B, N, K):
+def test_kernel_equals_float64_matmul_to_fp32_rounding(B, N, K, f16w_build):
     """Every output is the fp32 dot product of the activations with the exact fp32 values of the fp16 weights:
     within fp32 summation error of the float64 result, for every row count, N not a multiple of the 16-row panels
-    (a last panel of 1-15 columns), K not a multiple of the 2 / 6 copies of the accumulators along k."""
+    (a last panel of 1-15 columns), K not a multiple of the copies of the accumulators along k."""
     g = torch.Generator().manual_seed(B * 1000 + N + K)
     x = torch.randn(B, K, generator=g)
     w = torch.randn(N, K, generator=g).half()
@@ -63,7 +76,7 @@ def assert_fp32_dot(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None
 
 
 @needs_kernel
-def test_leading_dims_special_values_and_dispatch():
+def test_leading_dims_special_values_and_dispatch(f16w_build):
     """(B, T, K) inputs keep their leading dims; zero rows give zeros; fp16's largest and subnormal weights are
     used at their exact values; linear() sends fp32 x fp16 here (against the float64 product, to fp32 summation
     error) and prefill-sized calls to PyTorch's GEMM on the weights cast to fp32."""
@@ -125,7 +138,7 @@ def test_fp32_model_holds_fp16_matrices(tiny_hf, tmp_path):
 
 @needs_kernel
 @pytest.mark.parametrize("shape", [(1, 576), (3, 7, 64), (5, 33), (2, 1536)])
-def test_rms_norm_and_add_rms_norm_fp32(shape):
+def test_rms_norm_and_add_rms_norm_fp32(shape, f16w_build):
     """fp32 rows: x * rsqrt(mean(x^2) + eps) * w within fp32 error of float64 (lengths not a multiple of 8 included);
     add_rms_norm returns x + r exactly and the norm of it, leaving x as it was."""
     g = torch.Generator().manual_seed(sum(shape))
@@ -143,7 +156,7 @@ def test_rms_norm_and_add_rms_norm_fp32(shape):
 
 @needs_kernel
 @pytest.mark.parametrize("B", [1, 3, 20])
-def test_swiglu_linear_fp32_with_fp16_weights(B):
+def test_swiglu_linear_fp32_with_fp16_weights(B, f16w_build):
     """One call for (silu(gate) * up) @ w.T with fp32 rows and fp16 weights: the activation within ~1e-6 relative of
     PyTorch's (the kernel's own exp), gate values far into both tails included, then the fp16-weight kernel."""
     g = torch.Generator().manual_seed(B)
@@ -160,7 +173,7 @@ def test_swiglu_linear_fp32_with_fp16_weights(B):
 
 @needs_kernel
 @pytest.mark.parametrize(("H", "Hkv", "D"), [(9, 3, 64), (4, 4, 128), (2, 1, 40), (1, 1, 6)])
-def test_rope_qk_fp32_equals_the_complex_rotation(H, Hkv, D):
+def test_rope_qk_fp32_equals_the_complex_rotation(H, Hkv, D, f16w_build):
     """fp32 qkv rows: q and k heads rotated pairwise by rot[pos], within fp32 rounding of the float64 complex
     product (head sizes not a multiple of 8 included); a position outside the table is refused."""
     g = torch.Generator().manual_seed(H + D)

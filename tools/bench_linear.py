@@ -6,8 +6,8 @@
 All matrices of one SmolLM2-135M decode step (30 layers x fused QKV, output projection, gate+up and down
 projections, plus the LM head: 121 calls, 270 MB of fp16 or bf16 / 540 MB of fp32 weights, more than the CPU
 caches hold, so weights come from memory as in a real step) with random weights. Default: the fp16-weight kernel
-(runtime/cpu_f16w.py) on the fp16 matrices packed in its panels against F.linear on fp32 copies of the same
-values. --bf16: runtime/cpu_linear.py's bf16 kernel, its AMX tile build where the CPU has AMX-BF16 and its
+(runtime/cpu_f16w.py), its AVX-512 build where the CPU has AVX-512 and its AVX2 build, on the fp16 matrices packed
+in its panels against F.linear on fp32 copies of the same values. --bf16: runtime/cpu_linear.py's bf16 kernel, its AMX tile build where the CPU has AMX-BF16 and its
 AVX512-BF16 build, against F.linear in bf16. Rounds alternate between the implementations in one process;
 reports the median time per step, the weight bytes read per second, GFLOP/s and each one's time / PyTorch's.
 """
@@ -34,15 +34,19 @@ def implementations(bf16: bool, shapes: list[tuple[int, int]], g: torch.Generato
     """{name: fn(xs)} running every matrix once on activations xs {K: (rows, K)}, the activation dtype, and the
     weight bytes; PyTorch's GEMM last."""
     if not bf16:
-        if not cpu_f16w.available():
+        builds = {"AVX-512": cpu_f16w._library(), "AVX2": cpu_f16w._library(avx512=False)}
+        if builds["AVX2"] is None:
             raise SystemExit("the fp16-weight kernel needs an x86-64 CPU with AVX2, FMA and F16C, and g++")
+        if builds["AVX-512"] is builds["AVX2"]:
+            del builds["AVX-512"]  # no AVX-512 here
         w16 = [(torch.randn(s, generator=g) * 0.05).half() for s in shapes]
         w32 = [w.float() for w in w16]
         panels = [cpu_f16w.Panels.pack(w) for w in w16]  # the kernel's layout, as the model holds them
         impls = {
-            "kernel": lambda xs: [cpu_f16w.linear_f16w(xs[w.shape[1]], w) for w in panels],
-            "torch fp32": lambda xs: [F.linear(xs[w.shape[1]], w) for w in w32],
+            name: (lambda xs, lib=lib: [run_f16w(lib, xs[w.shape[1]], w) for w in panels])
+            for name, lib in builds.items()
         }
+        impls["torch fp32"] = lambda xs: [F.linear(xs[w.shape[1]], w) for w in w32]
         return impls, torch.float32, sum(w.numel() * 2 for w in w16)
     builds = {"tiles (AMX)": cpu_linear._library(), "AVX512-BF16": cpu_linear._library(amx=False)}
     if builds["AVX512-BF16"] is None:
@@ -56,6 +60,14 @@ def implementations(bf16: bool, shapes: list[tuple[int, int]], g: torch.Generato
     }
     impls["torch bf16"] = lambda xs: [F.linear(xs[w.shape[1]], w) for w in wb]
     return impls, torch.bfloat16, sum(w.numel() * 2 for w in wb)
+
+
+def run_f16w(lib, x: torch.Tensor, w: cpu_f16w.Panels) -> torch.Tensor:
+    """x @ w.T through one build of the fp16-weight kernel (as cpu_f16w.linear_f16w calls the one it picks)."""
+    N, K = w.shape
+    y = torch.empty(x.shape[0], N)
+    lib.linear_f16w(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], K, N)
+    return y
 
 
 def main() -> None:
