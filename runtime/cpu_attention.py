@@ -1135,6 +1135,12 @@ def _cpp_module(avx512: bool | None = None, vnni: bool | None = None):
 # step by step): decode steps with int8 / int8_per_token_head 1.06-1.09x faster at 8 x 2048, 1.02-1.09x at 32 x 1024,
 # 0.99-1.02x at batch 1; fp16, fp8_e4m3 and int4_per_token_head tied or lost (0.97-1.01x): they keep the native build.
 AVX2_ON_AMD_AVX512 = frozenset({KINDS[torch.int8], ONLINE_KINDS["int8_per_token_head"]})
+# Measure decode steps, not the kernel alone: on a 2-core Ice Lake Xeon (AVX-512 without bf16, fp32 compute) decode
+# attention alone ran 0.74-0.89x the native build's time on the AVX2 build for every kind but int4_per_token_head
+# (30 layers' pools, the builds interleaved), yet in the engine, between the AVX-512 build of the fp16-weight linear
+# kernel, steps with AVX2 attention were 1.06-1.20x slower at 8 x 2048 for fp16 / INT8 / FP8 / int8_per_token_head
+# (tied at batch 1; mixing 256- and 512-bit code there was slower than either alone, which fits the clock that
+# 512-bit code sets for the core), so Intel CPUs keep the native build.
 BUILD_ENV = "KVQ_ATTENTION_BUILD"  # auto (default), native or avx2
 
 
