@@ -36,7 +36,7 @@ k), so the two agree to fp32 summation error. Measured on a 2-core Ice Lake Xeon
 alternating), AVX-512 time / AVX2's: 0.94 at 1 row, 0.89 at 2, 0.93 at 8 (13.0 ms a step at one row: 20.7 GB/s
 of weights against ~22 GB/s summing a buffer there), 1.0 from 16 rows on, where both run at ~150 GFLOP/s (this
 CPU's fp32 FMA rate is the same for 8 and 16 lanes). Whole decode steps gain more than that (SmolLM2 engines on each
-build, interleaved step by step in one process, same machine): 1.10-1.11x at batch 1 x 1024, 1.07-1.12x at
+build, interleaved step by step in one process, same machine): 1.10-1.11x at batch 1 x 1024, 1.07-1.13x at
 8 x 2048, 1.06-1.08x at 32 x 1024, for fp16, INT8, FP8 and the online caches (the attention kernel is AVX-512 there
 too, and 256-bit code between 512-bit code ran slower than either alone).
 
