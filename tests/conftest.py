@@ -114,3 +114,30 @@ def cpu_kernel_build(request, monkeypatch) -> str:
     # every kind on this build (by default some kinds run on the AVX2 build on some CPUs: library_for)
     monkeypatch.setattr(cpu_attention, "library_for", lambda *_: build)
     return request.param
+
+
+def _on_build(request, monkeypatch, module, **second) -> str:
+    """A kernel test on the build this CPU gets (param "native") or on `module._library(**second)`, the build other
+    CPUs get, which replaces `module._library` for the test (skipped where it is the native one)."""
+    if request.param != "native":
+        build = module._library(**second)
+        if module._library() is build:
+            pytest.skip(f"the native build is the {request.param} one here")
+        monkeypatch.setattr(module, "_library", lambda *_, **__: build)
+    return request.param
+
+
+@pytest.fixture(params=["native", "AVX512-BF16"])
+def linear_build(request, monkeypatch) -> str:
+    """runtime.cpu_linear's bf16 kernels on each build: AMX tiles where the CPU has AMX-BF16, and AVX512-BF16."""
+    from runtime import cpu_linear
+
+    return _on_build(request, monkeypatch, cpu_linear, amx=False)
+
+
+@pytest.fixture(params=["native", "AVX2"])
+def f16w_build(request, monkeypatch) -> str:
+    """runtime.cpu_f16w's fp32 kernels on each build: AVX-512 where the CPU has it, and AVX2."""
+    from runtime import cpu_f16w
+
+    return _on_build(request, monkeypatch, cpu_f16w, avx512=False)

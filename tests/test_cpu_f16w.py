@@ -12,18 +12,6 @@ from runtime import cpu_f16w, cpu_linear
 needs_kernel = pytest.mark.skipif(not cpu_f16w.available(), reason="needs an x86-64 CPU with AVX2, FMA, F16C and g++")
 
 
-@pytest.fixture(params=["native", "avx2"])
-def f16w_build(request, monkeypatch) -> str:
-    """Run a test on each build of the kernels: the one this CPU gets (AVX-512 where it has it) and, where that is
-    the AVX-512 one, the AVX2 one that other CPUs get."""
-    if request.param != "native":
-        if cpu_f16w._library() is cpu_f16w._library(avx512=False):
-            pytest.skip("the native build is the AVX2 one here")
-        build = cpu_f16w._library(avx512=False)
-        monkeypatch.setattr(cpu_f16w, "_library", lambda *_, **__: build)
-    return request.param
-
-
 @needs_kernel
 # AVX2 build: 1-6 rows one pass of each width (1-3 with 6 / 2 copies of the accumulators along k), 7+ equal passes
 # of up to 6; AVX-512 build: 1-12 rows one pass (1-7 with 8 / 4 / 2 copies), 13+ equal passes of up to 12; past 60:

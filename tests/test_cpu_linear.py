@@ -11,18 +11,6 @@ from runtime import cpu_linear
 needs_kernel = pytest.mark.skipif(not cpu_linear.available(), reason="needs an x86-64 CPU with AVX512-BF16 and g++")
 
 
-@pytest.fixture(params=["native", "avx512-bf16"])
-def linear_build(request, monkeypatch) -> str:
-    """Run a test on each build of the kernels: the one this CPU gets (AMX tiles on CPUs with AMX-BF16) and,
-    where that is the AMX one, the AVX512-BF16 one that other CPUs get."""
-    if request.param != "native":
-        if cpu_linear._library() is cpu_linear._library(amx=False):
-            pytest.skip("the native build is the AVX512-BF16 one here")
-        build = cpu_linear._library(amx=False)
-        monkeypatch.setattr(cpu_linear, "_library", lambda *_, **__: build)
-    return request.param
-
-
 @needs_kernel
 @pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 8, 13, 16, 17, 32, 40])
 @pytest.mark.parametrize(("N", "K"), [(960, 576), (7, 33), (1, 64), (130, 1536), (5, 31), (48, 64)])
