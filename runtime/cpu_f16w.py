@@ -31,14 +31,15 @@ one process): 3.2x faster at 1 row, 5.5-6.2x at 2-8, 3.7x at 16, 2.7x at 32, 2.0
 Two builds of one source: 8-lane AVX2 (a k step's 16 panel weights are two vectors, passes of up to 6 rows) and,
 where the CPU has AVX-512 (without native bf16 the compute dtype is fp32 there too: Intel Xeon from Skylake-SP to
 Ice Lake), 16-lane AVX-512 (one vector a k step, 32 registers: passes of up to 12 rows, and the first pass of a
-chunk always prefetches). Same products; the sums run in another order (other copies of the accumulators along
-k), so the two agree to fp32 summation error. Measured on a 2-core Ice Lake Xeon (`python tools/bench_linear.py`, one process,
-alternating), AVX-512 time / AVX2's: 0.94 at 1 row, 0.89 at 2, 0.93 at 8 (13.0 ms a step at one row: 20.7 GB/s
-of weights against ~22 GB/s summing a buffer there), 1.0 from 16 rows on, where both run at ~150 GFLOP/s (this
-CPU's fp32 FMA rate is the same for 8 and 16 lanes). Whole decode steps gain more than that (SmolLM2 engines on each
-build, interleaved step by step in one process, same machine): 1.10-1.11x at batch 1 x 1024, 1.07-1.13x at
-8 x 2048, 1.06-1.08x at 32 x 1024, for fp16, INT8, FP8 and the online caches (the attention kernel is AVX-512 there
-too, and 256-bit code between 512-bit code ran slower than either alone).
+chunk always prefetches). Same products; the sums run in another order (other copies of the accumulators along k),
+so the two agree to fp32 summation error. Measured on a 2-core Ice Lake Xeon (`python tools/bench_linear.py`, one
+process, alternating), AVX-512 time / AVX2's: 0.94 at 1 row, 0.89 at 2, 0.93 at 8 (13.0 ms a step at one row:
+20.7 GB/s of weights against ~22 GB/s summing a buffer there), 1.0 from 16 rows on, where both run at ~150 GFLOP/s (with
+both cores busy this CPU multiplies-adds as fast with 8 lanes as with 16: a loop of 16-lane FMAs ran at half its
+one-core rate on each core, ~180 GFLOP/s in all, 8-lane FMAs at ~200). Whole decode steps gain more than that
+(SmolLM2 engines on each build, interleaved step by step in one process, same machine): 1.10-1.11x at batch
+1 x 1024, 1.07-1.13x at 8 x 2048, 1.06-1.08x at 32 x 1024, for fp16, INT8, FP8 and the online caches (the attention
+kernel is AVX-512 there too, and 256-bit code between 512-bit code ran slower than either alone).
 
 The activations are copied once per call, pass by pass with k outermost, so a pass's broadcasts address one
 pointer: with a pointer per row the compiler ran out of general registers and reloaded row pointers from vector

@@ -4,12 +4,13 @@
     python tools/bench_linear.py --bf16 [--rows ...]
 
 All matrices of one SmolLM2-135M decode step (30 layers x fused QKV, output projection, gate+up and down
-projections, plus the LM head: 121 calls, 270 MB of fp16 or bf16 / 540 MB of fp32 weights, more than the CPU
-caches hold, so weights come from memory as in a real step) with random weights. Default: the fp16-weight kernel
+projections, plus the LM head: 121 calls, 270 MB of fp16 or bf16 / 540 MB of fp32 weights, more than the CPU caches
+hold, so weights come from memory as in a real step) with random weights. Default: the fp16-weight kernel
 (runtime/cpu_f16w.py), its AVX-512 build where the CPU has AVX-512 and its AVX2 build, on the fp16 matrices packed
-in its panels against F.linear on fp32 copies of the same values. --bf16: runtime/cpu_linear.py's bf16 kernel, its AMX tile build where the CPU has AMX-BF16 and its
-AVX512-BF16 build, against F.linear in bf16. Rounds alternate between the implementations in one process;
-reports the median time per step, the weight bytes read per second, GFLOP/s and each one's time / PyTorch's.
+in its panels against F.linear on fp32 copies of the same values. --bf16: runtime/cpu_linear.py's bf16 kernel, its
+AMX tile build where the CPU has AMX-BF16 and its AVX512-BF16 build, against F.linear in bf16. Rounds alternate
+between the implementations in one process; reports the median time per step, the weight bytes read per second,
+GFLOP/s and each one's time / PyTorch's.
 """
 
 from __future__ import annotations
