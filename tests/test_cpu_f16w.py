@@ -177,3 +177,18 @@ def test_rope_qk_fp32_equals_the_complex_rotation(H, Hkv, D, f16w_build):
     assert ((torch.cat([q, k], 1).double() - want).abs() <= 1e-6 * (want.abs() + 1)).all()
     with pytest.raises(ValueError, match="positions outside"):
         cpu_linear.rope_qk(qkv, rot, torch.tensor([0, 1, 2, 3, S]), H, Hkv, D)
+
+
+@needs_kernel
+def test_the_cpu_gets_its_widest_build():
+    """The library the model's layers call is the AVX-512 build where the CPU has AVX-512 (a build apart from the
+    AVX2 one), else the AVX2 build; asking for AVX-512 without it gives None."""
+    from runtime import cpp_build
+
+    native, avx2 = cpu_f16w._library(), cpu_f16w._library(avx512=False)
+    assert avx2 is not None
+    if cpp_build.cpu_has("avx512f"):
+        assert native is cpu_f16w._library(avx512=True) and native is not avx2
+        assert "avx512" in native._name
+    else:
+        assert native is avx2 and cpu_f16w._library(avx512=True) is None
