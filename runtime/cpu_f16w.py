@@ -37,9 +37,10 @@ process, alternating), AVX-512 time / AVX2's: 0.94 at 1 row, 0.89 at 2, 0.93 at 
 20.7 GB/s of weights against ~22 GB/s summing a buffer there), 1.0 from 16 rows on, where both run at ~150 GFLOP/s (with
 both cores busy this CPU multiplies-adds as fast with 8 lanes as with 16: a loop of 16-lane FMAs ran at half its
 one-core rate on each core, ~180 GFLOP/s in all, 8-lane FMAs at ~200). Whole decode steps gain more than that
-(SmolLM2 engines on each build, interleaved step by step in one process, same machine): 1.10-1.11x at batch
-1 x 1024, 1.07-1.13x at 8 x 2048, 1.06-1.08x at 32 x 1024, for fp16, INT8, FP8 and the online caches (the attention
-kernel is AVX-512 there too, and 256-bit code between 512-bit code ran slower than either alone).
+(SmolLM2 engines on each build, interleaved step by step in one process, same machine, two runs an hour apart,
+the second after the activation copy below): 1.06-1.11x at batch 1 x 1024, 1.07-1.38x at 8 x 2048, 1.06-1.29x at
+32 x 1024, for fp16, INT8, FP8 and int8_per_token_head (the attention kernel is AVX-512 there too, and 256-bit code
+between 512-bit code ran slower than either alone).
 
 The activations are copied once per call, pass by pass with k outermost, so a pass's broadcasts address one
 pointer: with a pointer per row the compiler ran out of general registers and reloaded row pointers from vector
