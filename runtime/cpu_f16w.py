@@ -528,10 +528,11 @@ def linear_f16w(x: torch.Tensor, w: Panels) -> torch.Tensor:
     return _linear(x, w)
 
 
-def _linear(x: torch.Tensor, w: Panels) -> torch.Tensor:
-    """linear_f16w once its arguments are known to fit (`takes`; the decode path calls this ~90 times a step)."""
+def _linear(x: torch.Tensor, w: Panels, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """linear_f16w once its arguments are known to fit (`takes`; the decode path calls this ~90 times a step), on
+    `lib` (a build from `_library(...)`; None: the one this CPU gets)."""
     N, K = w.shape
     x = x.contiguous()
     y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)  # in its final shape: a view costs ~4 us a call
-    _library().linear_f16w(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // K, K, N)
+    (lib or _library()).linear_f16w(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // K, K, N)
     return y

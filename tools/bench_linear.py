@@ -44,7 +44,7 @@ def implementations(bf16: bool, shapes: list[tuple[int, int]], g: torch.Generato
         w32 = [w.float() for w in w16]
         panels = [cpu_f16w.Panels.pack(w) for w in w16]  # the kernel's layout, as the model holds them
         impls = {
-            name: (lambda xs, lib=lib: [run_f16w(lib, xs[w.shape[1]], w) for w in panels])
+            name: (lambda xs, lib=lib: [cpu_f16w._linear(xs[w.shape[1]], w, lib) for w in panels])
             for name, lib in builds.items()
         }
         impls["torch fp32"] = lambda xs: [F.linear(xs[w.shape[1]], w) for w in w32]
@@ -61,14 +61,6 @@ def implementations(bf16: bool, shapes: list[tuple[int, int]], g: torch.Generato
     }
     impls["torch bf16"] = lambda xs: [F.linear(xs[w.shape[1]], w) for w in wb]
     return impls, torch.bfloat16, sum(w.numel() * 2 for w in wb)
-
-
-def run_f16w(lib, x: torch.Tensor, w: cpu_f16w.Panels) -> torch.Tensor:
-    """x @ w.T through one build of the fp16-weight kernel (as cpu_f16w.linear_f16w calls the one it picks)."""
-    N, K = w.shape
-    y = torch.empty(x.shape[0], N)
-    lib.linear_f16w(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], K, N)
-    return y
 
 
 def main() -> None:
