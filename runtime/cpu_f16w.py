@@ -336,9 +336,15 @@ extern "C" void unpack_f16w(const uint16_t* wp, float* out, int64_t K, int64_t N
   }
 }
 
-// Rows of a block of `rows` in its passes: pass i of `passes` takes the next pass_rows(rows, passes, i, b0) rows.
-static inline int64_t pass_rows(int64_t rows, int64_t passes, int64_t i, int64_t b0) {
-  return (rows - b0 + passes - i - 1) / (passes - i);
+// f(b0, r, i) for each pass i of a block of `rows` rows: equal passes of up to MOST_ROWS, the rows [b0, b0 + r).
+template <class F>
+static inline void for_passes(int64_t rows, F f) {
+  const int64_t passes = (rows + MOST_ROWS - 1) / MOST_ROWS;
+  for (int64_t i = 0, b0 = 0; i < passes; ++i) {
+    const int64_t r = (rows - b0 + passes - i - 1) / (passes - i);
+    f(b0, r, i);
+    b0 += r;
+  }
 }
 
 // y (B, N) = x (B, K) @ W.T with W as panels (above). Threads take panels; a panel meets blocks of up to
@@ -352,16 +358,12 @@ extern "C" void linear_f16w(const float* x, const uint16_t* wp, float* y, int64_
   const float* xp = x;  // one row: already in that order
   if (B > 1) {
     if ((int64_t)packed.size() < B * K) packed.resize(B * K);
-    for (int64_t r0 = 0; r0 < B; r0 += BLOCK_ROWS) {
-      const int64_t rows = B - r0 < BLOCK_ROWS ? B - r0 : BLOCK_ROWS, passes = (rows + MOST_ROWS - 1) / MOST_ROWS;
-      for (int64_t i = 0, b0 = r0; i < passes; ++i) {
-        const int64_t r = pass_rows(rows, passes, i, b0 - r0);
-        float* dst = packed.data() + b0 * K;
+    for (int64_t r0 = 0; r0 < B; r0 += BLOCK_ROWS)
+      for_passes(B - r0 < BLOCK_ROWS ? B - r0 : BLOCK_ROWS, [&](int64_t b0, int64_t r, int64_t) {
+        float* dst = packed.data() + (r0 + b0) * K;
         for (int64_t m = 0; m < r; ++m)
-          for (int64_t k = 0; k < K; ++k) dst[k * r + m] = x[(b0 + m) * K + k];
-        b0 += r;
-      }
-    }
+          for (int64_t k = 0; k < K; ++k) dst[k * r + m] = x[(r0 + b0 + m) * K + k];
+      });
     xp = packed.data();
   }
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
@@ -370,13 +372,11 @@ extern "C" void linear_f16w(const float* x, const uint16_t* wp, float* y, int64_
     const int64_t cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
     float acc[BLOCK_ROWS * PANEL];
     for (int64_t r0 = 0; r0 < B; r0 += BLOCK_ROWS) {
-      const int64_t rows = B - r0 < BLOCK_ROWS ? B - r0 : BLOCK_ROWS, passes = (rows + MOST_ROWS - 1) / MOST_ROWS;
+      const int64_t rows = B - r0 < BLOCK_ROWS ? B - r0 : BLOCK_ROWS;
       for (int64_t k0 = 0; k0 < K; k0 += K_CHUNK)
-        for (int64_t i = 0, b0 = 0; i < passes; ++i) {
-          const int64_t r = pass_rows(rows, passes, i, b0);
+        for_passes(rows, [&](int64_t b0, int64_t r, int64_t i) {
           panel_rows(xp + (r0 + b0) * K, w, acc + b0 * PANEL, r, k0, k0 + K_CHUNK < K ? k0 + K_CHUNK : K, i == 0);
-          b0 += r;
-        }
+        });
       for (int64_t b = 0; b < rows; ++b)
         for (int64_t j = 0; j < cols; ++j) y[(r0 + b) * N + p * PANEL + j] = acc[b * PANEL + j];
     }
